@@ -1,0 +1,5 @@
+import sys
+
+from roletune.cli import main
+
+sys.exit(main())

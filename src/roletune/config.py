@@ -1,0 +1,269 @@
+"""The configuration schema: nested dataclasses are the one source of defaults and documentation.
+
+A YAML file supplies values, dotted overrides from the command line go on top
+(`train.lr=2e-4`), and everything is checked once, at load: unknown keys, wrong types and
+bad values are reported together in one ConfigError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from roletune.errors import ConfigError
+
+SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def setting(default, help: str, *, choices=None, check=None, factory=None):
+    """A schema field with its documentation, allowed values and a value check (predicate, message)."""
+    meta = {"help": help, "choices": choices, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    path: str = setting("", "Base model: a local folder, a Hugging Face hub id, or modelscope:ID.")
+    tokenizer: str | None = setting(None, "Tokenizer location, same forms as model.path; defaults to model.path.")
+    device: str = setting("auto", "auto (first visible GPU, else CPU), cpu, cuda, or cuda:N to train on exactly GPU N.")
+    dtype: str = setting(
+        "auto", "Weights dtype. auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.",
+        choices=["auto", "bf16", "fp16", "fp32"])
+    attn_implementation: str = setting(
+        "sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager", "flash_attention_2"])
+    trust_remote_code: bool = setting(False, "Run Python code shipped with the model repository. Off unless you trust it.")
+    revision: str | None = setting(None, "Hub branch, tag or commit of the model.")
+
+
+@dataclass
+class DataConfig:
+    path: str = setting("", "Training data: a local .json/.jsonl file, an http(s) URL, or a hub dataset id.")
+    format: str = setting(
+        "auto", "Record layout; auto detects it from the first record.",
+        choices=["auto", "alpaca", "sharegpt", "messages"])
+    system_prompt: str | None = setting(
+        None, "System prompt for records without their own; saved with the run and reused by chat.")
+    max_length: int = setting(1024, "Tokens per example; longer examples are truncated on the right.", check=POSITIVE)
+    train_on: str = setting(
+        "assistant", "Which tokens carry loss: every assistant turn, the last assistant turn, or all tokens.",
+        choices=["assistant", "last", "all"])
+    split: str = setting("train", "Split to read when data.path is a hub dataset.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = setting(8, "LoRA rank.", check=POSITIVE)
+    alpha: float = setting(32.0, "LoRA alpha; the update is scaled by alpha / r.", check=POSITIVE)
+    dropout: float = setting(0.1, "Dropout on the LoRA input.", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    target_modules: list[str] = setting(
+        None, "Module names that get adapters (the seed's seven projections by default), or all-linear.",
+        factory=lambda: list(SEED_TARGET_MODULES))
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = setting(3.0, "Passes over the data (ignored when max_steps is set).", check=POSITIVE)
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps; overrides epochs.", check=POSITIVE)
+    lr: float = setting(1e-4, "Peak learning rate.", check=POSITIVE)
+    lr_scheduler: str = setting(
+        "linear", "Learning-rate schedule (a transformers scheduler name).",
+        choices=["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"])
+    warmup: float = setting(0.0, "Warmup: a fraction of all steps if < 1, else a number of steps.", check=NON_NEGATIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", check=NON_NEGATIVE)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", check=POSITIVE)
+    batch_size: int = setting(4, "Examples per micro-batch on each device.", check=POSITIVE)
+    grad_accum: int = setting(4, "Micro-batches per optimizer step.", check=POSITIVE)
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, slower.")
+    optim: str = setting("adamw_torch", "Optimizer (a transformers optimizer name).")
+    logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
+    save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)
+    save_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", check=POSITIVE)
+    seed: int = setting(42, "Seed for LoRA init, dropout and data order.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = setting("runs/roletune", "Run folder: checkpoints, the adapter, the tokenizer and this config.")
+
+    def cross_field_problems(self) -> list[str]:
+        problems = []
+        if not self.model.path:
+            problems.append("model.path is required")
+        if not self.data.path:
+            problems.append("data.path is required")
+        if not self.output_dir:
+            problems.append("output_dir is required")
+        return problems
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply `key.sub=value` overrides, validate everything at once."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def config_from_dict(raw: dict, overrides: typing.Sequence[str] = (), source: str = "config") -> Config:
+    problems: list[str] = []
+    raw = _deep_copy(raw)
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        problems.extend(cfg.cross_field_problems())
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False)
+
+
+def _deep_copy(value):
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    return value
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        problems.append(f"override {item!r} is not of the form key.sub=value")
+        return
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # a plain string that merely looks like YAML syntax
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            problems.append(f"override {key}: {part} is not a section")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw, prefix: str, problems: list[str]):
+    """Make a `cls` from a mapping, appending every problem found to `problems`."""
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.')} must be a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            problems.append(f"unknown key {prefix}{key}{hint}")
+    values = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.", problems)
+            continue
+        ok, value = _coerce(raw[name], hint)
+        if not ok:
+            problems.append(f"{prefix}{name}={raw[name]!r}: expected {_type_name(hint)}")
+            continue
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices and value not in choices:
+            problems.append(f"{prefix}{name}={value!r}: expected one of {', '.join(choices)}")
+        elif check and value is not None and not check[0](value):
+            problems.append(f"{prefix}{name}={value!r}: {check[1]}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def _coerce(value, hint) -> tuple[bool, object]:
+    """Check `value` against a type hint, converting the harmless cases (YAML reads 1e-4 as a string)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return True, list(value)
+        return False, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, None
+        try:
+            return True, float(value)
+        except (TypeError, ValueError):
+            return False, None
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)  # e.g. a numeric hub revision
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported schema type {hint}")
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(hint) is list:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, object, str]]:
+    """(key, default, help) for every setting, for `roletune config keys` and the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,126 @@
+"""Load the base model and tokenizer (local folder, Hugging Face hub, ModelScope), pick the
+device and dtype, and apply LoRA with peft."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from roletune.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`; asking for a GPU that is not there is a ConfigError."""
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"model.device={spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"model.device={spec!r}: expected auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        seen = f"{count} GPU(s) are visible" if count else "no GPU is visible to PyTorch"
+        raise ConfigError(f"model.device={spec}: {seen}; check CUDA_VISIBLE_DEVICES or use model.device=cpu")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec != "auto":
+        return DTYPES[spec]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # fp32 on CPU: bf16 matmuls are slow on most CPUs and fp32 keeps small-model tests exact.
+    return torch.float32
+
+
+def resolve_source(location: str, trust_remote_code: bool = False) -> str:
+    """A local folder or hub id is passed through; `modelscope:ID` is downloaded with modelscope."""
+    if not location.startswith("modelscope:"):
+        return location
+    if importlib.util.find_spec("modelscope") is None:
+        raise ConfigError(f"{location}: install the modelscope package (pip install modelscope) to load from ModelScope")
+    from modelscope import snapshot_download
+
+    try:
+        return snapshot_download(location.removeprefix("modelscope:"))
+    except Exception as exc:  # modelscope raises many types; the message is what the user needs
+        raise ModelError(f"{location}: ModelScope download failed ({_first_line(exc)})") from None
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    location = model_cfg.tokenizer or model_cfg.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_source(location), trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{location}: cannot load the tokenizer ({_first_line(exc)})") from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"{location}: the tokenizer has no chat template; use an instruct/chat model's tokenizer "
+                         "or set model.tokenizer to one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
+    return tokenizer
+
+
+def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    if model_cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", model_cfg.path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_source(model_cfg.path), dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+            device_map={"": str(device)})  # straight onto the chosen device, never via cuda:0
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"{model_cfg.path}: cannot load the model ({_first_line(exc)})") from None
+    return model
+
+
+def build_meta_model(model_cfg):
+    """The base model's architecture without weights, for dry runs: only the config is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_source(model_cfg.path),
+                                            trust_remote_code=model_cfg.trust_remote_code,
+                                            revision=model_cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{model_cfg.path}: cannot read the model config ({_first_line(exc)})") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                trust_remote_code=model_cfg.trust_remote_code)
+
+
+def apply_lora(model, lora_cfg, gradient_checkpointing: bool = False):
+    import peft
+
+    config = peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules[0] if lora_cfg.target_modules == ["all-linear"]
+        else lora_cfg.target_modules)
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"lora.target_modules={lora_cfg.target_modules}: {_first_line(exc)}") from None
+    if gradient_checkpointing:
+        # With frozen embeddings the checkpointed blocks' inputs need grads, or LoRA gets none.
+        model.enable_input_require_grads()
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,82 @@
+"""Shared fixtures: the real Qwen2.5 tokenizer from ../shared, the tiny demo model, config files."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SEED_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "tokenizers" / "qwen2.5").is_dir():
+        pytest.skip("../shared (real Qwen2.5 tokenizer and data) is not beside the checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(shared):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(shared / "tokenizers" / "qwen2.5")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The demo's tiny Qwen2 (random weights, real Qwen2.5 tokenizer), built once into .cache."""
+    from roletune.demo.model import build_tiny_model
+
+    return build_tiny_model(ROOT / ".cache" / "demo-model")
+
+
+@pytest.fixture
+def write_json(tmp_path):
+    def write(records, name="data.json", jsonl=False) -> Path:
+        path = tmp_path / name
+        if jsonl:
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        return path
+    return write
+
+
+@pytest.fixture
+def persona_rows():
+    """Twelve short original pairs: enough for a few optimizer steps on the tiny model."""
+    return [{"instruction": f"第{i}个问题：今天海上风大吗？", "input": "", "output": f"风有{i}级，灯塔照常亮着。"}
+            for i in range(12)]
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_model, write_json, persona_rows):
+    """A small training config on the tiny model; keyword arguments replace whole sections."""
+    def make(records=None, **sections) -> Path:
+        data_path = write_json(records if records is not None else persona_rows, "train.json")
+        raw = {
+            "model": {"path": str(tiny_model), "device": "cpu"},
+            "data": {"path": str(data_path), "system_prompt": "你是守灯人林小满。", "max_length": 64},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 2, "lr": 5.0e-3, "batch_size": 4, "grad_accum": 1, "logging_steps": 1,
+                      "save_steps": 2, "seed": 7},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for name, value in sections.items():
+            if isinstance(value, dict):
+                raw[name].update(value)
+            else:
+                raw[name] = value
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+        return path
+    return make

@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from roletune import run_dir, train
+from roletune.config import load_config
+from roletune.errors import RunError
+
+
+def adapter(run: Path) -> dict:
+    return load_file(run / "adapter_model.safetensors")
+
+
+def test_tiny_model_learns_and_the_run_folder_is_complete(config_file, capsys):
+    cfg = load_config(config_file(train={"max_steps": 8, "lr": 1.0e-2, "epochs": 1}))
+    result = train.run(cfg)
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert last < first - 0.05, result.losses
+    out = Path(cfg.output_dir)
+    for name in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+                 "roletune.yaml"]:
+        assert (out / name).is_file(), name
+    assert run_dir.read_config(out) == cfg  # what later commands read back is what training used
+    assert (out / "checkpoint-2" / "roletune.yaml").is_file()
+    assert "trainable params: " in capsys.readouterr().out
+
+
+class Interrupt(TrainerCallback):
+    """Stand-in for a crash: stop the process right after the checkpoint at `step` is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("resume_from", ["latest", "checkpoint-2"])
+def test_resume_after_interruption_ends_with_the_same_adapter(config_file, tmp_path, resume_from):
+    settings = dict(train={"max_steps": 6, "save_steps": 2}, lora={"dropout": 0.1})
+    straight = load_config(config_file(**settings, output_dir=str(tmp_path / "straight")))
+    expected = train.run(straight)
+
+    broken = load_config(config_file(**settings, output_dir=str(tmp_path / "broken")))
+    with pytest.raises(KeyboardInterrupt):
+        train.run(broken, callbacks=(Interrupt(4),))
+    assert not (Path(broken.output_dir) / "adapter_model.safetensors").exists()
+    resume = "latest" if resume_from == "latest" else str(Path(broken.output_dir) / resume_from)
+    resumed = train.run(broken, resume=resume)
+
+    assert resumed.optimizer_steps == expected.optimizer_steps == 6
+    want, got = adapter(Path(straight.output_dir)), adapter(Path(broken.output_dir))
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    # The log carries over from the checkpoint, and the losses computed after the resume point are the
+    # uninterrupted run's.
+    assert [step for step, _ in resumed.losses] == [step for step, _ in expected.losses] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in resumed.losses] == pytest.approx([loss for _, loss in expected.losses], abs=1e-5)
+
+
+def test_an_earlier_run_is_never_clobbered(config_file):
+    cfg = load_config(config_file(train={"max_steps": 2}))
+    train.run(cfg)
+    before = adapter(Path(cfg.output_dir))
+    with pytest.raises(RunError, match="output_dir is not empty"):
+        train.run(cfg)
+    assert all(torch.equal(before[k], v) for k, v in adapter(Path(cfg.output_dir)).items())
+    stale = Path(cfg.output_dir) / "stale.txt"
+    stale.write_text("from the earlier run")
+    train.run(cfg, overwrite=True)
+    assert not stale.exists() and (Path(cfg.output_dir) / "adapter_model.safetensors").is_file()
+
+
+def test_resume_needs_a_checkpoint(config_file):
+    cfg = load_config(config_file())
+    with pytest.raises(RunError, match="nothing to resume"):
+        train.run(cfg, resume="latest")
+
+
+def test_dry_run_step_count_is_the_trainers_and_nothing_is_written(config_file, capsys):
+    cfg = load_config(config_file(train={"epochs": 2, "batch_size": 5, "grad_accum": 2}))
+    planned = train.run(cfg, dry_run=True)
+    assert not Path(cfg.output_dir).exists()
+    assert f"-> {planned.optimizer_steps} optimizer steps" in capsys.readouterr().out
+    assert train.run(cfg).optimizer_steps == planned.optimizer_steps  # 12 rows / 5 -> 3 batches -> 2 steps/epoch
+
+
+def test_seed_config_dry_run_prints_the_seed_figures(shared, capsys):
+    from roletune.cli import main
+
+    code = main(["train", "configs/huanhuan-qwen2.5-7b.yaml", "--dry-run",
+                 f"model.path={shared}/models/qwen2.5-7b-instruct", f"model.tokenizer={shared}/tokenizers/qwen2.5",
+                 f"data.path={shared}/data/huanhuan.json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trainable params: 20,185,088 || all params: 7,635,801,600" in out
+    assert "examples: 3729 read, 3729 kept" in out
+    # Trainer's arithmetic: ceil(3729 / 4) = 933 micro-batches -> ceil(933 / 4) = 234 steps per epoch, x 3.
+    assert "-> 702 optimizer steps" in out
