@@ -44,3 +44,15 @@ def test_unknown_lora_targets_are_a_config_error(tiny_model):
                             "lora": {"target_modules": ["nonexistent_proj"]}})
     with pytest.raises(ConfigError, match="lora.target_modules"):
         apply_lora(build_meta_model(ModelConfig(path=str(tiny_model))), cfg.lora)
+
+
+def test_modelscope_without_the_package_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from roletune.model import resolve_source
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "modelscope" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install modelscope"):
+        resolve_source("modelscope:Qwen/Qwen2.5-7B-Instruct")
+    assert resolve_source("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"

@@ -9,6 +9,8 @@ from roletune import run_dir, train
 from roletune.config import load_config
 from roletune.errors import RunError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def adapter(run: Path) -> dict:
     return load_file(run / "adapter_model.safetensors")
@@ -76,10 +78,12 @@ def test_an_earlier_run_is_never_clobbered(config_file):
     assert not stale.exists() and (Path(cfg.output_dir) / "adapter_model.safetensors").is_file()
 
 
-def test_resume_needs_a_checkpoint(config_file):
+def test_resume_needs_a_checkpoint(config_file, tmp_path):
     cfg = load_config(config_file())
     with pytest.raises(RunError, match="nothing to resume"):
         train.run(cfg, resume="latest")
+    with pytest.raises(RunError, match="not a training checkpoint"):
+        train.run(cfg, resume=str(tmp_path))
 
 
 def test_dry_run_step_count_is_the_trainers_and_nothing_is_written(config_file, capsys):
@@ -93,7 +97,7 @@ def test_dry_run_step_count_is_the_trainers_and_nothing_is_written(config_file, 
 def test_seed_config_dry_run_prints_the_seed_figures(shared, capsys):
     from roletune.cli import main
 
-    code = main(["train", "configs/huanhuan-qwen2.5-7b.yaml", "--dry-run",
+    code = main(["train", str(ROOT / "configs" / "huanhuan-qwen2.5-7b.yaml"), "--dry-run",
                  f"model.path={shared}/models/qwen2.5-7b-instruct", f"model.tokenizer={shared}/tokenizers/qwen2.5",
                  f"data.path={shared}/data/huanhuan.json"])
     out = capsys.readouterr().out

@@ -34,6 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
     preview.add_argument("--json", action="store_true", help="one JSON object per example: input_ids and labels")
 
+    speakers = data.add_parser("speakers", help="list a screenplay's speakers and how many lines each has")
+    speakers.add_argument("scripts", nargs="+", metavar="SCRIPT", help="screenplay text files")
+    from_script = data.add_parser(
+        "from-script", help="cut a character dataset from a screenplay",
+        description="Pair every line of ROLE with the line spoken just before it in the same scene.")
+    from_script.add_argument("scripts", nargs="+", metavar="SCRIPT", help="screenplay text files, in story order")
+    from_script.add_argument("--role", required=True, help="the character to learn")
+    from_script.add_argument("--alias", action="append", default=[], metavar="OTHER",
+                             help="another name the role speaks under (repeatable)")
+    from_script.add_argument("--context", type=int, default=0, metavar="K",
+                             help="with --format messages: keep up to K earlier turns of the scene")
+    from_script.add_argument("--format", choices=["alpaca", "messages"], default="alpaca", help="output layout")
+    from_script.add_argument("--out", required=True, help="output .json (alpaca) or .jsonl (messages) file")
+
     keys = verbs.add_parser("config", help="list every config key with its default and meaning")
     keys.add_argument("config", nargs="?", help="print this config fully resolved instead")
     keys.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
@@ -65,6 +79,15 @@ def dispatch(args) -> int:
 
     if args.verb == "config":
         return show_config(args)
+    if args.verb == "data" and args.data_verb in ("speakers", "from-script"):
+        from roletune.data import screenplay
+
+        if args.data_verb == "speakers":
+            screenplay.print_speakers(args.scripts)
+        else:
+            screenplay.write_dataset(args.scripts, role=args.role, aliases=args.alias, context=args.context,
+                                     fmt=args.format, out=args.out)
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.verb == "train":
         from roletune import train
