@@ -7,7 +7,9 @@ import os
 import sys
 import warnings
 
-from roletune.errors import RoletuneError
+from pathlib import Path
+
+from roletune.errors import RoletuneError, RunError
 
 OVERRIDES_HELP = "settings on top of the config file, e.g. train.lr=2e-4 model.device=cuda:1"
 
@@ -47,6 +49,46 @@ def build_parser() -> argparse.ArgumentParser:
                              help="with --format messages: keep up to K earlier turns of the scene")
     from_script.add_argument("--format", choices=["alpaca", "messages"], default="alpaca", help="output layout")
     from_script.add_argument("--out", required=True, help="output .json (alpaca) or .jsonl (messages) file")
+
+    decoding = argparse.ArgumentParser(add_help=False)
+    decoding.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    decoding.add_argument("--system", help="system prompt instead of the one training used")
+    decoding.add_argument("--max-new-tokens", type=int, default=512, help="reply length cap (default 512)")
+    decoding.add_argument("--temperature", type=float, help="override the model's generation config")
+    decoding.add_argument("--top-p", type=float, help="override the model's generation config")
+    decoding.add_argument("--top-k", type=int, help="override the model's generation config")
+    decoding.add_argument("--repetition-penalty", type=float, help="override the model's generation config")
+    decoding.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    chat = verbs.add_parser("chat", parents=[decoding], help="talk to the trained character in the terminal")
+    chat.add_argument("run", help="a training run's output_dir, an adapter folder, or a plain model")
+    chat.add_argument("--base", action="store_true", help="talk to the base model, without the adapter")
+    chat.add_argument("--prompt", help="answer this one prompt and exit")
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    chat.add_argument("--max-context", type=int, help="token budget for the history (default: the model's)")
+
+    compare = verbs.add_parser("compare", parents=[decoding], help="base vs tuned answers, side by side")
+    compare.add_argument("run", help="a training run's output_dir or an adapter folder")
+    prompts = compare.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    prompts.add_argument("--prompts", metavar="FILE", help=".txt (one a line) or .jsonl (prompt or messages)")
+    compare.add_argument("--out", metavar="FILE.jsonl", help="also write {prompt, base, tuned} per line")
+    compare.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    compare.add_argument("--batch-size", type=int, default=16)
+
+    generate = verbs.add_parser("generate", parents=[decoding], help="answer a file of prompts in batches")
+    generate.add_argument("run", help="a training run's output_dir, an adapter folder, or a plain model")
+    generate.add_argument("--input", required=True, help=".jsonl of prompts or messages (or .txt, one a line)")
+    generate.add_argument("--output", required=True, help=".jsonl; an existing one is resumed")
+    generate.add_argument("--batch-size", type=int, default=16)
+    generate.add_argument("--base", action="store_true", help="answer with the base model")
+    generate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+
+    merge = verbs.add_parser("merge", help="fold the adapter into the base weights")
+    merge.add_argument("run", help="a training run's output_dir or an adapter folder")
+    merge.add_argument("--out", required=True, help="new folder for the merged model")
+    merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    merge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
     keys = verbs.add_parser("config", help="list every config key with its default and meaning")
     keys.add_argument("config", nargs="?", help="print this config fully resolved instead")
@@ -88,6 +130,8 @@ def dispatch(args) -> int:
             screenplay.write_dataset(args.scripts, role=args.role, aliases=args.alias, context=args.context,
                                      fmt=args.format, out=args.out)
         return 0
+    if args.verb in ("chat", "compare", "generate", "merge"):
+        return use_run(args)
     cfg = load_config(args.config, args.overrides)
     if args.verb == "train":
         from roletune import train
@@ -96,6 +140,62 @@ def dispatch(args) -> int:
     elif args.verb == "data" and args.data_verb == "preview":
         preview(cfg, args.n, args.json)
     return 0
+
+
+def use_run(args) -> int:
+    from roletune import generate
+
+    if args.verb == "merge":
+        from roletune.merge import merge
+
+        merge(args.run, args.out, dtype=args.dtype, device=args.device)
+        return 0
+    records = None
+    if args.verb == "compare":
+        from roletune.data.prompts import read_prompts
+
+        records = read_prompts(args.prompts) if args.prompts else [{"prompt": p} for p in args.prompt]
+    if args.verb == "compare" and args.out:
+        _refuse_existing(args.out)
+    session = generate.load_session(args.run, device=args.device, base_only=getattr(args, "base", False),
+                                    system=args.system)
+    greedy = not args.sample if args.verb == "compare" else args.greedy
+    config = generate.decoding_config(session, greedy=greedy, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                      repetition_penalty=args.repetition_penalty)
+    import transformers
+
+    transformers.set_seed(args.seed)
+    if args.verb == "chat":
+        generate.chat(session, config, prompt=args.prompt, context_tokens=args.max_context)
+    elif args.verb == "generate":
+        generate.generate_file(session, config, args.input, args.output, args.batch_size)
+    else:
+        show_comparison(session, config, records, args.out, args.batch_size)
+    return 0
+
+
+def show_comparison(session, config, records, out, batch_size) -> None:
+    from roletune import generate
+    from roletune.data.prompts import prompt_messages
+
+    pairs = generate.compare(session, [prompt_messages(r) for r in records], config, batch_size)
+    width = generate.terminal_width()
+    lines = []
+    for record, (base, tuned) in zip(records, pairs):
+        prompt = record.get("prompt") or record["messages"][-1]["content"]
+        print(f"\n>>> {prompt}")
+        print(generate.side_by_side(base.text, tuned.text, width))
+        lines.append(json.dumps({"prompt": record.get("prompt", record.get("messages")), "base": base.text,
+                                 "tuned": tuned.text}, ensure_ascii=False))
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"\nwrote {out}")
+
+
+def _refuse_existing(path: str) -> None:
+    if Path(path).exists():
+        raise RunError(f"{path}: exists; choose a new --out")
 
 
 def preview(cfg, n: int, as_json: bool) -> None:

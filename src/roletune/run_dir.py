@@ -8,16 +8,19 @@ output_dir/
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from roletune.config import Config, config_from_dict, dump_config
+from roletune.config import Config, ModelConfig, config_from_dict, dump_config
 from roletune.errors import RunError
 
 CONFIG_NAME = "roletune.yaml"
 ADAPTER_NAME = "adapter_model.safetensors"
+MERGE_RECORD = "roletune_merge.json"  # how a merged model was made, and its system prompt
 
 
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
@@ -74,3 +77,39 @@ def read_config(run: str | Path) -> Config:
     if not path.is_file():
         raise RunError(f"{run}: not a roletune run (no {CONFIG_NAME})")
     return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, source=str(path))
+
+
+@dataclass
+class Run:
+    """What inference needs from a run folder, an adapter folder, or a plain model."""
+    base: str                  # base model location (folder, hub id, modelscope:ID)
+    adapter: str | None        # adapter folder, None for a plain model
+    tokenizer: str             # where the tokenizer (and its chat template) is read from
+    system_prompt: str | None  # the one training used, reused unless overridden
+    model_cfg: ModelConfig     # dtype, attention kernel, trust_remote_code as in training
+
+
+def open_run(location: str) -> Run:
+    """A roletune run (or one of its checkpoints), a peft adapter folder, or a plain model."""
+    path = Path(location)
+    if (path / CONFIG_NAME).is_file() and (path / "adapter_config.json").is_file():
+        cfg = read_config(path)
+        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else cfg.model.tokenizer or cfg.model.path
+        return Run(cfg.model.path, str(path), tokenizer, cfg.data.system_prompt, cfg.model)
+    if (path / "adapter_config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+        except (ValueError, KeyError, TypeError):
+            raise RunError(f"{location}: adapter_config.json has no base_model_name_or_path") from None
+        tokenizer = str(path) if (path / "tokenizer_config.json").is_file() else base
+        return Run(base, str(path), tokenizer, None, ModelConfig(path=base))
+    if (path / "config.json").is_file() or (not path.exists() and _looks_like_hub_id(location)):
+        record = path / MERGE_RECORD
+        system = json.loads(record.read_text(encoding="utf-8")).get("system_prompt") if record.is_file() else None
+        return Run(location, None, location, system, ModelConfig(path=location))
+    raise RunError(f"{location}: not a roletune run, an adapter folder or a model "
+                   f"(no {CONFIG_NAME}, adapter_config.json or config.json)")
+
+
+def _looks_like_hub_id(location: str) -> bool:
+    return location.startswith("modelscope:") or (location.count("/") == 1 and not location.startswith((".", "/")))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from roletune.data.conversation import Conversation
+from roletune.data.conversation import Conversation, Message
 from roletune.errors import DataError
 
 IGNORE_INDEX = -100  # the label value transformers' loss skips
@@ -117,6 +117,14 @@ def _special_tokens(tokenizer) -> list[str]:
     specials = set(tokenizer.all_special_tokens)
     specials.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
     return [t for t in specials if t]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids that close an assistant turn under this chat template (stop tokens)."""
+    probe = [Message("user", "x"), Message("assistant", "y")]
+    text, [(start, end)] = _trained_char_spans(probe, tokenizer, "last")
+    tail = text[start + 1:end]  # the turn after its one-character reply
+    return [tokenizer.convert_tokens_to_ids(t) for t in _special_tokens(tokenizer) if tail.endswith(t)]
 
 
 def mark_trained(example: Example, tokenizer, color: bool = False) -> str:

@@ -1,0 +1,164 @@
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+
+import pytest
+
+from roletune import generate
+from roletune.cli import main
+from roletune.errors import DataError, RunError
+
+from conftest import LIGHTHOUSE_SYSTEM
+
+IM_END = 151645
+QUESTION = "第3个问题：今天海上风大吗？"
+
+
+@pytest.fixture(scope="module")
+def session(trained_run):
+    return generate.load_session(str(trained_run), device="cpu")
+
+
+def greedy(session, tokens=24):
+    return generate.decoding_config(session, greedy=True, max_new_tokens=tokens)
+
+
+def test_session_reuses_what_training_used(session, trained_run):
+    assert session.system_prompt == LIGHTHOUSE_SYSTEM
+    assert session.has_adapter
+    assert session.tokenizer.chat_template == (trained_run / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def test_decoding_follows_the_generation_config_and_stops_at_end_of_turn(session):
+    config = generate.decoding_config(session)
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == \
+        (True, 0.7, 0.8, 20, 1.05)
+    assert IM_END in config.eos_token_id and 151643 in config.eos_token_id
+    override = generate.decoding_config(session, temperature=0.2)
+    assert override.temperature == 0.2
+
+
+def test_tuned_answer_stops_at_end_of_turn(session):
+    (reply,) = generate.answer_batch(session, [[{"role": "user", "content": QUESTION}]], greedy(session))
+    assert reply.stopped and reply.tokens < 24
+    assert reply.text.endswith("灯塔照常亮着。")
+
+
+def test_batched_generation_keeps_order_and_matches_one_at_a_time(session):
+    prompts = [[{"role": "user", "content": q}] for q in
+               [QUESTION, "你好", "第10个问题：今天海上风大吗？", "Tell me about the lighthouse, please, at length."]]
+    config = greedy(session, 12)
+    batched = generate.answer_all(session, prompts, config, batch_size=4)
+    single = [generate.answer_batch(session, [p], config)[0] for p in prompts]
+    assert [r.text for r in batched] == [r.text for r in single]
+
+
+def test_generate_file_resumes_and_keeps_order(session, tmp_path):
+    prompts = [{"id": i, "prompt": f"第{i}个问题：今天海上风大吗？"} for i in range(5)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    config = greedy(session, 12)
+    assert generate.generate_file(session, config, str(source), str(full), batch_size=2, echo=lambda *_: None) == 5
+    # An interrupted run: two answers written, then a torn third line.
+    lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    part.write_text(lines[0] + lines[1] + lines[2][:10], encoding="utf-8")
+    assert generate.generate_file(session, config, str(source), str(part), batch_size=2, echo=lambda *_: None) == 3
+    assert part.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
+    assert [json.loads(line)["id"] for line in lines] == [0, 1, 2, 3, 4]
+    assert generate.generate_file(session, config, str(source), str(full), echo=lambda *_: None) == 0
+
+
+def test_generate_refuses_an_output_of_other_prompts(session, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("一\n二\n", encoding="utf-8")
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "别的", "response": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(RunError, match="line 1 does not answer prompt 1"):
+        generate.generate_file(session, greedy(session), str(source), str(other))
+
+
+def test_malformed_prompt_file_names_file_and_line(tmp_path, trained_run, capsys):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "好"}\n{"prompt": \n', encoding="utf-8")
+    code = main(["compare", str(trained_run), "--prompts", str(bad), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("roletune: error: ") and "prompts.jsonl: line 2: invalid JSON" in err
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    from roletune.data.prompts import read_prompts
+    with pytest.raises(DataError, match="wrong.jsonl: line 1: field messages: the last turn must be the user's"):
+        read_prompts(str(wrong))
+
+
+def test_compare_writes_both_columns_and_they_differ(trained_run, tmp_path, capsys):
+    out = tmp_path / "compare.jsonl"
+    code = main(["compare", str(trained_run), "--prompt", QUESTION, "--prompt", "你好", "--out", str(out),
+                 "--device", "cpu", "--max-new-tokens", "12"])
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert code == 0 and [r["prompt"] for r in rows] == [QUESTION, "你好"]
+    assert all(set(r) == {"prompt", "base", "tuned"} for r in rows)
+    assert rows[0]["base"] != rows[0]["tuned"] and rows[0]["tuned"].endswith("灯塔照常亮着。")
+    assert "base" in printed and "tuned" in printed
+    assert main(["compare", str(trained_run), "--prompt", "x", "--out", str(out)]) == 1  # never overwrites
+    assert "exists" in capsys.readouterr().err
+
+
+def test_chat_prompt_answers_once(trained_run, capsys):
+    assert main(["chat", str(trained_run), "--prompt", QUESTION, "--greedy", "--device", "cpu",
+                 "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out.strip().endswith("灯塔照常亮着。")
+
+
+def test_history_is_trimmed_to_the_budget(session):
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"第{i}个问题" * 5}, {"role": "assistant", "content": "好" * 20}]
+    history.append({"role": "user", "content": "最后"})
+    kept = generate.fit_history(session, history, budget=80)
+    assert kept[-1]["content"] == "最后" and kept[0]["role"] == "user" and len(kept) < len(history)
+    assert generate.fit_history(session, history, budget=10_000) == history
+
+
+def test_not_a_run_is_one_line(tmp_path, capsys):
+    assert main(["chat", str(tmp_path), "--prompt", "x"]) == 1
+    assert "not a roletune run, an adapter folder or a model" in capsys.readouterr().err
+
+
+def test_interactive_chat_through_a_pseudo_terminal(trained_run):
+    """Drive `roletune chat` as a person would: type, read the streamed reply, /system, /reset, /exit."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child becomes the chat program on the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "roletune", "chat", str(trained_run), "--greedy",
+                                  "--device", "cpu", "--max-new-tokens", "24"])
+    transcript = b""
+
+    def read_until(marker: bytes, timeout=120):
+        nonlocal transcript
+        deadline = time.time() + timeout
+        while marker not in transcript:
+            assert time.time() < deadline, transcript.decode(errors="replace")
+            try:
+                transcript += os.read(fd, 4096)
+            except OSError:
+                break
+        return transcript
+
+    def send(line: str, expect: bytes):
+        os.write(fd, line.encode() + b"\n")
+        read_until(expect)
+
+    read_until(b"you> ")
+    send(QUESTION, "灯塔照常亮着。".encode())
+    read_until(b"you> ")
+    send("/system 你是另一个人。", "(system prompt: 你是另一个人。)".encode())
+    send("/reset", b"(history cleared)")
+    send("/exit", b"")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert transcript.count(b"you> ") >= 3
