@@ -162,3 +162,18 @@ def test_interactive_chat_through_a_pseudo_terminal(trained_run):
     os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     assert transcript.count(b"you> ") >= 3
+
+
+def test_a_base_model_that_cannot_be_found_is_one_line(trained_run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    moved = tmp_path / "run"
+    shutil.copytree(trained_run, moved)
+    record = yaml.safe_load((moved / "roletune.yaml").read_text(encoding="utf-8"))
+    record["model"]["path"] = str(tmp_path / "gone")
+    (moved / "roletune.yaml").write_text(yaml.safe_dump(record, allow_unicode=True), encoding="utf-8")
+    assert main(["chat", str(moved), "--prompt", "x", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'gone'}: cannot load the model" in err[0]
