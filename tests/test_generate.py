@@ -1,7 +1,6 @@
 import json
 import os
 import pty
-import subprocess
 import sys
 import time
 

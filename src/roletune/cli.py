@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("roletune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def dispatch(args) -> int:
@@ -176,16 +179,16 @@ def use_run(args) -> int:
 
 
 def show_comparison(session, config, records, out, batch_size) -> None:
-    from roletune import generate
+    from roletune import generate, terminal
     from roletune.data.prompts import prompt_messages
 
     pairs = generate.compare(session, [prompt_messages(r) for r in records], config, batch_size)
-    width = generate.terminal_width()
+    width = terminal.terminal_width()
     lines = []
     for record, (base, tuned) in zip(records, pairs):
         prompt = record.get("prompt") or record["messages"][-1]["content"]
         print(f"\n>>> {prompt}")
-        print(generate.side_by_side(base.text, tuned.text, width))
+        print(terminal.side_by_side(base.text, tuned.text, width))
         lines.append(json.dumps({"prompt": record.get("prompt", record.get("messages")), "base": base.text,
                                  "tuned": tuned.text}, ensure_ascii=False))
     if out:

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,43 +222,3 @@ def compare(session: Session, conversations: list[list[dict]], config, batch_siz
         base = answer_all(session, conversations, config, batch_size)
     tuned = answer_all(session, conversations, config, batch_size)
     return list(zip(base, tuned))
-
-
-def side_by_side(left: str, right: str, width: int, titles=("base", "tuned")) -> str:
-    """Two columns of wrapped text; CJK characters count as two columns wide."""
-    column = max((width - 3) // 2, 10)
-    rows_left = [titles[0], "-" * column, *_wrap(left, column)]
-    rows_right = [titles[1], "-" * column, *_wrap(right, column)]
-    rows = max(len(rows_left), len(rows_right))
-    rows_left += [""] * (rows - len(rows_left))
-    rows_right += [""] * (rows - len(rows_right))
-    return "\n".join(f"{_pad(a, column)} | {b}".rstrip() for a, b in zip(rows_left, rows_right))
-
-
-def _display_width(text: str) -> int:
-    import unicodedata
-
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-
-
-def _pad(text: str, width: int) -> str:
-    return text + " " * (width - _display_width(text))
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines = []
-    for paragraph in text.splitlines() or [""]:
-        line = ""
-        for ch in paragraph:
-            if _display_width(line + ch) > width:
-                lines.append(line)
-                line = ""
-            line += ch
-        lines.append(line)
-    return lines
-
-
-def terminal_width() -> int:
-    import shutil
-
-    return shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100
