@@ -11,6 +11,8 @@ DEMO_MODEL := .cache/demo-model
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(VENV)/bin/roletune train configs/demo.yaml --overwrite
+	$(VENV)/bin/roletune eval runs/demo --max-new-tokens 32
+	@echo "loss curves: runs/demo/loss.png"
 
 test: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(PY) -m pytest

@@ -67,7 +67,7 @@ def config_file(tmp_path, tiny_model, write_json, persona_rows):
             "model": {"path": str(tiny_model), "device": "cpu"},
             "data": {"path": str(data_path), "system_prompt": "你是守灯人林小满。", "max_length": 64},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "train": {"epochs": 2, "lr": 5.0e-3, "batch_size": 4, "grad_accum": 1, "logging_steps": 1,
+            "train": {"epochs": 2, "lr": 5.0e-3, "batch_size": 4, "grad_accum": 1, "logging_steps": 1, "report_to": "none",
                       "save_steps": 2, "seed": 7},
             "output_dir": str(tmp_path / "run"),
         }
@@ -100,7 +100,7 @@ def trained_run(tmp_path_factory, tiny_model) -> Path:
         "model": {"path": str(tiny_model), "device": "cpu"},
         "data": {"path": str(data), "system_prompt": LIGHTHOUSE_SYSTEM, "max_length": 64},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"max_steps": 30, "lr": 2.0e-2, "batch_size": 6, "grad_accum": 1, "logging_steps": 10,
+        "train": {"max_steps": 30, "lr": 2.0e-2, "batch_size": 6, "grad_accum": 1, "logging_steps": 10, "report_to": "none",
                   "save_steps": 1000, "seed": 7},
         "output_dir": str(folder / "run")})
     train.run(cfg, echo=lambda *_: None)

@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     merge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
+    evaluate = verbs.add_parser("eval", help="base vs tuned on held-out rows: loss, BLEU-4, ROUGE-L, ...")
+    evaluate.add_argument("run", help="a training run's output_dir or an adapter folder")
+    evaluate.add_argument("--data", metavar="FILE", help="rows to evaluate instead of the run's held-out split")
+    evaluate.add_argument("--n", type=int, help="only the first N rows")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--out", metavar="DIR", help="where eval.json and eval.md go (default: RUN)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval.json")
+
+    plot = verbs.add_parser("plot", help="draw train and eval loss against steps for one or more runs")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="training runs' output_dir")
+    plot.add_argument("--out", help="PNG file (default: RUN/loss.png for one run; required for several)")
+
     keys = verbs.add_parser("config", help="list every config key with its default and meaning")
     keys.add_argument("config", nargs="?", help="print this config fully resolved instead")
     keys.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
@@ -135,6 +149,14 @@ def dispatch(args) -> int:
         return 0
     if args.verb in ("chat", "compare", "generate", "merge"):
         return use_run(args)
+    if args.verb == "eval":
+        from roletune.evaluate import evaluate
+
+        evaluate(args.run, data=args.data, n=args.n, device=args.device, max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size, out=args.out, overwrite=args.overwrite)
+        return 0
+    if args.verb == "plot":
+        return draw(args.runs, args.out)
     cfg = load_config(args.config, args.overrides)
     if args.verb == "train":
         from roletune import train
@@ -196,6 +218,15 @@ def show_comparison(session, config, records, out, batch_size) -> None:
         print(f"\nwrote {out}")
 
 
+def draw(runs: list[str], out: str | None) -> int:
+    from roletune.plot import plot_runs
+
+    if out is None and len(runs) > 1:
+        raise RunError("several runs go into one picture: pass --out FILE.png")
+    print(plot_runs(runs, out or Path(runs[0]) / "loss.png"))
+    return 0
+
+
 def _refuse_existing(path: str) -> None:
     if Path(path).exists():
         raise RunError(f"{path}: exists; choose a new --out")
@@ -207,7 +238,8 @@ def preview(cfg, n: int, as_json: bool) -> None:
     from roletune.train import build_dataset
 
     tokenizer = load_tokenizer(cfg.model)
-    examples, report = build_dataset(cfg, tokenizer)
+    data = build_dataset(cfg, tokenizer)
+    examples, report = data.train, data.report
     if as_json:
         for example in examples[:n]:
             print(json.dumps({"input_ids": example.input_ids, "labels": example.labels}))

@@ -59,6 +59,10 @@ class DataConfig:
         "assistant", "Which tokens carry loss: every assistant turn, the last assistant turn, or all tokens.",
         choices=["assistant", "last", "all"])
     split: str = setting("train", "Split to read when data.path is a hub dataset.")
+    eval_size: float = setting(
+        0, "Rows held out from training for eval loss, sample answers and `roletune eval`: "
+        "a count (>= 1) or a fraction (< 1); drawn with train.seed and saved with the run.",
+        check=(lambda v: v >= 0 and (v < 1 or v == int(v)), "must be a whole count >= 1 or a fraction in [0, 1)"))
 
 
 @dataclass
@@ -89,7 +93,23 @@ class TrainConfig:
     logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
     save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)
     save_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", check=POSITIVE)
-    seed: int = setting(42, "Seed for LoRA init, dropout and data order.")
+    seed: int = setting(42, "Seed for LoRA init, dropout, data order and the held-out split.")
+    report_to: str = setting(
+        "swanlab", "Tracker: swanlab (cloud when logged in, else a local run under output_dir/swanlog), "
+        "tensorboard (output_dir/tensorboard) or none.", choices=["swanlab", "tensorboard", "none"])
+    project: str = setting("roletune", "Tracker project name.")
+
+
+@dataclass
+class EvalConfig:
+    steps: int | None = setting(None, "Eval loss on the held-out rows every N steps; default: every epoch.",
+                                check=POSITIVE)
+    sample_prompts: list[str] = setting(
+        None, "Prompts answered before training and after each epoch; default: the first eval.samples held-out rows.",
+        factory=list)
+    samples: int = setting(4, "Held-out rows answered each epoch when eval.sample_prompts is empty.",
+                           check=NON_NEGATIVE)
+    max_new_tokens: int = setting(128, "Reply length cap for sample answers.", check=POSITIVE)
 
 
 @dataclass
@@ -98,6 +118,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = setting("runs/roletune", "Run folder: checkpoints, the adapter, the tokenizer and this config.")
 
     def cross_field_problems(self) -> list[str]:
@@ -226,7 +247,7 @@ def _coerce(value, hint) -> tuple[bool, object]:
     if typing.get_origin(hint) is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return True, list(value)
         return False, None
     if hint is bool:

@@ -4,6 +4,9 @@ output_dir/
   adapter_model.safetensors, adapter_config.json   the trained LoRA adapter (peft)
   tokenizer files + chat_template.jinja            the exact tokenizer and template used
   roletune.yaml                                    the resolved config (system prompt included)
+  heldout.jsonl                                    rows held out by data.eval_size, as messages
+  samples.jsonl, train_summary.json, loss.png      sample answers per epoch, the summary, the curves
+  trainer_state.json                               the Trainer's log history (losses per step)
   checkpoint-N/                                    resumable Trainer checkpoints, each with roletune.yaml
 """
 from __future__ import annotations
@@ -20,6 +23,8 @@ from roletune.errors import RunError
 
 CONFIG_NAME = "roletune.yaml"
 ADAPTER_NAME = "adapter_model.safetensors"
+HELDOUT_NAME = "heldout.jsonl"
+SUMMARY_NAME = "train_summary.json"
 MERGE_RECORD = "roletune_merge.json"  # how a merged model was made, and its system prompt
 
 
@@ -60,14 +65,35 @@ def clear(output_dir: str) -> None:
 
 
 def write_config(folder: str | Path, cfg: Config) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / CONFIG_NAME
-    # Write aside and rename: a reader never sees half a config.
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, delete=False, suffix=".tmp") as tmp:
-        tmp.write(dump_config(cfg))
-    os.replace(tmp.name, target)
+    target = Path(folder) / CONFIG_NAME
+    _write_aside(target, dump_config(cfg))
     return target
+
+
+def write_heldout(folder: str | Path, conversations: list) -> Path:
+    target = Path(folder) / HELDOUT_NAME
+    lines = [json.dumps({"messages": [m.as_dict() for m in c]}, ensure_ascii=False) + "\n" for c in conversations]
+    _write_aside(target, "".join(lines))
+    return target
+
+
+def read_heldout(run: str | Path) -> list:
+    """The held-out conversations training saved, or RunError when it held none out."""
+    from roletune.data import Message
+
+    path = Path(run) / HELDOUT_NAME
+    if not path.is_file():
+        raise RunError(f"{run}: the run has no held-out split (train with data.eval_size); pass --data FILE")
+    return [[Message(**m) for m in json.loads(line)["messages"]]
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_aside(target: Path, text: str) -> None:
+    """Write next to the target and rename: a reader never sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, target)
 
 
 def read_config(run: str | Path) -> Config:

@@ -1,0 +1,116 @@
+"""`roletune eval`: the base model and the tuned model on held-out rows (or a given file).
+
+Per model: loss and perplexity on the reference reply tokens, and on greedy replies BLEU-4,
+ROUGE-L (characters for Chinese, words for space-separated text), distinct-1/2, mean reply
+length, and the share of replies that stopped at end-of-turn. Written to eval.json and eval.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq
+
+from roletune import metrics, run_dir
+from roletune.config import DataConfig
+from roletune.data import load_conversations
+from roletune.errors import RunError
+from roletune.generate import Session, answer_all, decoding_config, load_session
+from roletune.tokenize import IGNORE_INDEX, Example, tokenize_all
+
+ROWS = [("loss", "reply loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu4", "BLEU-4", "{:.2f}"),
+        ("rouge_l", "ROUGE-L", "{:.2f}"), ("distinct_1", "distinct-1", "{:.3f}"), ("distinct_2", "distinct-2", "{:.3f}"),
+        ("mean_length", "mean reply length", "{:.1f}"), ("stop_rate", "stopped at end-of-turn", "{:.0%}")]
+
+
+def evaluate(location: str, *, data: str | None = None, n: int | None = None, device: str = "auto",
+             max_new_tokens: int = 256, batch_size: int = 16, out: str | None = None, overwrite: bool = False,
+             echo=print) -> dict:
+    run = run_dir.open_run(location)
+    if not run.adapter:
+        raise RunError(f"{location}: eval compares a tuned model with its base; this is a plain model")
+    target = Path(out or location)
+    if (target / "eval.json").exists() and not overwrite:
+        raise RunError(f"{target / 'eval.json'}: exists; pass --overwrite or --out DIR")
+    conversations = load_rows(location, run, data)[:n or None]
+    max_length = _run_max_length(location)
+    session = load_session(location, device=device)
+    config = decoding_config(session, greedy=True, max_new_tokens=max_new_tokens)
+    models = {}
+    for name in ("base", "tuned"):
+        switch = session.model.disable_adapter() if name == "base" else contextlib.nullcontext()
+        with switch:
+            models[name] = score(session, conversations, config, batch_size, max_length, name)
+    report = {"run": str(location), "data": data or str(Path(location) / run_dir.HELDOUT_NAME),
+              "rows": len(conversations), "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
+              "models": models}
+    table = markdown_table(models)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    (target / "eval.md").write_text(f"# eval of {location} on {report['rows']} rows\n\n{table}\n", encoding="utf-8")
+    echo(table)
+    echo(f"wrote {target / 'eval.json'} and {target / 'eval.md'}")
+    return report
+
+
+def load_rows(location: str, run: run_dir.Run, data: str | None) -> list:
+    if data is None:
+        return run_dir.read_heldout(location)
+    return load_conversations(DataConfig(path=data, system_prompt=run.system_prompt))
+
+
+def score(session: Session, conversations: list, config, batch_size: int, max_length: int, name: str) -> dict:
+    """Every metric for the model as it is now (adapter on or off)."""
+    examples, _ = tokenize_all(conversations, session.tokenizer, max_length, "last")
+    loss = reply_loss(session, examples, batch_size)
+    prompts = [[m.as_dict() for m in c[:-1]] for c in conversations]
+    references = [c[-1].content for c in conversations]
+    with tqdm(total=len(prompts), desc=f"generating ({name})", file=sys.stderr) as bar:
+        replies = answer_all(session, prompts, config, batch_size, on_batch=lambda _, done: bar.update(len(done)))
+    texts = [r.text for r in replies]
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "bleu4": metrics.bleu4(texts, references),
+        "rouge_l": metrics.rouge_l(texts, references),
+        "distinct_1": metrics.distinct_n(texts, 1),
+        "distinct_2": metrics.distinct_n(texts, 2),
+        "mean_length": metrics.mean_length(texts),
+        "stop_rate": sum(r.stopped for r in replies) / max(len(replies), 1),
+        "replies": [{"reply": t, "reference": ref, "stopped": r.stopped}
+                    for t, ref, r in zip(texts, references, replies)],
+    }
+
+
+def reply_loss(session: Session, examples: list[Example], batch_size: int) -> float:
+    """Mean cross-entropy per reference reply token (the tokens training would have trained)."""
+    collator = DataCollatorForSeq2Seq(session.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collator([e.as_features() for e in examples[start:start + batch_size]]).to(session.device)
+        with torch.inference_mode():
+            logits = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def markdown_table(models: dict) -> str:
+    lines = ["| metric | base | tuned |", "| --- | ---: | ---: |"]
+    for key, label, fmt in ROWS:
+        lines.append(f"| {label} | {fmt.format(models['base'][key])} | {fmt.format(models['tuned'][key])} |")
+    return "\n".join(lines)
+
+
+def _run_max_length(location: str) -> int:
+    try:
+        return run_dir.read_config(location).data.max_length
+    except RunError:  # a bare adapter folder: no recorded length
+        return 4096

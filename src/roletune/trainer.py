@@ -1,0 +1,103 @@
+"""How roletune sets up transformers.Trainer: arguments from the config, the device the user
+asked for (not Trainer's cuda:0), the collator, and callbacks that keep checkpoints self-describing."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.training_args import ParallelMode
+
+from roletune import run_dir
+from roletune.config import Config
+from roletune.model import resolve_dtype
+from roletune.tokenize import IGNORE_INDEX, Example
+
+
+@dataclass
+class PinnedDeviceArguments(TrainingArguments):
+    """TrainingArguments that keep a single-process run on the device roletune resolved.
+
+    Trainer otherwise trains on cuda:0 whatever the user asked for, and wraps the model in
+    DataParallel when several GPUs are visible (the seed's silent cuda:0). Distributed runs
+    are untouched: there each rank's device comes from its local rank.
+    """
+
+    pinned_device: str = field(default="cpu", metadata={"help": "The device of a single-process run."})
+
+    @functools.cached_property
+    def _setup_devices(self) -> torch.device:
+        device = TrainingArguments._setup_devices.func(self)
+        if device.type == "cuda" and self.parallel_mode != ParallelMode.DISTRIBUTED:
+            device = torch.device(self.pinned_device)
+            torch.cuda.set_device(device)
+            self._n_gpu = 1
+        return device
+
+
+def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False) -> TrainingArguments:
+    t = cfg.train
+    on_gpu = device.type == "cuda"
+    model_dtype = resolve_dtype(cfg.model.dtype, device)
+    return PinnedDeviceArguments(
+        pinned_device=str(device),
+        output_dir=cfg.output_dir,
+        use_cpu=not on_gpu,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        activation_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing gives LoRA its gradients without hooks on the inputs.
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=on_gpu and model_dtype == torch.bfloat16,
+        fp16=on_gpu and model_dtype == torch.float16,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        eval_strategy=("steps" if cfg.eval.steps else "epoch") if has_eval else "no",
+        eval_steps=cfg.eval.steps,
+        per_device_eval_batch_size=t.batch_size,
+        prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s
+        report_to="none",  # roletune's tracker adds its own callback (see track.py)
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
+                  device: torch.device, callbacks: tuple = ()) -> Trainer:
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    return Trainer(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)),
+                   train_dataset=[e.as_features() for e in train],
+                   eval_dataset=[e.as_features() for e in heldout] or None,
+                   processing_class=tokenizer, data_collator=collator,
+                   callbacks=[SaveConfigCallback(cfg), *callbacks])
+
+
+class SaveConfigCallback(TrainerCallback):
+    """Put the resolved config beside every checkpoint, so any checkpoint is self-describing."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            run_dir.write_config(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.cfg)
+
+
+def optimizer_steps(trainer: Trainer) -> int:
+    """The number of optimizer steps, by Trainer's own arithmetic (not a formula of ours)."""
+    values = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())
+    return values[-1]
