@@ -89,6 +89,10 @@ class TrainConfig:
     batch_size: int = setting(4, "Examples per micro-batch on each device.", check=POSITIVE)
     grad_accum: int = setting(4, "Micro-batches per optimizer step.", check=POSITIVE)
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, slower.")
+    packing: bool = setting(
+        True, "Padding-free micro-batches: examples concatenated with position ids restarting per example.")
+    reply_logits_only: bool = setting(
+        True, "Compute the LM head only where a label is (a third of the positions in short role-play data).")
     optim: str = setting("adamw_torch", "Optimizer (a transformers optimizer name).")
     logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
     save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)

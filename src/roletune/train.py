@@ -99,6 +99,7 @@ def echo_dataset(data: TrainingData, tokenizer, cfg: Config, echo) -> None:
 def build_model(cfg: Config, device: torch.device):
     set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG, before Trainer seeds it
     base = load_base_model(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
+    base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
     model = apply_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
     model.print_trainable_parameters()
     return model

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from roletune import run_dir
+from roletune.batching import ReplyLossTrainer, make_collator
 from roletune.config import Config
 from roletune.model import resolve_dtype
-from roletune.tokenize import IGNORE_INDEX, Example
+from roletune.tokenize import Example
 
 
 @dataclass
@@ -78,8 +79,9 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
 
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
                   device: torch.device, callbacks: tuple = ()) -> Trainer:
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    return Trainer(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)),
+    collator = make_collator(tokenizer, cfg.train.packing, cfg.model.attn_implementation == "flash_attention_2")
+    trainer_class = ReplyLossTrainer if cfg.train.reply_logits_only else Trainer
+    return trainer_class(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)),
                    train_dataset=[e.as_features() for e in train],
                    eval_dataset=[e.as_features() for e in heldout] or None,
                    processing_class=tokenizer, data_collator=collator,

@@ -1,0 +1,158 @@
+"""Training speed: roletune's default path against the seed recipe, in one launch on one machine.
+
+Runs the reference peer (shared/bench/seed_recipe.py: the seed's exact recipe, and its plain
+bs-16 variant) and roletune's trainer on the same model config (random weights) and the same
+huanhuan data, each in its own process so peak memory is its own, then prints a table and
+`speedup_vs_seed=X.XX`.
+
+usage:
+  python benchmarks/train_speed.py                      # Qwen2.5-7B architecture on the GPU
+  python benchmarks/train_speed.py --device cpu --tiny  # the demo's tiny Qwen2 on the CPU
+options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
+         --model-config DIR, --out FILE.json (append the figures)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOP_PER_TOKEN_FACTOR = 4  # forward + activation gradients of the non-embedding weights (as the peer counts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the demo's tiny Qwen2 instead of Qwen2.5-7B")
+    parser.add_argument("--steps", type=int, help="optimizer steps per side (default 30 on GPU, 6 on CPU)")
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    parser.add_argument("--model-config", help="folder with the model's config.json")
+    parser.add_argument("--out", help="append the figures as JSON lines to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side in this process
+    args = parser.parse_args()
+    if args.worker:
+        return roletune_worker(args)
+
+    steps = args.steps or (30 if args.device == "cuda" else 6)
+    with tempfile.TemporaryDirectory() as scratch:
+        config_dir = model_config_dir(args, Path(scratch))
+        results = Path(scratch) / "results.jsonl"
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")
+                   if args.device == "cuda" else "")
+        peer = Path(args.shared) / "bench" / "seed_recipe.py"
+        for variant in ("seed", "bs16"):
+            run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
+        run([sys.executable, __file__, "--worker", "roletune", "--device", args.device, "--steps", str(steps),
+             "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results)], env)
+        rows = [json.loads(line) for line in results.read_text().splitlines()]
+    report(rows)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def model_config_dir(args, scratch: Path) -> Path:
+    if args.model_config:
+        return Path(args.model_config)
+    if args.tiny:
+        folder = scratch / "tiny-qwen2"
+        folder.mkdir()
+        shutil.copy(ROOT / "src" / "roletune" / "demo" / "tiny-qwen2.json", folder / "config.json")
+        return folder
+    return Path(args.shared) / "models" / "qwen2.5-7b-instruct"
+
+
+def run(command: list[str], env: dict) -> None:
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, env=env, check=True)
+
+
+def roletune_worker(args) -> None:
+    """roletune's default training path, with weights from the config instead of a checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+
+    from roletune.config import config_from_dict
+    from roletune.model import apply_lora, load_tokenizer
+    from roletune.train import build_dataset
+    from roletune.trainer import build_trainer
+
+    shared = Path(args.shared)
+    cuda = args.device == "cuda" and torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = config_from_dict({
+            "model": {"path": args.model_config, "tokenizer": str(shared / "tokenizers" / "qwen2.5"),
+                      "device": str(device)},
+            "data": {"path": str(shared / "data" / "huanhuan.json"),
+                     "system_prompt": "现在你要扮演皇帝身边的女人--甄嬛", "max_length": 384},
+            "lora": {"r": 8, "alpha": 32, "dropout": 0.1},
+            # Same optimization as the seed: 16 rows per optimizer step, lr 1e-4, linear schedule.
+            "train": {"batch_size": 16, "grad_accum": 1, "lr": 1e-4, "max_steps": args.steps, "logging_steps": 1,
+                      "save_steps": 10**9, "report_to": "none"},
+            "output_dir": scratch})
+        tokenizer = load_tokenizer(cfg.model)
+        data = build_dataset(cfg, tokenizer)
+        started = time.time()
+        with device:
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config),
+                                                    dtype=torch.bfloat16 if cuda else torch.float32)
+        base.config.use_cache = False
+        init_s = time.time() - started
+        model = apply_lora(base, cfg.lora)
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.marks = []
+
+            def on_step_end(self, a, state, control, **kwargs):
+                if cuda:
+                    torch.cuda.synchronize()
+                self.marks.append((time.time(), state.num_input_tokens_seen))
+
+        clock = Clock()
+        trainer = build_trainer(cfg, model, tokenizer, data.train, [], device, (clock,))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        output = trainer.train()
+        warm = 3 if len(clock.marks) > 6 else 1
+        (t0, n0), (t1, n1) = clock.marks[warm - 1], clock.marks[-1]
+        step_s = (t1 - t0) / (len(clock.marks) - warm)
+        tokens_per_s = (n1 - n0) / (t1 - t0)
+        nonembed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        row = dict(variant="roletune", config=Path(args.model_config).name,
+                   device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                   init_s=round(init_s, 1), steps=len(clock.marks), step_s=round(step_s, 4),
+                   real_tokens_per_s=round(tokens_per_s), est_3epoch_min=round(3 * -(-3729 // 16) * step_s / 60, 2),
+                   useful_tflops=round(FLOP_PER_TOKEN_FACTOR * nonembed * tokens_per_s / 1e12, 1),
+                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                   final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:3]])
+    print(json.dumps(row))
+    with open(args.out, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def report(rows: list[dict]) -> None:
+    columns = ["variant", "step_s", "real_tokens_per_s", "useful_tflops", "peak_mem_gib", "est_3epoch_min",
+               "final_loss"]
+    print("\n" + " | ".join(f"{c:>17}" for c in columns))
+    for row in rows:
+        print(" | ".join(f"{str(row.get(c)):>17}" for c in columns))
+    by_name = {row["variant"]: row for row in rows}
+    first = by_name["roletune"].get("first_losses")
+    print(f"\nroletune first losses: {first}; device: {by_name['roletune']['device']}, torch {by_name['roletune']['torch']}")
+    print(f"speedup_vs_bs16={by_name['bs16']['step_s'] / by_name['roletune']['step_s']:.2f}")
+    print(f"speedup_vs_seed={by_name['seed']['step_s'] / by_name['roletune']['step_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

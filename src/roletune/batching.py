@@ -1,0 +1,62 @@
+"""How examples become micro-batches, and the loss on them.
+
+Padding-free batches: the examples of a micro-batch are concatenated into one row with
+`position_ids` restarting at 0 for each example. transformers recognises packed sequences
+from those position ids and keeps the examples apart in attention (a block-diagonal mask for
+sdpa/eager, varlen kernels for flash-attention). Role-play lines are short and uneven (the
+huanhuan data: mean 67 tokens, longest 250), so a padded batch is about half padding.
+
+Reply-only logits: the 152k-column LM head runs only at positions whose next token carries a
+label (a third of the positions here), through the model's own `logits_to_keep`.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
+
+from roletune.tokenize import IGNORE_INDEX
+
+
+def make_collator(tokenizer, packing: bool, flash_attention: bool = False):
+    if packing:
+        # The first label of every example becomes -100: it would be predicted from the previous example.
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                          return_flash_attn_kwargs=flash_attention)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose logits predict a trained token (in any row of the batch)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+
+
+def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int | torch.Tensor | None = None):
+    """Summed cross-entropy over the trained tokens divided by `num_items` (default: their count).
+
+    With `num_items` = the trained tokens of the whole optimizer step (Trainer's num_items_in_batch),
+    every trained token weighs the same however the step is split into micro-batches or packed:
+    the seed's per-step token average, not a mean of micro-batch means.
+    """
+    positions = labelled_positions(labels)
+    # No KV cache: with one, transformers stops reading packed sequences from the position ids.
+    outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
+    targets = labels[:, 1:][:, positions]
+    loss = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    divisor = num_items if num_items is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return loss / divisor, outputs
+
+
+class ReplyLossTrainer(Trainer):
+    """Trainer whose loss computes logits only where a label is (see the module docstring)."""
+
+    loss_is_scaled_for_ga = True  # normalised by the step's token count, not per micro-batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        loss, outputs = reply_token_loss(model, inputs, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,105 @@
+"""The speed levers change nothing but speed: packed = padded, reply-only logits = full logits,
+and the loss of an optimizer step is the seed's token average however the step is split."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from roletune import train
+from roletune.batching import labelled_positions, make_collator, reply_token_loss
+from roletune.config import LoraConfig, load_config
+from roletune.data import Message
+from roletune.model import apply_lora
+from roletune.tokenize import tokenize_all
+
+REPLIES = ["好。", "风有三级，灯塔照常亮着。", "今晚有雾，船都回港了，你也早点歇着吧。", "嗯"]
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero; give it weight so A gets gradients too
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def features(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    conversations = [[Message("system", "你是守灯人。"), Message("user", f"问题{i}" * (i + 1)),
+                      Message("assistant", reply)] for i, reply in enumerate(REPLIES)]
+    examples, _ = tokenize_all(conversations, tokenizer, 128, "assistant")
+    return tokenizer, [e.as_features() for e in examples]
+
+
+def loss_and_grads(model, batch, loss_fn):
+    model.zero_grad()
+    loss = loss_fn(batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_packed_batch_equals_padded_batch(lora_model, features):
+    tokenizer, rows = features
+    padded = make_collator(tokenizer, packing=False)(rows)
+    packed = make_collator(tokenizer, packing=True)(rows)
+    assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].numel() == sum(len(r["input_ids"]) for r in rows)
+    assert (padded["attention_mask"] == 0).any()  # the padded batch really has padding
+    want, want_grads = loss_and_grads(lora_model, padded, lambda b: lora_model(**b).loss)
+    got, got_grads = loss_and_grads(
+        lora_model, packed, lambda b: reply_token_loss(lora_model, {k: v for k, v in b.items() if k != "labels"},
+                                                       b["labels"])[0])
+    assert got == pytest.approx(want, abs=1e-5)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reply_only_logits_give_the_same_loss(lora_model, features):
+    tokenizer, rows = features
+    batch = make_collator(tokenizer, packing=False)(rows)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    positions = labelled_positions(batch["labels"])
+    assert 0 < len(positions) < batch["input_ids"].shape[1]  # fewer logits than positions
+    with torch.no_grad():
+        full = lora_model(**batch).loss.item()
+        reply_only = reply_token_loss(lora_model, inputs, batch["labels"])[0].item()
+    assert reply_only == pytest.approx(full, abs=1e-5)
+
+
+def write_rows(folder: Path, count: int) -> Path:
+    rows = [{"instruction": f"第{i}个问题：" + "风" * (i % 7), "output": "好" * (1 + i % 5) + "。"} for i in range(count)]
+    path = folder / "rows.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def run(config_file, tmp_path, name, **train_settings):
+    data = write_rows(tmp_path, 16)
+    cfg = load_config(config_file(data={"path": str(data)}, lora={"dropout": 0.0}, output_dir=str(tmp_path / name),
+                                  train={"logging_steps": 1, "save_steps": 100, **train_settings}))
+    result = train.run(cfg, echo=lambda *_: None)
+    history = json.loads((Path(cfg.output_dir) / "trainer_state.json").read_text())["log_history"]
+    return result, [entry["grad_norm"] for entry in history if "grad_norm" in entry]
+
+
+def test_step_loss_is_the_seeds_token_average(config_file, tmp_path):
+    # The seed: 4 micro-batches of 4, padded. roletune: one packed micro-batch of 16. Same 16 rows.
+    seed, seed_norms = run(config_file, tmp_path, "seed", batch_size=4, grad_accum=4, max_steps=1, packing=False,
+                           reply_logits_only=False)
+    fast, fast_norms = run(config_file, tmp_path, "fast", batch_size=16, grad_accum=1, max_steps=1)
+    assert fast.losses[0][1] == pytest.approx(seed.losses[0][1], abs=1e-5)
+    assert fast_norms[0] == pytest.approx(seed_norms[0], rel=1e-4)
+
+
+def test_short_run_matches_the_plain_trainer_path(config_file, tmp_path):
+    plain, _ = run(config_file, tmp_path, "plain", batch_size=4, grad_accum=1, max_steps=4, packing=False,
+                   reply_logits_only=False)
+    fast, _ = run(config_file, tmp_path, "fast", batch_size=4, grad_accum=1, max_steps=4)
+    assert [s for s, _ in fast.losses] == [s for s, _ in plain.losses] == [1, 2, 3, 4]
+    assert [l for _, l in fast.losses] == pytest.approx([l for _, l in plain.losses], abs=1e-4)
