@@ -55,7 +55,7 @@ def test_format_can_be_forced(write_json):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                    {"role": "assistant", "content": "c"}]}, r"two user turns in a row"),
     ({"messages": [{"role": "user", "content": "a"}]}, r"ends with a user turn"),
-    ({"messages": [{"role": "bot", "content": "a"}]}, r"field messages\[0\].role: unknown role 'bot'"),
+    ({"messages": [{"role": "bot", "content": "a"}]}, r"field messages\[0\].role: unknown role 'bot'; expected one of system, user, assistant"),
     ({"conversations": [{"from": "human"}]}, r"field conversations\[0\].value: expected a string"),
     ({"text": "free text"}, r"record 0: cannot tell the format"),
     ("just a string", r"record 0: expected a JSON object, got str"),

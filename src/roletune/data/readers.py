@@ -63,27 +63,22 @@ def _alpaca(record: dict) -> Conversation:
 
 
 def _sharegpt(record: dict) -> Conversation:
-    turns = _turn_list(record, "conversations")
-    messages = []
-    for index, turn in enumerate(turns):
-        where = f"conversations[{index}]"
-        speaker, value = _turn_fields(turn, where, "from", "value")
-        if speaker not in SHAREGPT_ROLES:
-            raise DataError(f"field {where}.from: unknown speaker {speaker!r}; "
-                            f"expected one of {', '.join(SHAREGPT_ROLES)}")
-        messages.append(Message(SHAREGPT_ROLES[speaker], value))
-    return messages
+    return _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
 
 
 def _messages(record: dict) -> Conversation:
-    turns = _turn_list(record, "messages")
+    return _turns(record, "messages", "role", "content", {role: role for role in ("system", "user", "assistant")})
+
+
+def _turns(record: dict, name: str, role_key: str, text_key: str, roles: dict) -> Conversation:
+    """A list of turn objects -> messages; `roles` maps the file's role names to ours."""
     messages = []
-    for index, turn in enumerate(turns):
-        where = f"messages[{index}]"
-        role, content = _turn_fields(turn, where, "role", "content")
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"field {where}.role: unknown role {role!r}; expected system, user or assistant")
-        messages.append(Message(role, content))
+    for index, turn in enumerate(_turn_list(record, name)):
+        where = f"{name}[{index}]"
+        role, text = _turn_fields(turn, where, role_key, text_key)
+        if role not in roles:
+            raise DataError(f"field {where}.{role_key}: unknown role {role!r}; expected one of {', '.join(roles)}")
+        messages.append(Message(roles[role], text))
     return messages
 
 
