@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 
 from pathlib import Path
 
-from roletune.errors import RoletuneError, RunError
+from roletune.errors import Interrupted, RoletuneError, RunError
 
 OVERRIDES_HELP = "settings on top of the config file, e.g. train.lr=2e-4 model.device=cuda:1"
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                        help="continue from the newest checkpoint in output_dir, or from the one given")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train with N processes on this machine (one per GPU), started through torchrun")
 
     data = verbs.add_parser("data", help="inspect training data").add_subparsers(dest="data_verb", required=True,
                                                                                  metavar="DATA_COMMAND")
@@ -122,8 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return dispatch(args)
+    except Interrupted as exc:  # the run is resumable: say exactly how (rank 0 alone in a launch)
+        from roletune import distributed
+
+        if distributed.current().is_main:
+            print(f"roletune: {exc}; resume with: {resume_command(sys.argv[1:] if argv is None else argv, args)}",
+                  file=sys.stderr)
+        return exc.exit_code
     except RoletuneError as exc:
-        print(f"roletune: error: {exc}", file=sys.stderr)
+        from roletune import distributed
+
+        if distributed.first_to_report(str(exc)):  # a bad config fails on every rank: say it once
+            print(f"roletune: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("roletune: interrupted", file=sys.stderr)
@@ -131,6 +144,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def resume_command(argv: list[str], args) -> str:
+    """The same `roletune train` command, continuing from the newest checkpoint instead of starting over."""
+    from roletune import distributed
+
+    words, previous = [], None
+    for word in argv:
+        resume = word == "--resume" or word.startswith("--resume=") or (previous == "--resume" and word == args.resume)
+        if not resume and word != "--overwrite":
+            words.append(word)
+        previous = word
+    launch = distributed.current()
+    if launch.launched and launch.world_size == launch.local_world_size:  # one machine: --nproc relaunches it
+        words += ["--nproc", str(launch.world_size)]
+    command = shlex.join(["roletune", *words, "--resume"])
+    if launch.world_size > launch.local_world_size:  # several machines: the user's launcher starts it on each
+        command += " (on every machine, under your launcher)"
+    return command
 
 
 def dispatch(args) -> int:
@@ -158,6 +190,10 @@ def dispatch(args) -> int:
     if args.verb == "plot":
         return draw(args.runs, args.out)
     cfg = load_config(args.config, args.overrides)
+    if args.verb == "train" and args.nproc is not None:
+        from roletune import distributed
+
+        return distributed.relaunch(args.nproc, train_argv(args))
     if args.verb == "train":
         from roletune import train
 
@@ -165,6 +201,13 @@ def dispatch(args) -> int:
     elif args.verb == "data" and args.data_verb == "preview":
         preview(cfg, args.n, args.json)
     return 0
+
+
+def train_argv(args) -> list[str]:
+    """The `roletune train` command line each process of a --nproc launch runs."""
+    flags = [*(["--dry-run"] if args.dry_run else []), *(["--overwrite"] if args.overwrite else []),
+             *(["--resume", args.resume] if args.resume else [])]
+    return ["train", args.config, *args.overrides, *flags]
 
 
 def use_run(args) -> int:

@@ -44,6 +44,9 @@ class ModelConfig:
         "sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager", "flash_attention_2"])
     trust_remote_code: bool = setting(False, "Run Python code shipped with the model repository. Off unless you trust it.")
     revision: str | None = setting(None, "Hub branch, tag or commit of the model.")
+    allow_pickle: bool = setting(
+        False, "Load pickle weights (pytorch_model.bin, adapter_model.bin) when there is no safetensors file. "
+        "Unpickling can run code: only for files you trust.")
 
 
 @dataclass
@@ -88,6 +91,9 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.", check=POSITIVE)
     batch_size: int = setting(4, "Examples per micro-batch on each device.", check=POSITIVE)
     grad_accum: int = setting(4, "Micro-batches per optimizer step.", check=POSITIVE)
+    effective_batch: int | None = setting(
+        None, "Examples per optimizer step over all processes; when set, grad_accum is derived from it as "
+        "effective_batch / (batch_size x processes), which must divide exactly.", check=POSITIVE)
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, slower.")
     packing: bool = setting(
         True, "Padding-free micro-batches: examples concatenated with position ids restarting per example.")
@@ -98,10 +104,20 @@ class TrainConfig:
     save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)
     save_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", check=POSITIVE)
     seed: int = setting(42, "Seed for LoRA init, dropout, data order and the held-out split.")
+    on_nonfinite: str = setting(
+        "stop", "A NaN/inf loss or gradient norm: stop (naming the step, keeping the last good checkpoint) "
+        "or skip that optimizer step. (With fp16 weights the loss scaler already skips overflowing steps.)",
+        choices=["stop", "skip"])
     report_to: str = setting(
         "swanlab", "Tracker: swanlab (cloud when logged in, else a local run under output_dir/swanlog), "
         "tensorboard (output_dir/tensorboard) or none.", choices=["swanlab", "tensorboard", "none"])
     project: str = setting("roletune", "Tracker project name.")
+    distributed: str = setting(
+        "ddp", "With several processes (--nproc, torchrun, accelerate launch): ddp keeps a whole model on each GPU; "
+        "fsdp shards the frozen base across the GPUs, for bases one GPU cannot hold; deepspeed uses train.deepspeed.",
+        choices=["ddp", "fsdp", "deepspeed"])
+    deepspeed: str | None = setting(
+        None, "DeepSpeed config JSON (e.g. ZeRO-3) for train.distributed=deepspeed; needs the deepspeed package.")
 
 
 @dataclass
@@ -133,6 +149,8 @@ class Config:
             problems.append("data.path is required")
         if not self.output_dir:
             problems.append("output_dir is required")
+        if (self.train.distributed == "deepspeed") != (self.train.deepspeed is not None):
+            problems.append("train.distributed=deepspeed and train.deepspeed (its config file) go together")
         return problems
 
 

@@ -19,3 +19,16 @@ class ModelError(RoletuneError):
 
 class RunError(RoletuneError):
     """An output or run folder that cannot be used as asked (exists, missing, not a roletune run)."""
+
+
+class Interrupted(RoletuneError):
+    """SIGINT or SIGTERM during training: a checkpoint was saved at the step boundary; the run is
+    resumable, not finished. The CLI adds the exact command to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
+class NonFiniteError(RoletuneError):
+    """A NaN or infinite loss / gradient norm, with train.on_nonfinite=stop."""

@@ -17,7 +17,7 @@ import torch
 
 from roletune.data.prompts import prompt_messages, read_prompts
 from roletune.errors import RunError
-from roletune.model import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from roletune.model import load_adapter, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from roletune.run_dir import open_run
 from roletune.tokenize import end_of_turn_ids
 
@@ -42,8 +42,6 @@ class Reply:
 def load_session(location: str, *, device: str = "auto", base_only: bool = False,
                  system: str | None = None, dtype: str | None = None) -> Session:
     """Load the base model once and the adapter on top (unless base_only)."""
-    from peft import PeftModel
-
     run = open_run(location)
     target = resolve_device(device)
     model_cfg = dataclasses.replace(run.model_cfg, path=run.base, tokenizer=run.tokenizer,
@@ -51,7 +49,7 @@ def load_session(location: str, *, device: str = "auto", base_only: bool = False
     tokenizer = load_tokenizer(model_cfg)
     model = load_base_model(model_cfg, target, resolve_dtype(model_cfg.dtype, target))
     if run.adapter and not base_only:
-        model = PeftModel.from_pretrained(model, run.adapter)
+        model = load_adapter(model, run.adapter, run.model_cfg.allow_pickle)
     model.eval()
     return Session(model, tokenizer, system if system is not None else run.system_prompt,
                    bool(run.adapter and not base_only), target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 
@@ -61,6 +62,7 @@ def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
     location = model_cfg.tokenizer or model_cfg.path
+    warn_remote_code(model_cfg, location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             resolve_source(location), trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
@@ -77,22 +79,48 @@ def load_tokenizer(model_cfg):
 def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    if model_cfg.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", model_cfg.path)
+    warn_remote_code(model_cfg, model_cfg.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_source(model_cfg.path), dtype=dtype, attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+            # safetensors only: a pickle file (pytorch_model.bin) can run code when loaded
+            use_safetensors=None if model_cfg.allow_pickle else True,
             device_map={"": str(device)})  # straight onto the chosen device, never via cuda:0
     except (OSError, ValueError, ImportError) as exc:
-        raise ModelError(f"{model_cfg.path}: cannot load the model ({_first_line(exc)})") from None
+        hint = ("; only safetensors weights are loaded: set model.allow_pickle=true to load pickle weights you trust"
+                if not model_cfg.allow_pickle and "safetensors" in str(exc) else "")
+        raise ModelError(f"{model_cfg.path}: cannot load the model ({_first_line(exc)}){hint}") from None
     return model
+
+
+def load_adapter(model, folder: str, allow_pickle: bool = False):
+    """The trained LoRA adapter on top of `model`; a pickle adapter only when allowed (unpickling can run code)."""
+    from peft import PeftModel
+
+    path = Path(folder)
+    if not (path / "adapter_model.safetensors").is_file() and (path / "adapter_model.bin").is_file() \
+            and not allow_pickle:
+        raise ModelError(f"{folder}: the adapter is a pickle file (adapter_model.bin), which can run code when "
+                         "loaded; set model.allow_pickle=true in the run's roletune.yaml if you trust it")
+    return PeftModel.from_pretrained(model, folder)
+
+
+def warn_remote_code(model_cfg, location: str) -> None:
+    """trust_remote_code runs the repository's Python: say so, naming the repository, once per location."""
+    if model_cfg.trust_remote_code and location not in _warned_remote_code:
+        _warned_remote_code.add(location)
+        log.warning("model.trust_remote_code is on: Python code from %s will run on this machine", location)
+
+
+_warned_remote_code: set[str] = set()
 
 
 def build_meta_model(model_cfg):
     """The base model's architecture without weights, for dry runs: only the config is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    warn_remote_code(model_cfg, model_cfg.path)
     try:
         config = AutoConfig.from_pretrained(resolve_source(model_cfg.path),
                                             trust_remote_code=model_cfg.trust_remote_code,

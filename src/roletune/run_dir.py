@@ -7,11 +7,14 @@ output_dir/
   heldout.jsonl                                    rows held out by data.eval_size, as messages
   samples.jsonl, train_summary.json, loss.png      sample answers per epoch, the summary, the curves
   trainer_state.json                               the Trainer's log history (losses per step)
-  checkpoint-N/                                    resumable Trainer checkpoints, each with roletune.yaml
+  checkpoint-N/                                    resumable Trainer checkpoints, each with roletune.yaml and
+                                                   roletune_checkpoint.json (the manifest --resume verifies)
+  .partial/                                        a checkpoint being written; renamed to checkpoint-N when complete
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +23,8 @@ from pathlib import Path
 
 from roletune.config import Config, ModelConfig, config_from_dict, dump_config
 from roletune.errors import RunError
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "roletune.yaml"
 ADAPTER_NAME = "adapter_model.safetensors"
@@ -42,18 +47,44 @@ def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> No
                        "pass --resume to continue it or --overwrite to replace it")
 
 
-def find_checkpoint(output_dir: str, resume: str) -> str:
-    """`latest` -> the newest checkpoint-N in output_dir; anything else must be a checkpoint folder."""
-    from transformers.trainer_utils import get_last_checkpoint
+def find_checkpoint(output_dir: str, resume: str) -> str | None:
+    """The checkpoint `--resume` continues from.
+
+    `latest`: the newest checkpoint-N whose manifest verifies; newer incomplete or corrupt ones are
+    skipped with a warning. None when output_dir holds only what a run writes before its first
+    checkpoint (it was stopped before one): training starts over. Anything else must be a checkpoint
+    folder, and one with a manifest must verify.
+    """
+    from roletune import checkpoints
 
     if resume == "latest":
-        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        found, skipped = checkpoints.newest_good(output_dir)
+        if found is None and skipped:
+            raise RunError(f"{output_dir}: no complete checkpoint to resume from: {'; '.join(skipped)}; "
+                           "pass --resume CHECKPOINT to use one anyway")
+        if skipped:
+            log.warning("%s: skipped %s; resuming from %s", output_dir, "; ".join(skipped), found.name)
+        if found is None and Path(output_dir).is_dir() and _only_startup_files(output_dir):
+            log.warning("%s: stopped before its first checkpoint; starting again from step 0", output_dir)
+            return None
         if found is None:
             raise RunError(f"{output_dir}: no checkpoint-N folder to resume from")
-        return found
+        return str(found)
     if not (Path(resume) / "trainer_state.json").is_file():
         raise RunError(f"{resume}: not a training checkpoint (no trainer_state.json)")
+    if not checkpoints.has_manifest(resume):
+        log.warning("%s: no %s, so it cannot be verified; resuming from it as asked", resume, checkpoints.MANIFEST)
+    elif why := checkpoints.problem(resume):
+        raise RunError(f"{resume}: incomplete or corrupt checkpoint ({why})")
     return resume
+
+
+def _only_startup_files(output_dir: str) -> bool:
+    """True when output_dir holds nothing a run writes after it starts training steps."""
+    from roletune.checkpoints import STAGING
+
+    startup = {CONFIG_NAME, HELDOUT_NAME, "samples.jsonl", "swanlog", "tensorboard", STAGING}
+    return all(child.name in startup for child in Path(output_dir).iterdir())
 
 
 def clear(output_dir: str) -> None:

@@ -27,8 +27,9 @@ def sample_rows(cfg, heldout: list) -> list[dict]:
 
 class SampleAnswers(TrainerCallback):
     def __init__(self, rows: list[dict], tokenizer, system_prompt: str | None, tracker: Tracker,
-                 output_dir: str, max_new_tokens: int, batch_size: int, echo=print):
+                 output_dir: str, max_new_tokens: int, batch_size: int, echo=print, every_rank: bool = False):
         self.rows, self.tokenizer, self.system_prompt = rows, tokenizer, system_prompt
+        self.every_rank = every_rank  # a model sharded across ranks answers only if every rank joins in
         self.tracker, self.path, self.echo = tracker, Path(output_dir) / SAMPLES_NAME, echo
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
@@ -40,7 +41,7 @@ class SampleAnswers(TrainerCallback):
         self.answer(model, args, state, epoch=round(state.epoch or 0))
 
     def answer(self, model, args, state, epoch: int) -> None:
-        if not self.rows or not state.is_world_process_zero:
+        if not self.rows or not (state.is_world_process_zero or self.every_rank):
             return
         session = Session(model, self.tokenizer, self.system_prompt, True, args.device)
         config = decoding_config(session, greedy=True, max_new_tokens=self.max_new_tokens)
@@ -50,6 +51,8 @@ class SampleAnswers(TrainerCallback):
             replies = answer_all(session, [r["messages"] for r in self.rows], config, self.batch_size)
         finally:
             model.train(was_training)
+        if not state.is_world_process_zero:
+            return
         results = [{"epoch": epoch, "step": state.global_step, "prompt": r["prompt"], "answer": reply.text,
                     "reference": r["reference"], "stopped": reply.stopped} for r, reply in zip(self.rows, replies)]
         with open(self.path, "a", encoding="utf-8") as out:

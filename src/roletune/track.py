@@ -95,7 +95,7 @@ class TensorBoardTracker(Tracker):
 
 def open_tracker(cfg: Config) -> Tracker:
     """The tracker `train.report_to` names; a missing package or a failed start falls back to none."""
-    kinds = {"swanlab": SwanLabTracker, "tensorboard": TensorBoardTracker, "none": Tracker}
+    kinds = {"swanlab": SwanLabTracker, "tensorboard": TensorBoardTracker, "none": lambda cfg: Tracker()}
     try:
         return kinds[cfg.train.report_to](cfg)
     except Exception as exc:  # trackers are a convenience: the run goes on without one

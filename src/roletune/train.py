@@ -17,14 +17,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from roletune import run_dir
+from roletune import distributed, preflight, run_dir
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
-from roletune.model import apply_lora, build_meta_model, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from roletune.guard import StopOnSignal
+from roletune.model import apply_lora, build_meta_model, load_base_model, load_tokenizer, resolve_dtype
 from roletune.samples import SampleAnswers, sample_rows
 from roletune.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
-from roletune.track import open_tracker
+from roletune.track import Tracker, open_tracker
 from roletune.trainer import build_trainer, optimizer_steps
 
 
@@ -46,27 +47,41 @@ class RunResult:
 
 def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False,
         callbacks: tuple = (), echo=print) -> RunResult:
-    device = resolve_device(cfg.model.device)
+    launch = distributed.current()  # one process, or one rank of torchrun / accelerate launch
+    device = distributed.device_for(cfg.model.device, launch)
+    cfg = distributed.resolve(cfg, launch, device)  # train.distributed checked; grad_accum from train.effective_batch
+    if not launch.is_main:
+        echo = distributed.quiet()  # rank 0 speaks and writes for the job
     tokenizer = load_tokenizer(cfg.model)
     data = build_dataset(cfg, tokenizer)
     echo_dataset(data, tokenizer, cfg, echo)
     if dry_run:
         return plan(cfg, tokenizer, data, echo)
-    run_dir.check_output_dir(cfg.output_dir, resume, overwrite)
+    if launch.is_main:  # only rank 0 writes to output_dir, so only rank 0 checks it (never racing its writes)
+        run_dir.check_output_dir(cfg.output_dir, resume, overwrite)
     checkpoint = run_dir.find_checkpoint(cfg.output_dir, resume) if resume else None
+    if launch.is_main:
+        preflight.check(cfg, len(data.train), checkpoint)
 
-    model = build_model(cfg, device)
-    prepare_output_dir(cfg, data, fresh=overwrite and not resume)
-    tracker = open_tracker(cfg)
+    model = build_model(cfg, device, echo)
+    if launch.is_main:
+        prepare_output_dir(cfg, data, fresh=(overwrite or resume is not None) and checkpoint is None)
+    tracker = open_tracker(cfg) if launch.is_main else Tracker()
     samples = SampleAnswers(sample_rows(cfg, data.heldout_rows), tokenizer, cfg.data.system_prompt, tracker,
-                            cfg.output_dir, cfg.eval.max_new_tokens, cfg.train.batch_size, echo)
+                            cfg.output_dir, cfg.eval.max_new_tokens, cfg.train.batch_size, echo,
+                            every_rank=distributed.sharded(cfg))
     watchers = [c for c in (tracker.callback(), samples) if c is not None]
-    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, *callbacks))
+    stop = StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the step boundary, then Interrupted
+    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks))
     try:
         started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with stop:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        stop.raise_if_stopped(trainer)  # a run cut short is resumable, never saved as finished
         wall_s = time.perf_counter() - started
         save_run(cfg, trainer, tokenizer)
+        if not launch.is_main:
+            return RunResult(cfg.output_dir, trainer.state.global_step)
         result = finish(cfg, trainer, device, wall_s, tracker.where, echo)
         tracker.log_metrics({f"summary/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
                             trainer.state.global_step)
@@ -96,13 +111,18 @@ def echo_dataset(data: TrainingData, tokenizer, cfg: Config, echo) -> None:
     echo(mark_trained(data.train[0], tokenizer))
 
 
-def build_model(cfg: Config, device: torch.device):
+def build_model(cfg: Config, device: torch.device, echo=print):
     set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG, before Trainer seeds it
-    base = load_base_model(cfg.model, device, resolve_dtype(cfg.model.dtype, device))
+    base = load_base_model(cfg.model, distributed.load_device(cfg, device), resolve_dtype(cfg.model.dtype, device))
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
     model = apply_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
-    model.print_trainable_parameters()
+    echo_trainable(model, echo)
     return model
+
+
+def echo_trainable(model, echo) -> None:
+    trainable, total = model.get_nb_trainable_parameters()
+    echo(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
 def prepare_output_dir(cfg: Config, data: TrainingData, fresh: bool) -> None:
@@ -117,14 +137,16 @@ def prepare_output_dir(cfg: Config, data: TrainingData, fresh: bool) -> None:
 def plan(cfg: Config, tokenizer, data: TrainingData, echo) -> RunResult:
     """Dry run: the model from its config on the meta device (no weights), LoRA, and the step count."""
     model = apply_lora(build_meta_model(cfg.model), cfg.lora)
-    model.print_trainable_parameters()
+    echo_trainable(model, echo)
     placeholder = torch.nn.Linear(1, 1)  # Trainer's step arithmetic needs a module, not the meta model
     with tempfile.TemporaryDirectory() as scratch:  # Trainer creates its output_dir; keep the real one untouched
         trainer = build_trainer(dataclasses.replace(cfg, output_dir=scratch), placeholder, tokenizer, data.train,
                                 data.heldout, torch.device("cpu"))
         steps = optimizer_steps(trainer)
     t = cfg.train
-    echo(f"plan: {len(data.train)} examples, {t.batch_size} x {t.grad_accum} per optimizer step, "
+    processes = distributed.current().world_size
+    echo(f"plan: {len(data.train)} examples, {t.batch_size} x {t.grad_accum}"
+         f"{f' x {processes} processes' if processes > 1 else ''} per optimizer step, "
          f"{'max_steps ' + str(t.max_steps) if t.max_steps else f'{t.epochs:g} epochs'} "
          f"-> {steps} optimizer steps; checkpoint every {t.save_steps}")
     echo(f"dry run: nothing was loaded or written; output_dir would be {cfg.output_dir}")
@@ -132,7 +154,9 @@ def plan(cfg: Config, tokenizer, data: TrainingData, echo) -> RunResult:
 
 
 def save_run(cfg: Config, trainer, tokenizer) -> None:
-    trainer.model.save_pretrained(cfg.output_dir)
+    trainer.save_model(cfg.output_dir)  # on every rank: a sharded adapter is gathered, then rank 0 writes it
+    if not trainer.is_world_process_zero():
+        return
     tokenizer.save_pretrained(cfg.output_dir)
     trainer.state.save_to_json(str(Path(cfg.output_dir) / "trainer_state.json"))  # the loss history, for plots
     run_dir.write_config(cfg.output_dir, cfg)

@@ -10,9 +10,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from roletune import run_dir
+from roletune import checkpoints, distributed, run_dir
 from roletune.batching import ReplyLossTrainer, make_collator
 from roletune.config import Config
+from roletune.guard import NonFiniteGuard
 from roletune.model import resolve_dtype
 from roletune.tokenize import Example
 
@@ -74,18 +75,20 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         report_to="none",  # roletune's tracker adds its own callback (see track.py)
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        **distributed.trainer_arguments(cfg, device),
     )
 
 
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
                   device: torch.device, callbacks: tuple = ()) -> Trainer:
     collator = make_collator(tokenizer, cfg.train.packing, cfg.model.attn_implementation == "flash_attention_2")
-    trainer_class = ReplyLossTrainer if cfg.train.reply_logits_only else Trainer
+    trainer_class = distributed.with_even_tail(ReplyLossTrainer if cfg.train.reply_logits_only else Trainer)
+    trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
     return trainer_class(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)),
                    train_dataset=[e.as_features() for e in train],
                    eval_dataset=[e.as_features() for e in heldout] or None,
                    processing_class=tokenizer, data_collator=collator,
-                   callbacks=[SaveConfigCallback(cfg), *callbacks])
+                   callbacks=[SaveConfigCallback(cfg), NonFiniteGuard(cfg.train.on_nonfinite), *callbacks])
 
 
 class SaveConfigCallback(TrainerCallback):

@@ -35,10 +35,21 @@ def to_conversation(record, fmt: str, system_prompt: str | None) -> Conversation
         system = system or system_prompt
         if system:
             messages.insert(0, Message("system", system))
-    problem = structure_problem(messages)
+    problem = structure_problem(messages) or _unicode_problem(messages)
     if problem:
         raise DataError(problem)
     return messages
+
+
+def _unicode_problem(messages: Conversation) -> str | None:
+    """JSON can spell a lone surrogate (\\ud800), which is not text: no tokenizer can encode it."""
+    for index, message in enumerate(messages):
+        try:
+            message.content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"message {index} ({message.role}): not valid Unicode at character {exc.start} "
+                    f"({message.content[exc.start]!r}, a lone surrogate)")
+    return None
 
 
 def _alpaca(record: dict) -> Conversation:

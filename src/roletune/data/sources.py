@@ -50,6 +50,8 @@ def parse_json_file(path: Path, name: str) -> list:
             raise DataError(f"{name}: line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
         except RecursionError:
             raise DataError(f"{name}: invalid JSON (nested too deeply)") from None
+        except ValueError as exc:  # e.g. an integer longer than Python converts
+            raise DataError(f"{name}: invalid JSON ({_first_line(exc)})") from None
         if isinstance(records, dict):
             records = [records]
         if not isinstance(records, list):
@@ -60,7 +62,8 @@ def parse_json_file(path: Path, name: str) -> list:
 
 def _parse_jsonl(text: str, name: str) -> list:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a record: str.splitlines would also split inside strings at U+2028, U+0085, ...
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -69,14 +72,21 @@ def _parse_jsonl(text: str, name: str) -> list:
             raise DataError(f"{name}: line {number}: invalid JSON ({exc.msg})") from None
         except RecursionError:
             raise DataError(f"{name}: line {number}: invalid JSON (nested too deeply)") from None
+        except ValueError as exc:  # e.g. an integer longer than Python converts
+            raise DataError(f"{name}: line {number}: invalid JSON ({_first_line(exc)})") from None
     return records
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _is_jsonl(text: str) -> bool:
     first = text.split("\n", 1)[0]
     try:
         return isinstance(json.loads(first), dict) and "\n" in text.strip()
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or JSON that parse_json_file reports properly
         return False
 
 

@@ -1,0 +1,167 @@
+"""Crash-safe checkpoints: a checkpoint-N folder appears only when complete, sealed by a manifest
+that `--resume` verifies, so a run killed at any moment resumes from its newest good checkpoint.
+
+Trainer writes checkpoint-N in place. AtomicCheckpoints redirects that write into
+output_dir/.partial/checkpoint-N, adds roletune_checkpoint.json (every file's size and sha256)
+last, and renames the finished folder into place in one step. A save killed half-way stays under
+.partial, which nothing reads and the next save clears.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+STAGING = ".partial"
+MANIFEST = "roletune_checkpoint.json"
+HASH_LIMIT = 1 << 30  # larger files are checked by size only, so verifying stays quick
+_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: each checkpoint is written aside, sealed with its manifest, then renamed into place."""
+
+    _staging_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if trial is not None:  # hyperparameter search keeps Trainer's own layout
+            return super()._save_checkpoint(model, trial)
+        from roletune.guard import hold_for_tests
+
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        root = Path(self.args.output_dir)
+        staging = root / STAGING
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a save killed half-way left behind
+        self.accelerator.wait_for_everyone()
+        self._staging_root = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # every rank's files (rng_state_K.pth) are in
+        hold_for_tests("write", self.state.global_step)
+        if self.args.should_save:
+            publish(staging / name, root / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            # Rotation only after the new checkpoint is in place: an older good one is never deleted first.
+            rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+
+@functools.cache
+def atomic(trainer_class: type) -> type:
+    """`trainer_class` (Trainer or a subclass) with crash-safe checkpoints."""
+    return type(f"Atomic{trainer_class.__name__}", (AtomicCheckpoints, trainer_class), {})
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Seal `staging` with its manifest and move it to `final` with one rename."""
+    write_manifest(staging)
+    if final.exists():  # the same step saved again, e.g. by a run resumed from an earlier checkpoint
+        replaced = staging.parent / f"replaced-{final.name}"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(staging, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync(final.parent)
+
+
+def write_manifest(folder: Path) -> None:
+    """List every file with its size and sha256; written last, so its presence means 'complete'."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        _fsync(path)  # the data is on disk before the manifest vouches for it
+        files[path.relative_to(folder).as_posix()] = _describe(path)
+    target = folder / MANIFEST
+    with open(target, "w", encoding="utf-8") as out:
+        json.dump({"format": 1, "files": files}, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
+    _fsync(folder)
+
+
+def problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a complete, intact checkpoint, or None when its manifest verifies."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST}: the save never finished"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        for name, expected in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            size = path.stat().st_size
+            if size != expected["size"]:
+                return f"{name} has {size} bytes, the manifest says {expected['size']}"
+            if "sha256" in expected and _sha256(path) != expected["sha256"]:
+                return f"{name} does not match its sha256"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    return None
+
+
+def has_manifest(folder: str | Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def newest_good(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint-N in output_dir whose manifest verifies, and why each newer one was passed over."""
+    skipped = []
+    for folder in sorted(_checkpoints(output_dir), key=step_of, reverse=True):
+        why = problem(folder)
+        if why is None:
+            return folder, skipped
+        skipped.append(f"{folder.name} ({why})")
+    return None, skipped
+
+
+def step_of(checkpoint: str | Path) -> int:
+    match = _NAME.match(Path(checkpoint).name)
+    return int(match[1]) if match else 0
+
+
+def _checkpoints(output_dir: str | Path) -> list[Path]:
+    path = Path(output_dir)
+    return [p for p in path.iterdir() if p.is_dir() and _NAME.match(p.name)] if path.is_dir() else []
+
+
+def _describe(path: Path) -> dict:
+    size = path.stat().st_size
+    return {"size": size, "sha256": _sha256(path)} if size <= HASH_LIMIT else {"size": size}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (a kill -9 needs no fsync; a power cut does)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)

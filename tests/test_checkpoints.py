@@ -1,0 +1,94 @@
+"""Checkpoint manifests: what counts as complete, and which checkpoint --resume picks."""
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from roletune import checkpoints, run_dir
+from roletune.errors import RunError
+
+
+def fake_checkpoint(folder: Path, step: int, sealed: bool = True) -> Path:
+    """A checkpoint-N folder with a few files, sealed with its manifest unless told otherwise."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "optimizer.pt").write_bytes(bytes(range(256)) * 4)
+    (path / "sub").mkdir()
+    (path / "sub" / "rng_state.pth").write_bytes(b"rng")
+    if sealed:
+        checkpoints.write_manifest(path)
+    return path
+
+
+def test_a_sealed_checkpoint_verifies(tmp_path):
+    path = fake_checkpoint(tmp_path, 2)
+    assert checkpoints.problem(path) is None
+    listed = json.loads((path / checkpoints.MANIFEST).read_text())["files"]
+    assert sorted(listed) == ["optimizer.pt", "sub/rng_state.pth", "trainer_state.json"]
+    assert listed["optimizer.pt"]["size"] == 1024 and len(listed["optimizer.pt"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: (p / "optimizer.pt").write_bytes(b"short"), "optimizer.pt has 5 bytes, the manifest says 1024"),
+    (lambda p: (p / "optimizer.pt").write_bytes(bytes(1024)), "optimizer.pt does not match its sha256"),
+    (lambda p: (p / "sub" / "rng_state.pth").unlink(), "sub/rng_state.pth is missing"),
+    (lambda p: (p / checkpoints.MANIFEST).write_text("{not json"), "roletune_checkpoint.json is unreadable"),
+    (lambda p: (p / checkpoints.MANIFEST).write_text('{"files": [1]}'), "roletune_checkpoint.json is unreadable"),
+    (lambda p: (p / checkpoints.MANIFEST).unlink(), "no roletune_checkpoint.json: the save never finished"),
+])
+def test_damage_is_named(tmp_path, damage, reason):
+    path = fake_checkpoint(tmp_path, 2)
+    damage(path)
+    assert checkpoints.problem(path) == reason
+
+
+def test_resume_takes_the_newest_good_checkpoint_and_warns_about_newer_broken_ones(tmp_path, caplog):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 10)
+    (fake_checkpoint(tmp_path, 12) / "optimizer.pt").write_bytes(b"torn")
+    fake_checkpoint(tmp_path, 14, sealed=False)
+    with caplog.at_level(logging.WARNING):
+        found = run_dir.find_checkpoint(str(tmp_path), "latest")
+    assert found == str(tmp_path / "checkpoint-10")  # by step number, not name order (checkpoint-2 > checkpoint-10)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "skipped checkpoint-14 (no roletune_checkpoint.json" in warning
+    assert "checkpoint-12 (optimizer.pt has 4 bytes" in warning and warning.endswith("resuming from checkpoint-10")
+
+
+def test_no_good_checkpoint_is_a_clear_error(tmp_path):
+    fake_checkpoint(tmp_path, 4, sealed=False)
+    with pytest.raises(RunError, match=r"no complete checkpoint to resume from: checkpoint-4 \(no roletune_checkpoint"):
+        run_dir.find_checkpoint(str(tmp_path), "latest")
+
+
+def test_a_named_checkpoint_must_verify_if_it_has_a_manifest(tmp_path, caplog):
+    broken = fake_checkpoint(tmp_path, 4)
+    (broken / "trainer_state.json").write_text("{}")
+    with pytest.raises(RunError, match="incomplete or corrupt checkpoint .trainer_state.json has 2 bytes"):
+        run_dir.find_checkpoint(str(tmp_path), str(broken))
+    legacy = fake_checkpoint(tmp_path, 6, sealed=False)  # e.g. written by plain transformers
+    with caplog.at_level(logging.WARNING):
+        assert run_dir.find_checkpoint(str(tmp_path), str(legacy)) == str(legacy)
+    assert "cannot be verified; resuming from it as asked" in caplog.text
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path, caplog):
+    (tmp_path / "roletune.yaml").write_text("model: {}")
+    (tmp_path / checkpoints.STAGING / "checkpoint-2").mkdir(parents=True)  # killed while writing it
+    with caplog.at_level(logging.WARNING):
+        assert run_dir.find_checkpoint(str(tmp_path), "latest") is None
+    assert "starting again from step 0" in caplog.text
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # a finished run is never silently restarted
+    with pytest.raises(RunError, match="no checkpoint-N folder to resume from"):
+        run_dir.find_checkpoint(str(tmp_path), "latest")
+
+
+def test_publishing_replaces_an_older_folder_of_the_same_step(tmp_path):
+    old = fake_checkpoint(tmp_path, 4, sealed=False)
+    (old / "stale.txt").write_text("from a run that was resumed from an earlier checkpoint")
+    staging = fake_checkpoint(tmp_path / checkpoints.STAGING, 4, sealed=False)
+    checkpoints.publish(staging, old)
+    assert not staging.exists() and not (old / "stale.txt").exists()
+    assert checkpoints.problem(old) is None

@@ -1,0 +1,135 @@
+"""Stopping well: a NaN stops (or skips) naming the step; Ctrl-C / SIGTERM checkpoint and say how to resume."""
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from roletune import checkpoints, train
+from roletune.cli import main, resume_command
+from roletune.config import load_config
+from roletune.errors import Interrupted, NonFiniteError
+
+
+class PoisonStep(TrainerCallback):
+    """Make every activation NaN during optimizer step `step` (so its loss and gradients are NaN)."""
+
+    def __init__(self, step: int):
+        self.step, self.hook = step, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+class SendSignal(TrainerCallback):
+    def __init__(self, step: int, signum: int, times: int = 1):
+        self.step, self.signum, self.times = step, signum, times
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(config_file):
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2}))
+    with pytest.raises(NonFiniteError) as caught:
+        train.run(cfg, callbacks=(PoisonStep(3),))
+    message = str(caught.value)
+    assert message.startswith("step 3: the gradient norm is nan") and "\n" not in message, message
+    out = Path(cfg.output_dir)
+    assert f"the last good checkpoint is {out / 'checkpoint-2'}" in message
+    assert "train.on_nonfinite=skip" in message
+    assert checkpoints.problem(out / "checkpoint-2") is None
+    assert not (out / "checkpoint-4").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_skip_drops_exactly_the_poisoned_update(config_file, caplog):
+    cfg = load_config(config_file(train={"max_steps": 4, "save_steps": 1, "on_nonfinite": "skip"}))
+    with caplog.at_level(logging.WARNING):
+        result = train.run(cfg, callbacks=(PoisonStep(3),))
+    assert result.optimizer_steps == 4
+    assert "step 3: the gradient norm is nan: update skipped (train.on_nonfinite=skip; 1 skipped so far)" in caplog.text
+    out = Path(cfg.output_dir)
+    adapters = {step: load_file(out / f"checkpoint-{step}" / "adapter_model.safetensors") for step in (2, 3, 4)}
+    assert all(torch.equal(adapters[2][k], adapters[3][k]) for k in adapters[2])  # step 3 changed nothing
+    assert not all(torch.equal(adapters[3][k], adapters[4][k]) for k in adapters[3])  # step 4 trained again
+    optimizer = {step: torch.load(out / f"checkpoint-{step}" / "optimizer.pt") for step in (2, 3, 4)}
+    moments = [t for s in optimizer[4]["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert all(torch.isfinite(t).all() for t in moments)  # no NaN reached AdamW's moments
+    assert [s["step"] for s in optimizer[2]["state"].values()] == [s["step"] for s in optimizer[3]["state"].values()]
+    final = load_file(out / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values())
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+
+
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(config_file, capsys):
+    before = signal.getsignal(signal.SIGINT)
+    cfg = load_config(config_file(train={"max_steps": 5, "save_steps": 4}))
+    out = Path(cfg.output_dir)
+    with pytest.raises(Interrupted) as caught:
+        train.run(cfg, callbacks=(SendSignal(2, signal.SIGINT),))
+    # The signal came at the end of step 2, after the stop check: step 3 is finished and saved.
+    assert str(caught.value) == f"stopped by SIGINT after step 3 of 5; checkpoint saved: {out / 'checkpoint-3'}"
+    assert caught.value.exit_code == 130
+    assert "SIGINT received: saving a checkpoint after this step" in capsys.readouterr().err
+    assert checkpoints.problem(out / "checkpoint-3") is None
+    assert not (out / "adapter_model.safetensors").exists()  # a cut-short run never looks finished
+    assert signal.getsignal(signal.SIGINT) is before
+    assert train.run(cfg, resume="latest").optimizer_steps == 5
+
+
+def test_a_second_ctrl_c_stops_at_once(config_file):
+    before = signal.getsignal(signal.SIGINT)
+    cfg = load_config(config_file(train={"max_steps": 4, "save_steps": 100}))
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, callbacks=(SendSignal(1, signal.SIGINT, times=2),))
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_cli_prints_the_exact_resume_command_and_exits_143(config_file, monkeypatch, capsys):
+    def preempted(cfg, **kwargs):
+        raise Interrupted("stopped by SIGTERM after step 3 of 6; checkpoint saved: runs/x/checkpoint-3",
+                          signal.SIGTERM)
+
+    monkeypatch.setattr(train, "run", preempted)
+    config = config_file()
+    code = main(["train", str(config), "train.lr=1e-3", "--overwrite", "model.path=my model"])
+    err = capsys.readouterr().err
+    assert code == 143
+    assert err.splitlines() == [
+        "roletune: stopped by SIGTERM after step 3 of 6; checkpoint saved: runs/x/checkpoint-3; "
+        f"resume with: roletune train {config} train.lr=1e-3 'model.path=my model' --resume"]
+
+
+@pytest.mark.parametrize("argv, resume, expected", [
+    (["train", "c.yaml"], None, "roletune train c.yaml --resume"),
+    (["train", "c.yaml", "--resume", "runs/a/checkpoint-2", "x.y=1"], "runs/a/checkpoint-2",
+     "roletune train c.yaml x.y=1 --resume"),
+    (["train", "--overwrite", "c.yaml", "--resume=runs/a/checkpoint-2"], "runs/a/checkpoint-2",
+     "roletune train c.yaml --resume"),
+])
+def test_resume_command(argv, resume, expected):
+    assert resume_command(argv, SimpleNamespace(resume=resume)) == expected
+
+
+def test_resume_command_inside_a_launch(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun on one machine: --nproc starts it again
+    assert resume_command(["train", "c.yaml"], SimpleNamespace(resume=None)) == "roletune train c.yaml --nproc 4 --resume"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines
+    assert resume_command(["train", "c.yaml"], SimpleNamespace(resume=None)) == \
+        "roletune train c.yaml --resume (on every machine, under your launcher)"
