@@ -99,3 +99,14 @@ def test_config_lists_keys_and_resolves_files(capsys, config_file):
     assert code == 0 and "train.lr = 0.0001" in out
     code, out, _ = run_cli(capsys, "config", config_file(), "train.lr=3e-4")
     assert code == 0 and "lr: 0.0003" in out
+
+
+def test_an_override_after_resume_is_an_override(config_file, monkeypatch):
+    from roletune import train
+
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda cfg, **kw: seen.update(cfg=cfg, **kw))
+    assert main(["train", str(config_file()), "--resume", "train.lr=0.25"]) == 0
+    assert seen["resume"] == "latest" and seen["cfg"].train.lr == 0.25
+    assert main(["train", str(config_file()), "--resume", "runs/x/checkpoint-4"]) == 0
+    assert seen["resume"] == "runs/x/checkpoint-4"

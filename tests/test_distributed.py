@@ -4,6 +4,7 @@ Run as a script under torchrun (`--fsdp-worker`), this file is also the FSDP che
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +21,18 @@ from roletune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 240
-# Ten rows do not fill the last round of 2 ranks x 2 examples: the epoch's tail is exercised too.
+# Three rows are held out; the ten trained do not fill the last round of 2 ranks x 2 examples, and
+# the three held out do not fill one eval round: both tails are exercised.
 ROWS = [{"instruction": f"第{i}个问题：今天海上风大吗？", "output": f"风有{i}级，灯塔照常亮着。" + "浪很高。" * (i % 3)}
-        for i in range(10)]
+        for i in range(13)]
 PROMPTS = ["你是谁？", "灯塔还亮着吗？"]
 
 
 def write_config(folder: Path, tiny_model: Path, **train_settings) -> Path:
     (folder / "rows.json").write_text(json.dumps(ROWS, ensure_ascii=False), encoding="utf-8")
     raw = {"model": {"path": str(tiny_model), "device": "cpu"},
-           "data": {"path": str(folder / "rows.json"), "system_prompt": "你是守灯人林小满。", "max_length": 64},
+           "data": {"path": str(folder / "rows.json"), "system_prompt": "你是守灯人林小满。", "max_length": 64,
+                    "eval_size": 3},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
            "train": {"epochs": 2, "lr": 5.0e-3, "logging_steps": 1, "save_steps": 2, "seed": 7,
                      "report_to": "none", **train_settings},
@@ -57,7 +60,7 @@ def two_runs(tmp_path_factory, tiny_model):
     """The same effective batch (4 examples x 2 micro-batches = 8) as 2 ranks x 2 examples and as
     1 process x 4 examples; the two-rank run is started by `roletune train --nproc 2`, with SwanLab."""
     two = tmp_path_factory.mktemp("two")
-    config = write_config(two, tiny_model, batch_size=2, effective_batch=8, report_to="swanlab")
+    config = write_config(two, tiny_model, batch_size=2, effective_batch=8, report_to="swanlab", save_steps=1)
     started = subprocess.run([sys.executable, "-m", "roletune", "train", str(config), "--nproc", "2"],
                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=ROOT,
                              env=launch_env(tmp_path_factory.mktemp("home")))
@@ -80,6 +83,29 @@ def test_two_ranks_train_the_adapter_one_process_trains(two_runs):
     assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == [1, 2, 3, 4]  # ceil(10 / 8) = 2 steps an epoch
     assert [v for _, v in losses[0]] == pytest.approx([v for _, v in losses[1]], abs=1e-5)
     assert yaml.safe_load((two / "roletune.yaml").read_text())["train"]["grad_accum"] == 2  # derived, and recorded
+    evals = [[(e["step"], e["eval_loss"]) for e in json.loads((run / "trainer_state.json").read_text())["log_history"]
+              if "eval_loss" in e] for run in (two, one)]
+    assert [s for s, _ in evals[0]] == [s for s, _ in evals[1]] == [2, 4]
+    # Each held-out token counted once (no row repeated to even out the ranks): the single-process figure.
+    assert [v for _, v in evals[0]] == pytest.approx([v for _, v in evals[1]], abs=1e-5)
+
+
+def test_two_ranks_resumed_mid_epoch_end_as_if_never_stopped(two_runs, tmp_path):
+    """Resumed from checkpoint-3, half-way through the second epoch: that epoch's order must be its own."""
+    two, _, _ = two_runs
+    resumed = tmp_path / "run"
+    shutil.copytree(two / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(two / "roletune.yaml", resumed)
+    done = subprocess.run([sys.executable, "-m", "roletune", "train", str(two.parent / "c.yaml"), "--nproc", "2",
+                           "--resume", f"output_dir={resumed}"], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S, cwd=ROOT, env=launch_env(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = load_file(resumed / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    last = [[e["loss"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"]
+             if e.get("step") == 4 and "loss" in e] for run in (resumed, two)]
+    assert last[0] == pytest.approx(last[1], abs=1e-6) and last[0]
 
 
 def test_only_rank_0_writes_and_speaks(two_runs):

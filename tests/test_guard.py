@@ -1,4 +1,5 @@
 """Stopping well: a NaN stops (or skips) naming the step; Ctrl-C / SIGTERM checkpoint and say how to resume."""
+import json
 import logging
 import math
 import os
@@ -73,6 +74,10 @@ def test_skip_drops_exactly_the_poisoned_update(config_file, caplog):
     final = load_file(out / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in final.values())
     assert all(math.isfinite(loss) for _, loss in result.losses)
+    assert result.summary["skipped_steps"] == [3]
+    assert json.loads((out / "train_summary.json").read_text())["skipped_steps"] == [3]
+    resumed = train.run(cfg, resume=str(out / "checkpoint-3"))  # the checkpoint's history keeps the count
+    assert resumed.summary["skipped_steps"] == [3]
 
 
 def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(config_file, capsys):
@@ -89,6 +94,26 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(config_file
     assert not (out / "adapter_model.safetensors").exists()  # a cut-short run never looks finished
     assert signal.getsignal(signal.SIGINT) is before
     assert train.run(cfg, resume="latest").optimizer_steps == 5
+
+
+class EvalSeen(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_a_stop_at_an_epoch_end_skips_that_epochs_eval_and_sample_answers(config_file):
+    """Pre-emption leaves seconds: after the checkpoint nothing slow runs (eval, generation)."""
+    cfg = load_config(config_file(data={"eval_size": 4}, train={"epochs": 2, "save_steps": 100}))
+    evals = EvalSeen()
+    with pytest.raises(Interrupted, match="after step 2 of 4"):  # 8 rows / 4 a step: step 2 ends epoch 1
+        train.run(cfg, callbacks=(SendSignal(1, signal.SIGTERM), evals))
+    assert evals.steps == []
+    samples = (Path(cfg.output_dir) / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert samples and all('"epoch": 0' in line for line in samples)  # only those from before training
+    assert checkpoints.problem(Path(cfg.output_dir) / "checkpoint-2") is None
 
 
 def test_a_second_ctrl_c_stops_at_once(config_file):

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from roletune import run_dir, train
+from roletune import checkpoints, run_dir, train
 from roletune.config import load_config
 from roletune.errors import RunError
 
@@ -26,7 +27,9 @@ def test_tiny_model_learns_and_the_run_folder_is_complete(config_file, capsys):
                  "roletune.yaml"]:
         assert (out / name).is_file(), name
     assert run_dir.read_config(out) == cfg  # what later commands read back is what training used
-    assert (out / "checkpoint-2" / "roletune.yaml").is_file()
+    manifest = json.loads((out / "checkpoint-2" / checkpoints.MANIFEST).read_text())
+    assert "roletune.yaml" in manifest["files"]  # written inside the checkpoint before it was sealed
+    assert run_dir.read_config(out / "checkpoint-2") == cfg
     assert "trainable params: " in capsys.readouterr().out
 
 

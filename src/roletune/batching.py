@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
+from transformers.trainer_utils import EvalLoopOutput
 
 from roletune.tokenize import IGNORE_INDEX
 
@@ -60,3 +61,38 @@ class ReplyLossTrainer(Trainer):
             # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+
+class HeldOutLoss:
+    """Trainer mixin: the eval loss is the mean cross-entropy over every trained token of the held-out
+    rows, summed on each rank and then over ranks.
+
+    Trainer's own eval loss is a mean of micro-batch means, so it moves with the batch size, the
+    packing and the number of processes; this one is the same number however the rows are split.
+    """
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval") -> EvalLoopOutput:
+        model, device = self.model, self.args.device
+        was_training = model.training
+        model.eval()
+        summed = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = torch.zeros((), dtype=torch.int64, device=device)
+        try:
+            with torch.no_grad():
+                for batch in dataloader:
+                    inputs = self._prepare_inputs(batch)
+                    labels = inputs.pop("labels")
+                    loss, _ = reply_token_loss(model, inputs, labels, num_items=1)  # a sum
+                    summed += loss.double()
+                    tokens += (labels[:, 1:] != IGNORE_INDEX).sum()
+        finally:
+            model.train(was_training)
+        summed, tokens = self.accelerator.reduce(summed, "sum"), self.accelerator.reduce(tokens, "sum")
+        metrics = {f"{metric_key_prefix}_loss": (summed / tokens.clamp(min=1)).item()}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
+                              num_samples=len(self.eval_dataset) if self.eval_dataset is not None else 0)
+
+
+def with_held_out_loss(trainer_class: type) -> type:
+    return type(f"HeldOut{trainer_class.__name__}", (HeldOutLoss, trainer_class), {})

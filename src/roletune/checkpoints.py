@@ -28,6 +28,7 @@ class AtomicCheckpoints:
     """Trainer mixin: each checkpoint is written aside, sealed with its manifest, then renamed into place."""
 
     _staging_root: str | None = None
+    checkpoint_extras = None  # folder -> None: files of roletune's own, written before the manifest seals it
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
@@ -51,6 +52,8 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_K.pth) are in
         hold_for_tests("write", self.state.global_step)
         if self.args.should_save:
+            if self.checkpoint_extras is not None:
+                self.checkpoint_extras(staging / name)
             publish(staging / name, root / name)
             shutil.rmtree(staging, ignore_errors=True)
             # Rotation only after the new checkpoint is in place: an older good one is never deleted first.

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    _take_back_override(args)
     _quiet_libraries()
     try:
         return dispatch(args)
@@ -144,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _take_back_override(args) -> None:
+    """`train c.yaml --resume output_dir=x`: argparse gives the override to --resume as its CHECKPOINT;
+    an argument of the KEY=VALUE form that is no existing path is an override, and --resume means the newest."""
+    value = getattr(args, "resume", None)
+    if value and "=" in value and not os.path.exists(value):
+        args.overrides = [*args.overrides, value]
+        args.resume = "latest"
 
 
 def resume_command(argv: list[str], args) -> str:

@@ -16,11 +16,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from roletune.errors import ConfigError
 from roletune.tokenize import IGNORE_INDEX
 
 # torch is imported where it is used: the CLI asks first_to_report() on every error, torch or not.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,24 @@ class EvenTailTrainer:
             return super().get_train_dataloader()
         dataset = WithFiller(self.train_dataset)
         multiple = self.args.per_device_train_batch_size * self.args.world_size
+
+        def padded_order(data: WithFiller) -> PaddedOrder:
+            data.order = self._seeded_order(data)
+            return PaddedOrder(data.order, multiple, len(data))
+
         return self._get_dataloader(dataset=dataset, description="Training", batch_size=self._train_batch_size,
-                                    sampler_fn=lambda data: PaddedOrder(self._seeded_order(data), multiple, len(data)),
-                                    is_training=True)
+                                    sampler_fn=padded_order, is_training=True)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Held-out rows in order, padded with fillers too: accelerate would repeat the first rows to even
+        out the ranks, and they would count twice in the eval loss."""
+        rows = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.args.world_size <= 1 or not isinstance(rows, list):
+            return super().get_eval_dataloader(eval_dataset)
+        multiple = self.args.per_device_eval_batch_size * self.args.world_size
+        return self._get_dataloader(dataset=WithFiller(rows), description="Evaluation",
+                                    batch_size=self.args.eval_batch_size,
+                                    sampler_fn=lambda data: PaddedOrder(range(len(rows)), multiple, len(rows)))
 
     def _seeded_order(self, dataset):
         from accelerate.data_loader import SeedableRandomSampler
@@ -162,6 +180,14 @@ class WithFiller:
     def __init__(self, features: list[dict]):
         self.features = features
         self.filler = {**{key: value[:1] for key, value in features[0].items()}, "labels": [IGNORE_INDEX]}
+        self.order = None  # the seeded sampler that orders these features
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the order. accelerate looks for a sampler's set_epoch two wrappers deep;
+        a resumed epoch has three (skipped batches, this rank's shard, batches) and there it falls back
+        to the dataset's set_epoch. Without this, a run resumed mid-epoch re-shuffles as epoch 0."""
+        if self.order is not None:
+            self.order.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -184,7 +210,8 @@ class PaddedOrder:
         yield from [self.filler] * (-len(self.order) % self.multiple)
 
     def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)  # the epoch seeds the permutation, the same on every rank
+        if hasattr(self.order, "set_epoch"):  # the epoch seeds the permutation, the same on every rank
+            self.order.set_epoch(epoch)
 
 
 def first_to_report(message: str) -> bool:

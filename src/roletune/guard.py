@@ -62,6 +62,10 @@ class StopOnSignal(TrainerCallback):
         if on_any_rank(self.signum is not None, args):  # every process must stop at the same step
             self.stopped = control.should_save = control.should_log = control.should_training_stop = True
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped:  # the checkpoint is saved; pre-emption leaves seconds, not an eval's worth
+            control.should_evaluate = False
+
     def on_substep_end(self, args, state, control, **kwargs):
         hold_for_tests("substep", state.global_step + 1)  # between micro-batches: mid-step
 
@@ -83,7 +87,6 @@ class NonFiniteGuard(TrainerCallback):
 
     def __init__(self, policy: str = "stop"):
         self.policy = policy
-        self.skipped: list[int] = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if args.fp16:  # fp16's loss scaler expects overflowing steps: it skips them and lowers the scale itself
@@ -102,9 +105,19 @@ class NonFiniteGuard(TrainerCallback):
                 "train.on_nonfinite=skip to skip such steps")
         for parameter in model.parameters():
             parameter.grad = None  # the optimizer leaves parameters without a gradient untouched
-        self.skipped.append(step)
+        # Recorded in the log history, which checkpoints carry: the count survives a resume.
+        state.log_history.append({"step": step, SKIPPED_KEY: str(norm.item())})
+        skipped = skipped_steps(state.log_history)
         log.warning("step %d: the gradient norm is %s: update skipped (train.on_nonfinite=skip; %d skipped so far)",
-                    step, norm.item(), len(self.skipped))
+                    step, norm.item(), len(skipped))
+
+
+SKIPPED_KEY = "skipped_nonfinite_grad_norm"
+
+
+def skipped_steps(log_history: list[dict]) -> list[int]:
+    """The optimizer steps whose update train.on_nonfinite=skip dropped."""
+    return sorted({entry["step"] for entry in log_history if SKIPPED_KEY in entry})
 
 
 def on_any_rank(flag, args) -> bool:

@@ -38,6 +38,8 @@ class SampleAnswers(TrainerCallback):
             self.answer(model, args, state, epoch=0)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_training_stop and state.global_step < state.max_steps:
+            return  # stopped early (a signal): no time for generation, and the epoch is not done
         self.answer(model, args, state, epoch=round(state.epoch or 0))
 
     def answer(self, model, args, state, epoch: int) -> None:

@@ -21,7 +21,7 @@ from roletune import distributed, preflight, run_dir
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
-from roletune.guard import StopOnSignal
+from roletune.guard import StopOnSignal, skipped_steps
 from roletune.model import apply_lora, build_meta_model, load_base_model, load_tokenizer, resolve_dtype
 from roletune.samples import SampleAnswers, sample_rows
 from roletune.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
@@ -180,6 +180,7 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_wh
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "final_train_loss": series["train"][-1][1] if series["train"] else None,
         "final_eval_loss": series["eval"][-1][1] if series["eval"] else None,
+        "skipped_steps": skipped_steps(trainer.state.log_history) or None,  # train.on_nonfinite=skip
         "adapter": str(out / run_dir.ADAPTER_NAME),
         "loss_png": str(picture) if picture else None,
         "samples": str(out / "samples.jsonl") if (out / "samples.jsonl").exists() else None,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from roletune import checkpoints, distributed, run_dir
-from roletune.batching import ReplyLossTrainer, make_collator
+from roletune.batching import ReplyLossTrainer, make_collator, with_held_out_loss
 from roletune.config import Config
 from roletune.guard import NonFiniteGuard
 from roletune.model import resolve_dtype
@@ -82,24 +81,17 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
                   device: torch.device, callbacks: tuple = ()) -> Trainer:
     collator = make_collator(tokenizer, cfg.train.packing, cfg.model.attn_implementation == "flash_attention_2")
-    trainer_class = distributed.with_even_tail(ReplyLossTrainer if cfg.train.reply_logits_only else Trainer)
+    trainer_class = with_held_out_loss(ReplyLossTrainer if cfg.train.reply_logits_only else Trainer)
+    trainer_class = distributed.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
-    return trainer_class(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)),
-                   train_dataset=[e.as_features() for e in train],
-                   eval_dataset=[e.as_features() for e in heldout] or None,
-                   processing_class=tokenizer, data_collator=collator,
-                   callbacks=[SaveConfigCallback(cfg), NonFiniteGuard(cfg.train.on_nonfinite), *callbacks])
-
-
-class SaveConfigCallback(TrainerCallback):
-    """Put the resolved config beside every checkpoint, so any checkpoint is self-describing."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            run_dir.write_config(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.cfg)
+    trainer = trainer_class(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)),
+                            train_dataset=[e.as_features() for e in train],
+                            eval_dataset=[e.as_features() for e in heldout] or None,
+                            processing_class=tokenizer, data_collator=collator,
+                            callbacks=[NonFiniteGuard(cfg.train.on_nonfinite), *callbacks])
+    # The resolved config goes inside every checkpoint, under its manifest: any checkpoint is self-describing.
+    trainer.checkpoint_extras = lambda folder: run_dir.write_config(folder, cfg)
+    return trainer
 
 
 def optimizer_steps(trainer: Trainer) -> int:
