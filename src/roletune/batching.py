@@ -7,11 +7,13 @@ sdpa/eager, varlen kernels for flash-attention). Role-play lines are short and u
 huanhuan data: mean 67 tokens, longest 250), so a padded batch is about half padding.
 
 Reply-only logits: the 152k-column LM head runs only at positions whose next token carries a
-label (a third of the positions here), through the model's own `logits_to_keep`.
+label (a third of the positions here), through the model's own `logits_to_keep`; or, with a
+head loss from roletune.loss, on their final hidden states without all their logits at once.
 """
 from __future__ import annotations
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
@@ -31,21 +33,46 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
 
 
-def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int | torch.Tensor | None = None):
+def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int | torch.Tensor | None = None,
+                     head_loss=None):
     """Summed cross-entropy over the trained tokens divided by `num_items` (default: their count).
 
     With `num_items` = the trained tokens of the whole optimizer step (Trainer's num_items_in_batch),
     every trained token weighs the same however the step is split into micro-batches or packed:
-    the seed's per-step token average, not a mean of micro-batch means.
+    the seed's per-step token average, not a mean of micro-batch means. `head_loss` (from
+    roletune.loss) computes the LM head and the summed loss from the final hidden states;
+    None computes the logits of every trained position at once.
     """
-    positions = labelled_positions(labels)
-    # No KV cache: with one, transformers stops reading packed sequences from the position ids.
-    outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
-    targets = labels[:, 1:][:, positions]
-    loss = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    if head_loss is None:
+        positions = labelled_positions(labels)
+        # No KV cache: with one, transformers stops reading packed sequences from the position ids.
+        outputs = model(**inputs, logits_to_keep=positions, use_cache=False)
+        targets = labels[:, 1:][:, positions]
+        loss = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        outputs, hidden = final_hidden_states(model, inputs)
+        trained = labels[:, 1:] != IGNORE_INDEX
+        targets = labels[:, 1:][trained]
+        loss = head_loss(hidden[:, :-1][trained], extract_model_from_parallel(model).get_output_embeddings(), targets)
     divisor = num_items if num_items is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
     return loss / divisor, outputs
+
+
+def final_hidden_states(model, inputs: dict):
+    """The model's outputs and its final (post-norm) hidden states, with no logits computed.
+
+    The forward goes through `model` itself, wrapper and all: DDP syncs gradients only for
+    forwards through its wrapper, so no inner module is called directly (nor hooked: a hook
+    would have to find the decoder under DDP, peft and FSDP wrappers alike). transformers'
+    output capture ties `hidden_states[-1]` to the decoder's `last_hidden_state`, which for
+    Qwen2-style models is the output of the final norm: the LM head's input. The other layers'
+    outputs it returns are the tensors autograd (or activation checkpointing) keeps anyway. An
+    empty `logits_to_keep` leaves the head nothing to compute.
+    """
+    no_positions = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
+    outputs = model(**inputs, logits_to_keep=no_positions, output_hidden_states=True, use_cache=False)
+    return outputs, outputs.hidden_states[-1]
 
 
 class ReplyLossTrainer(Trainer):
@@ -53,10 +80,14 @@ class ReplyLossTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # normalised by the step's token count, not per micro-batch
 
+    def __init__(self, *args, head_loss=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_loss = head_loss  # see roletune.loss; None: all the trained positions' logits at once
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        loss, outputs = reply_token_loss(model, inputs, labels, num_items_in_batch)
+        loss, outputs = reply_token_loss(model, inputs, labels, num_items_in_batch, self.head_loss)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
@@ -83,7 +114,7 @@ class HeldOutLoss:
                 for batch in dataloader:
                     inputs = self._prepare_inputs(batch)
                     labels = inputs.pop("labels")
-                    loss, _ = reply_token_loss(model, inputs, labels, num_items=1)  # a sum
+                    loss, _ = reply_token_loss(model, inputs, labels, 1, getattr(self, "head_loss", None))  # a sum
                     summed += loss.double()
                     tokens += (labels[:, 1:] != IGNORE_INDEX).sum()
         finally:

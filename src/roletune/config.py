@@ -99,6 +99,13 @@ class TrainConfig:
         True, "Padding-free micro-batches: examples concatenated with position ids restarting per example.")
     reply_logits_only: bool = setting(
         True, "Compute the LM head only where a label is (a third of the positions in short role-play data).")
+    lm_head_loss: str = setting(
+        "auto", "With reply_logits_only, how the LM head + loss run at the trained positions. chunked: loss_chunk "
+        "positions at a time, recomputed in backward, so their 152k-wide logits never exist all at once; "
+        "auto: Liger-Kernel's fused kernel on a GPU when liger-kernel is installed (pip install roletune[gpu]), "
+        "else chunked, and full in FSDP/DeepSpeed runs; full: all their logits at once.",
+        choices=["auto", "chunked", "full"])
+    loss_chunk: int = setting(1024, "Positions per chunk of the chunked LM-head loss.", check=POSITIVE)
     optim: str = setting("adamw_torch", "Optimizer (a transformers optimizer name).")
     logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
     save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)
@@ -151,6 +158,11 @@ class Config:
             problems.append("output_dir is required")
         if (self.train.distributed == "deepspeed") != (self.train.deepspeed is not None):
             problems.append("train.distributed=deepspeed and train.deepspeed (its config file) go together")
+        if self.train.lm_head_loss == "chunked" and not self.train.reply_logits_only:
+            problems.append("train.lm_head_loss=chunked needs train.reply_logits_only=true")
+        if self.train.lm_head_loss == "chunked" and self.train.distributed in ("fsdp", "deepspeed"):
+            problems.append(f"train.lm_head_loss=chunked reads the LM-head weight outside the model's forward, where "
+                            f"train.distributed={self.train.distributed} may hold only a shard of it; use auto or full")
         return problems
 
 

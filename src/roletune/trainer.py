@@ -13,6 +13,7 @@ from roletune import checkpoints, distributed, run_dir
 from roletune.batching import ReplyLossTrainer, make_collator, with_held_out_loss
 from roletune.config import Config
 from roletune.guard import NonFiniteGuard
+from roletune.loss import head_loss_for
 from roletune.model import resolve_dtype
 from roletune.tokenize import Example
 
@@ -81,14 +82,18 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
                   device: torch.device, callbacks: tuple = ()) -> Trainer:
     collator = make_collator(tokenizer, cfg.train.packing, cfg.model.attn_implementation == "flash_attention_2")
-    trainer_class = with_held_out_loss(ReplyLossTrainer if cfg.train.reply_logits_only else Trainer)
+    t = cfg.train
+    trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
     trainer_class = distributed.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
-    trainer = trainer_class(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)),
+    loss_args = {}
+    if t.reply_logits_only:
+        loss_args["head_loss"] = head_loss_for(t.lm_head_loss, t.loss_chunk, device, distributed.sharded(cfg))
+    trainer = trainer_class(model=model, args=training_arguments(cfg, device, has_eval=bool(heldout)), **loss_args,
                             train_dataset=[e.as_features() for e in train],
                             eval_dataset=[e.as_features() for e in heldout] or None,
                             processing_class=tokenizer, data_collator=collator,
-                            callbacks=[NonFiniteGuard(cfg.train.on_nonfinite), *callbacks])
+                            callbacks=[NonFiniteGuard(t.on_nonfinite), *callbacks])
     # The resolved config goes inside every checkpoint, under its manifest: any checkpoint is self-describing.
     trainer.checkpoint_extras = lambda folder: run_dir.write_config(folder, cfg)
     return trainer

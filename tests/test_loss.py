@@ -1,0 +1,125 @@
+"""The chunked LM-head loss changes nothing but memory: its loss and LoRA gradients are those of
+the full-logits path, tied or untied head, padded or packed, and so is a short training run."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from roletune import loss, train
+from roletune.batching import make_collator, reply_token_loss
+from roletune.config import LoraConfig, load_config
+from roletune.data import Message
+from roletune.errors import ConfigError
+from roletune.model import apply_lora
+from roletune.tokenize import IGNORE_INDEX, tokenize_all
+
+REPLIES = ["好。", "风有三级，灯塔照常亮着。", "今晚有雾，船都回港了，你也早点歇着吧。", "嗯"]
+ROWS = 7  # positions per chunk: fewer than the trained tokens, which it does not divide
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied-head", "own-head"])
+def lora_model(request, tiny_model):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa",
+                                                tie_word_embeddings=request.param)
+    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    assert tied == request.param
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero; give it weight so A gets gradients too
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def features(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    conversations = [[Message("system", "你是守灯人。"), Message("user", f"问题{i}" * (i + 1)),
+                      Message("assistant", reply)] for i, reply in enumerate(REPLIES)]
+    examples, _ = tokenize_all(conversations, tokenizer, 128, "assistant")
+    return tokenizer, [e.as_features() for e in examples]
+
+
+def loss_and_grads(model, batch, head_loss, num_items=None):
+    model.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    value = reply_token_loss(model, inputs, batch["labels"], num_items, head_loss)[0]
+    value.backward()
+    return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_chunked_loss_and_lora_gradients_equal_the_full_logits(lora_model, features, packing):
+    tokenizer, rows = features
+    batch = make_collator(tokenizer, packing=packing)(rows)
+    trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert trained > 2 * ROWS and trained % ROWS  # several chunks and a ragged last one
+    want, want_grads = loss_and_grads(lora_model, batch, None)
+    got, got_grads = loss_and_grads(lora_model, batch, loss.ChunkedCrossEntropy(ROWS))
+    assert got == pytest.approx(want, abs=1e-5)
+    assert any(g.abs().sum() > 0 for g in want_grads.values())
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_is_divided_by_the_steps_token_count(lora_model, features):
+    tokenizer, rows = features
+    batch = make_collator(tokenizer, packing=True)(rows)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():  # also the eval path: no graph, nothing to recompute
+        mean = reply_token_loss(lora_model, inputs, batch["labels"], None, loss.ChunkedCrossEntropy(ROWS))[0]
+        step = reply_token_loss(lora_model, inputs, batch["labels"], 3 * trained, loss.ChunkedCrossEntropy(ROWS))[0]
+        full_step = reply_token_loss(lora_model, inputs, batch["labels"], 3 * trained)[0]
+    assert step.item() == pytest.approx(mean.item() / 3, rel=1e-6)
+    assert step.item() == pytest.approx(full_step.item(), abs=1e-6)
+
+
+def test_a_micro_batch_without_trained_tokens_still_reaches_the_adapter(lora_model, features):
+    # A DDP rank whose micro-batch is all filler must still run a backward, or the other ranks wait for it.
+    tokenizer, rows = features
+    batch = make_collator(tokenizer, packing=True)(rows[:1])
+    batch["labels"][:] = IGNORE_INDEX
+    value, grads = loss_and_grads(lora_model, batch, loss.ChunkedCrossEntropy(ROWS), num_items=1)
+    assert value == 0 and all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_auto_picks_chunked_here_and_full_where_the_head_is_sharded(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert loss.head_loss_for("auto", 64, cpu, sharded=False) == loss.ChunkedCrossEntropy(64)
+    assert loss.head_loss_for("chunked", 64, gpu, sharded=False) == loss.ChunkedCrossEntropy(64)
+    assert loss.head_loss_for("auto", 64, gpu, sharded=True) is None
+    assert loss.head_loss_for("full", 64, cpu, sharded=False) is None
+    monkeypatch.setattr(loss.importlib.util, "find_spec", lambda name: name == "liger_kernel" or None)
+    monkeypatch.setattr(loss, "LigerCrossEntropy", lambda: "liger")  # the kernel itself runs on GPUs only
+    assert loss.head_loss_for("auto", 64, gpu, sharded=False) == "liger"
+    assert loss.head_loss_for("auto", 64, cpu, sharded=False) == loss.ChunkedCrossEntropy(64)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lm_head_loss": "chunked", "reply_logits_only": False}, "needs train.reply_logits_only"),
+    ({"lm_head_loss": "chunked", "distributed": "fsdp"}, "only a shard"),
+    ({"loss_chunk": 0}, "loss_chunk=0: must be > 0"),
+])
+def test_impossible_chunked_settings_are_refused(config_file, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file(train=settings))
+
+
+def logged_losses(config_file, tmp_path, name, **train_settings):
+    cfg = load_config(config_file(output_dir=str(tmp_path / name),
+                                  train={"max_steps": 4, "logging_steps": 1, "save_steps": 100, **train_settings}))
+    train.run(cfg, echo=lambda *_: None)
+    history = json.loads((Path(cfg.output_dir) / "trainer_state.json").read_text())["log_history"]
+    return [(e["step"], e["loss"], e["grad_norm"]) for e in history if "loss" in e]
+
+
+def test_short_run_logs_the_same_losses_chunked_or_not(config_file, tmp_path):
+    full = logged_losses(config_file, tmp_path, "full", lm_head_loss="full")
+    chunked = logged_losses(config_file, tmp_path, "chunked", lm_head_loss="chunked", loss_chunk=ROWS)
+    assert [s for s, _, _ in chunked] == [s for s, _, _ in full] == [1, 2, 3, 4]
+    assert [l for _, l, _ in chunked] == pytest.approx([l for _, l, _ in full], abs=1e-4)
+    assert [g for _, _, g in chunked] == pytest.approx([g for _, _, g in full], rel=1e-3)
