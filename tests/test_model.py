@@ -56,3 +56,87 @@ def test_modelscope_without_the_package_says_what_to_install(monkeypatch):
     with pytest.raises(ConfigError, match="pip install modelscope"):
         resolve_source("modelscope:Qwen/Qwen2.5-7B-Instruct")
     assert resolve_source("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def lora_model(tiny_model, lora_dtype: str, dropout: float = 0.0):
+    """The tiny model loaded in bf16 with LoRA; lora_B drawn at random so the adapter changes the output."""
+    from roletune.model import load_base_model
+
+    cfg = config_from_dict({"model": {"path": str(tiny_model), "dtype": "bf16"}, "data": {"path": "x"},
+                            "lora": {"r": 4, "alpha": 8, "dropout": dropout, "dtype": lora_dtype}})
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(cfg.model, torch.device("cpu"), torch.bfloat16), cfg.lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
+def loss_and_lora_grads(model, autocast: bool):
+    """One forward/backward; also the dtype the first LoRA matmul was fed."""
+    fed = []
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    hook = q_proj.lora_A["default"].register_forward_pre_hook(lambda module, args: fed.append(args[0].dtype))
+    ids = torch.randint(0, 5000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    hook.remove()
+    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}, fed[0]
+
+
+@pytest.mark.parametrize("lora_dtype, weights", [("auto", torch.float32), ("fp32", torch.float32),
+                                                 ("bf16", torch.bfloat16)])
+def test_lora_dtype_sets_the_adapter_weights(tiny_model, lora_dtype, weights):
+    model = lora_model(tiny_model, lora_dtype)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert set(trainable.values()) == {weights}
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("lora_dtype", ["auto", "bf16"])
+def test_lora_under_autocast_gets_bf16_inputs_and_the_default_path_gradients(tiny_model, lora_dtype):
+    want_loss, want_grads, fed_default = loss_and_lora_grads(lora_model(tiny_model, "fp32"), autocast=True)
+    loss, grads, fed = loss_and_lora_grads(lora_model(tiny_model, lora_dtype), autocast=True)
+    assert fed_default == torch.float32  # peft's default copies the activations to fp32 ...
+    assert fed == torch.bfloat16  # ... the lever feeds them as they are
+    assert loss == pytest.approx(want_loss, rel=1e-2)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():  # bf16 keeps 8 bits of mantissa
+        scale = want_grads[name].abs().max().item()
+        assert scale > 0 and (grad - want_grads[name]).abs().max().item() <= 2e-2 * scale, name
+
+
+def test_auto_keeps_the_fp32_cast_without_autocast(tiny_model):
+    """CPU training runs a bf16 model without autocast: fp32 adapter weights then need fp32 inputs."""
+    want_loss, want_grads, _ = loss_and_lora_grads(lora_model(tiny_model, "fp32"), autocast=False)
+    loss, grads, fed = loss_and_lora_grads(lora_model(tiny_model, "auto"), autocast=False)
+    assert fed == torch.float32 and loss == want_loss
+    assert all(torch.equal(grads[n], want_grads[n]) for n in want_grads)
+
+
+@pytest.mark.parametrize("lora_dtype", ["auto", "bf16"])
+def test_a_bf16_run_on_cpu_trains_and_its_adapter_answers(config_file, lora_dtype):
+    import math
+
+    from roletune import generate, train
+    from roletune.config import load_config
+
+    cfg = load_config(config_file(model={"dtype": "bf16"}, lora={"dtype": lora_dtype},
+                                  train={"max_steps": 6, "save_steps": 100}))
+    losses = [loss for _, loss in train.run(cfg, echo=lambda *_: None).losses]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.3, losses
+    session = generate.load_session(cfg.output_dir, device="cpu")  # PeftModel.from_pretrained
+    config = generate.decoding_config(session, greedy=True, max_new_tokens=6)
+    (reply,) = generate.answer_batch(session, [[{"role": "user", "content": "今天海上风大吗？"}]], config)
+    assert reply.tokens > 0
+
+
+def test_bf16_adapters_need_a_bf16_base():
+    from roletune.model import check_lora_dtype
+
+    cfg = config_from_dict({"model": {"path": "m"}, "data": {"path": "x"}, "lora": {"dtype": "bf16"}})
+    check_lora_dtype(cfg.lora, torch.bfloat16)
+    with pytest.raises(ConfigError, match="lora.dtype=bf16 needs bf16 base weights, but the base loads in fp32"):
+        check_lora_dtype(cfg.lora, resolve_dtype("auto", torch.device("cpu")))

@@ -40,6 +40,11 @@ class ModelConfig:
     dtype: str = setting(
         "auto", "Weights dtype. auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.",
         choices=["auto", "bf16", "fp16", "fp32"])
+    quantization: str = setting(
+        "none", "Load the frozen base quantised with bitsandbytes (QLoRA): 4bit is NF4 with double quantisation, "
+        "computing in model.dtype; 8bit is LLM.int8. Needs pip install roletune[qlora]. chat and compare load the "
+        "base as training did; merge always folds the adapter into the unquantised base.",
+        choices=["none", "4bit", "8bit"])
     attn_implementation: str = setting(
         "sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager", "flash_attention_2"])
     trust_remote_code: bool = setting(False, "Run Python code shipped with the model repository. Off unless you trust it.")
@@ -76,6 +81,12 @@ class LoraConfig:
     target_modules: list[str] = setting(
         None, "Module names that get adapters (the seed's seven projections by default), or all-linear.",
         factory=lambda: list(SEED_TARGET_MODULES))
+    dtype: str = setting(
+        "auto", "Adapter weights. auto: fp32 weights for the optimizer, while under bf16/fp16 mixed precision (GPU "
+        "training) the LoRA matmuls take the activations as they are instead of an fp32 copy of them; fp32: "
+        "also copy the activations to fp32 in every LoRA layer (peft's default); bf16: bf16 weights and optimizer "
+        "updates (needs a bf16 base), the least memory but updates are rounded to bf16.",
+        choices=["auto", "fp32", "bf16"])
 
 
 @dataclass
@@ -163,6 +174,10 @@ class Config:
         if self.train.lm_head_loss == "chunked" and self.train.distributed in ("fsdp", "deepspeed"):
             problems.append(f"train.lm_head_loss=chunked reads the LM-head weight outside the model's forward, where "
                             f"train.distributed={self.train.distributed} may hold only a shard of it; use auto or full")
+        if self.model.quantization != "none" and self.train.distributed != "ddp":
+            problems.append(f"model.quantization={self.model.quantization} with train.distributed="
+                            f"{self.train.distributed} is not supported (sharding a quantised base is untested "
+                            "here); use train.distributed=ddp, each GPU holds the whole quantised base")
         return problems
 
 

@@ -40,12 +40,16 @@ class Reply:
 
 
 def load_session(location: str, *, device: str = "auto", base_only: bool = False,
-                 system: str | None = None, dtype: str | None = None) -> Session:
-    """Load the base model once and the adapter on top (unless base_only)."""
+                 system: str | None = None, dtype: str | None = None, quantization: str | None = None) -> Session:
+    """Load the base model once and the adapter on top (unless base_only).
+
+    dtype and quantization default to the run's: a QLoRA run answers on the quantised base it trained on.
+    """
     run = open_run(location)
     target = resolve_device(device)
     model_cfg = dataclasses.replace(run.model_cfg, path=run.base, tokenizer=run.tokenizer,
-                                    dtype=dtype or run.model_cfg.dtype)
+                                    dtype=dtype or run.model_cfg.dtype,
+                                    quantization=quantization or run.model_cfg.quantization)
     tokenizer = load_tokenizer(model_cfg)
     model = load_base_model(model_cfg, target, resolve_dtype(model_cfg.dtype, target))
     if run.adapter and not base_only:

@@ -32,7 +32,12 @@ def merge(location: str, out: str, *, dtype: str = "bf16", device: str = "auto",
     run = open_run(location)
     if not run.adapter:
         raise RunError(f"{location}: a plain model has no adapter to merge")
-    session = load_session(location, device=device, dtype=dtype)
+    # Always the unquantised base: folding the adapter into 4-bit weights would round it away, and a
+    # QLoRA adapter is meant to be merged into the full-precision model it was quantised from.
+    session = load_session(location, device=device, dtype=dtype, quantization="none")
+    if run.model_cfg.quantization != "none":
+        echo(f"the adapter trained on a {run.model_cfg.quantization} base; "
+             f"merging it into the unquantised {dtype} base")
     inputs = probe_inputs(session)
     with torch.inference_mode():
         expected = session.model(**inputs).logits.float()
@@ -47,6 +52,7 @@ def merge(location: str, out: str, *, dtype: str = "bf16", device: str = "auto",
                        "nothing was written")
     session.model = merged
     record = {"base": run.base, "adapter": str(Path(run.adapter).resolve()), "dtype": dtype,
+              "trained_quantization": run.model_cfg.quantization,
               "system_prompt": session.system_prompt, "max_abs_logit_diff": diff, "roletune": __version__}
     save_atomically(session, target, record)
     echo(f"merged model: {target}")

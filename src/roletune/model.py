@@ -1,9 +1,10 @@
 """Load the base model and tokenizer (local folder, Hugging Face hub, ModelScope), pick the
-device and dtype, and apply LoRA with peft."""
+device and dtype, quantise the base for QLoRA (bitsandbytes), and apply LoRA with peft."""
 from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,6 +85,7 @@ def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(
             resolve_source(model_cfg.path), dtype=dtype, attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+            quantization_config=quantization_config(model_cfg, dtype),
             # safetensors only: a pickle file (pytorch_model.bin) can run code when loaded
             use_safetensors=None if model_cfg.allow_pickle else True,
             device_map={"": str(device)})  # straight onto the chosen device, never via cuda:0
@@ -92,6 +94,29 @@ def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
                 if not model_cfg.allow_pickle and "safetensors" in str(exc) else "")
         raise ModelError(f"{model_cfg.path}: cannot load the model ({_first_line(exc)}){hint}") from None
     return model
+
+
+def require_bitsandbytes(model_cfg) -> None:
+    if model_cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization={model_cfg.quantization}: the bitsandbytes package is not installed "
+                          "(pip install roletune[qlora])")
+
+
+def quantization_config(model_cfg, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for model.quantization; None loads the weights as stored."""
+    if model_cfg.quantization == "none":
+        return None
+    require_bitsandbytes(model_cfg)
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        # LLM.int8 always multiplies in fp16 and warns so on every forward pass; nothing to act on.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # The QLoRA paper's recipe: NF4 with the quantisation constants quantised too; the dequantised
+    # matmuls run in the model's dtype (bf16 on GPUs, fp32 on CPU with model.dtype=auto).
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
 
 
 def load_adapter(model, folder: str, allow_pickle: bool = False):
@@ -135,18 +160,66 @@ def build_meta_model(model_cfg):
 def apply_lora(model, lora_cfg, gradient_checkpointing: bool = False):
     import peft
 
+    if getattr(model, "is_quantized", False) and model.get_input_embeddings().weight.dtype == torch.float16:
+        # peft's QLoRA preparation puts the weights bitsandbytes left unquantised (embeddings, norms, LM head)
+        # in fp32, where fp16 would overflow. roletune asks it for nothing else: the base is frozen by
+        # get_peft_model anyway, and gradient checkpointing follows train.gradient_checkpointing (peft would
+        # switch it on). In bf16 (and fp32) the step is skipped on purpose: Qwen2's norms compute in fp32
+        # already, so the fp32 copies would only cost memory (+2 GiB for a 7B model's embeddings and head,
+        # and an fp32 residual stream) for the precision roletune's unquantised bf16 LoRA trains with.
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft.LoraConfig(
         task_type=peft.TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
         target_modules=lora_cfg.target_modules[0] if lora_cfg.target_modules == ["all-linear"]
         else lora_cfg.target_modules)
     try:
-        model = peft.get_peft_model(model, config)
+        # peft upcasts bf16/fp16 adapter weights to fp32 unless told not to.
+        model = peft.get_peft_model(model, config, autocast_adapter_dtype=lora_cfg.dtype != "bf16")
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules={lora_cfg.target_modules}: {_first_line(exc)}") from None
+    if lora_cfg.dtype == "bf16":
+        # peft gives an adapter its base layer's float dtype; an LLM.int8 layer has none, so it stays fp32.
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    elif lora_cfg.dtype == "auto":
+        keep_lora_inputs_under_autocast(model)
     if gradient_checkpointing:
         # With frozen embeddings the checkpointed blocks' inputs need grads, or LoRA gets none.
         model.enable_input_require_grads()
     return model
+
+
+def check_lora_dtype(lora_cfg, dtype: torch.dtype) -> None:
+    """bf16 adapters belong on a bf16 base: on fp32 they only lose precision, and on fp16 they would mix two
+    half formats under fp16's loss scaler."""
+    if lora_cfg.dtype == "bf16" and dtype != torch.bfloat16:
+        loads = {value: name for name, value in DTYPES.items()}[dtype]
+        raise ConfigError(f"lora.dtype=bf16 needs bf16 base weights, but the base loads in {loads}; "
+                          "set model.dtype=bf16 (auto means fp32 on CPU, fp16 on GPUs without bf16) or lora.dtype=auto")
+
+
+def keep_lora_inputs_under_autocast(model) -> None:
+    """Under mixed precision, feed each LoRA layer its bf16/fp16 input instead of an fp32 copy.
+
+    peft casts a LoRA layer's input to the adapter's dtype (fp32) before the two small matmuls. Under
+    autocast those matmuls run in bf16/fp16 regardless, so the cast only materialises an fp32 copy of
+    the activations in every adapted module (seven per decoder layer for the seed recipe), which autocast
+    then casts back. peft's own bitsandbytes LoRA layers already skip the cast under autocast; this does
+    the same for plain linear layers. The choice is made per forward call, because the same model also
+    runs without autocast (sample answers during training, CPU training, where Trainer enables no
+    autocast) and then needs the cast; a checkpointed block's recomputation sees the same autocast state.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.register_forward_pre_hook(_cast_inputs_unless_autocast)
+
+
+def _cast_inputs_unless_autocast(module, args) -> None:
+    if args and isinstance(args[0], torch.Tensor):
+        module.cast_input_dtype_enabled = not torch.is_autocast_enabled(args[0].device.type)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,8 @@ from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
 from roletune.guard import StopOnSignal, skipped_steps
-from roletune.model import apply_lora, build_meta_model, load_base_model, load_tokenizer, resolve_dtype
+from roletune.model import (apply_lora, build_meta_model, check_lora_dtype, load_base_model, load_tokenizer,
+                            require_bitsandbytes, resolve_dtype)
 from roletune.samples import SampleAnswers, sample_rows
 from roletune.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
 from roletune.track import Tracker, open_tracker
@@ -113,7 +114,9 @@ def echo_dataset(data: TrainingData, tokenizer, cfg: Config, echo) -> None:
 
 def build_model(cfg: Config, device: torch.device, echo=print):
     set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG, before Trainer seeds it
-    base = load_base_model(cfg.model, distributed.load_device(cfg, device), resolve_dtype(cfg.model.dtype, device))
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    check_lora_dtype(cfg.lora, dtype)
+    base = load_base_model(cfg.model, distributed.load_device(cfg, device), dtype)
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
     model = apply_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
     echo_trainable(model, echo)
@@ -136,6 +139,7 @@ def prepare_output_dir(cfg: Config, data: TrainingData, fresh: bool) -> None:
 
 def plan(cfg: Config, tokenizer, data: TrainingData, echo) -> RunResult:
     """Dry run: the model from its config on the meta device (no weights), LoRA, and the step count."""
+    require_bitsandbytes(cfg.model)  # a quantised run would stop at loading; say so now
     model = apply_lora(build_meta_model(cfg.model), cfg.lora)
     echo_trainable(model, echo)
     placeholder = torch.nn.Linear(1, 1)  # Trainer's step arithmetic needs a module, not the meta model
