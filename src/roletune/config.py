@@ -105,7 +105,14 @@ class TrainConfig:
     effective_batch: int | None = setting(
         None, "Examples per optimizer step over all processes; when set, grad_accum is derived from it as "
         "effective_batch / (batch_size x processes), which must divide exactly.", check=POSITIVE)
-    gradient_checkpointing: bool = setting(False, "Recompute activations in backward: less memory, slower.")
+    gradient_checkpointing: bool | str = setting(
+        "auto", "Recompute activations in backward: far less memory, about a third more compute. auto: only when "
+        "the estimated peak without it exceeds 90% of the GPU's memory (or of train.memory_budget_gib); "
+        "never on the CPU.", choices=["auto", True, False])
+    memory_budget_gib: float | None = setting(
+        None, "GPU memory to plan for, in GiB, instead of the GPU's own (e.g. 24 to fit a 24 GiB card): "
+        "gradient_checkpointing=auto decides against 90% of it, and a dry run plans for a GPU of this size.",
+        check=POSITIVE)
     packing: bool = setting(
         True, "Padding-free micro-batches: examples concatenated with position ids restarting per example.")
     reply_logits_only: bool = setting(
@@ -277,7 +284,7 @@ def _build(cls, raw, prefix: str, problems: list[str]):
             continue
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices and value not in choices:
-            problems.append(f"{prefix}{name}={value!r}: expected one of {', '.join(choices)}")
+            problems.append(f"{prefix}{name}={value!r}: expected one of {', '.join(map(_yaml_word, choices))}")
         elif check and value is not None and not check[0](value):
             problems.append(f"{prefix}{name}={value!r}: {check[1]}")
         else:
@@ -291,8 +298,11 @@ def _coerce(value, hint) -> tuple[bool, object]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return True, None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner)
+        for member in (a for a in args if a is not type(None)):  # the first member type that takes the value
+            ok, converted = _coerce(value, member)
+            if ok:
+                return ok, converted
+        return False, None
     if typing.get_origin(hint) is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
@@ -315,6 +325,10 @@ def _coerce(value, hint) -> tuple[bool, object]:
             return True, str(value)  # e.g. a numeric hub revision
         return isinstance(value, str), value
     raise TypeError(f"unsupported schema type {hint}")
+
+
+def _yaml_word(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _type_name(hint) -> str:

@@ -141,17 +141,23 @@ def warn_remote_code(model_cfg, location: str) -> None:
 _warned_remote_code: set[str] = set()
 
 
-def build_meta_model(model_cfg):
-    """The base model's architecture without weights, for dry runs: only the config is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model_config(model_cfg):
+    """The base model's transformers config (config.json): its architecture, without weights."""
+    from transformers import AutoConfig
 
     warn_remote_code(model_cfg, model_cfg.path)
     try:
-        config = AutoConfig.from_pretrained(resolve_source(model_cfg.path),
-                                            trust_remote_code=model_cfg.trust_remote_code,
-                                            revision=model_cfg.revision)
+        return AutoConfig.from_pretrained(resolve_source(model_cfg.path), trust_remote_code=model_cfg.trust_remote_code,
+                                          revision=model_cfg.revision)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{model_cfg.path}: cannot read the model config ({_first_line(exc)})") from None
+
+
+def build_meta_model(model_cfg):
+    """The base model's architecture without weights, for dry runs: only the config is read."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(model_cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                 trust_remote_code=model_cfg.trust_remote_code)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from roletune import distributed, preflight, run_dir
+from roletune import distributed, memory, preflight, run_dir
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
@@ -57,14 +57,18 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     data = build_dataset(cfg, tokenizer)
     echo_dataset(data, tokenizer, cfg, echo)
     if dry_run:
-        return plan(cfg, tokenizer, data, echo)
+        return plan(cfg, tokenizer, data, device, echo)
     if launch.is_main:  # only rank 0 writes to output_dir, so only rank 0 checks it (never racing its writes)
         run_dir.check_output_dir(cfg.output_dir, resume, overwrite)
     checkpoint = run_dir.find_checkpoint(cfg.output_dir, resume) if resume else None
     if launch.is_main:
         preflight.check(cfg, len(data.train), checkpoint)
 
-    model = build_model(cfg, device, echo)
+    # train.gradient_checkpointing=auto decided once, from the worst micro-batch of this data on this device.
+    # The saved config keeps what the user asked (auto); the decision goes into train_summary.json.
+    decision = memory.for_run(cfg, data.train, device, resolve_dtype(cfg.model.dtype, device))
+    echo(decision.line())
+    model = build_model(cfg, device, echo, decision.checkpointing)
     if launch.is_main:
         prepare_output_dir(cfg, data, fresh=(overwrite or resume is not None) and checkpoint is None)
     tracker = open_tracker(cfg) if launch.is_main else Tracker()
@@ -73,7 +77,8 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
                             every_rank=distributed.sharded(cfg))
     watchers = [c for c in (tracker.callback(), samples) if c is not None]
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the step boundary, then Interrupted
-    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks))
+    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks),
+                            decision.checkpointing)
     try:
         started = time.perf_counter()
         with stop:
@@ -83,7 +88,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
         save_run(cfg, trainer, tokenizer)
         if not launch.is_main:
             return RunResult(cfg.output_dir, trainer.state.global_step)
-        result = finish(cfg, trainer, device, wall_s, tracker.where, echo)
+        result = finish(cfg, trainer, device, wall_s, tracker.where, echo, decision)
         tracker.log_metrics({f"summary/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
                             trainer.state.global_step)
     finally:
@@ -112,13 +117,13 @@ def echo_dataset(data: TrainingData, tokenizer, cfg: Config, echo) -> None:
     echo(mark_trained(data.train[0], tokenizer))
 
 
-def build_model(cfg: Config, device: torch.device, echo=print):
+def build_model(cfg: Config, device: torch.device, echo=print, checkpointing: bool = False):
     set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG, before Trainer seeds it
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_lora_dtype(cfg.lora, dtype)
     base = load_base_model(cfg.model, distributed.load_device(cfg, device), dtype)
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
-    model = apply_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
+    model = apply_lora(base, cfg.lora, checkpointing)
     echo_trainable(model, echo)
     return model
 
@@ -137,8 +142,8 @@ def prepare_output_dir(cfg: Config, data: TrainingData, fresh: bool) -> None:
         run_dir.write_heldout(cfg.output_dir, data.heldout_rows)
 
 
-def plan(cfg: Config, tokenizer, data: TrainingData, echo) -> RunResult:
-    """Dry run: the model from its config on the meta device (no weights), LoRA, and the step count."""
+def plan(cfg: Config, tokenizer, data: TrainingData, device: torch.device, echo) -> RunResult:
+    """Dry run: the model from its config on the meta device (no weights), LoRA, the step count and memory."""
     require_bitsandbytes(cfg.model)  # a quantised run would stop at loading; say so now
     model = apply_lora(build_meta_model(cfg.model), cfg.lora)
     echo_trainable(model, echo)
@@ -153,6 +158,8 @@ def plan(cfg: Config, tokenizer, data: TrainingData, echo) -> RunResult:
          f"{f' x {processes} processes' if processes > 1 else ''} per optimizer step, "
          f"{'max_steps ' + str(t.max_steps) if t.max_steps else f'{t.epochs:g} epochs'} "
          f"-> {steps} optimizer steps; checkpoint every {t.save_steps}")
+    for line in memory.plan_lines(cfg, data.train, device):
+        echo(line)
     echo(f"dry run: nothing was loaded or written; output_dir would be {cfg.output_dir}")
     return RunResult(cfg.output_dir, steps)
 
@@ -166,7 +173,8 @@ def save_run(cfg: Config, trainer, tokenizer) -> None:
     run_dir.write_config(cfg.output_dir, cfg)
 
 
-def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_where: str | None, echo) -> RunResult:
+def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_where: str | None, echo,
+           decision: memory.Decision) -> RunResult:
     """Write loss.png and train_summary.json, and print the summary."""
     from roletune.plot import loss_series, write_loss_png
 
@@ -181,6 +189,8 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_wh
         "real_tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else None,
         "peak_memory_gib": round(peak_memory_gib(device), 2),
         "peak_memory_kind": "GPU allocated" if device.type == "cuda" else "process RSS",
+        "estimated_peak_gib": round(decision.estimate.peak / memory.GiB, 2),
+        "gradient_checkpointing": decision.checkpointing,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "final_train_loss": series["train"][-1][1] if series["train"] else None,
         "final_eval_loss": series["eval"][-1][1] if series["eval"] else None,

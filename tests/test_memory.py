@@ -1,0 +1,235 @@
+"""The memory estimate against measured GPU peaks and against what autograd keeps, and the
+gradient_checkpointing=auto decision it drives."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from roletune import memory, train
+from roletune.config import LoraConfig, config_from_dict, load_config
+from roletune.errors import ConfigError
+from roletune.tokenize import Example
+
+GiB = 2**30
+SEED_LORA = LoraConfig(r=8, dropout=0.1)  # the seed's seven projections
+
+
+@pytest.fixture(scope="module")
+def qwen7b(shared):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(shared / "models" / "qwen2.5-7b-instruct")
+
+
+# Peaks measured on an H200 (torch.cuda.max_memory_allocated) for the seed recipe: Qwen2.5-7B in bf16 on the
+# huanhuan data, padded batches, HF Trainer + peft LoRA r=8 on seven projections, dropout 0.1, logits over all
+# positions. The largest padded batch is batch x 249 tokens (the longest tokenized example).
+@pytest.mark.parametrize("batch, checkpointing, measured_gib", [(4, True, 16.5), (16, False, 51.7)])
+def test_estimate_reproduces_the_measured_h200_peaks(qwen7b, batch, checkpointing, measured_gib):
+    tokens = batch * 249
+    peak = memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, tokens, tokens, checkpointing).peak
+    # Within 5%: the estimate lands within 1% of both, and a drift past 5% means the model of what
+    # transformers / peft keep for backward has gone stale.
+    assert peak / GiB == pytest.approx(measured_gib, rel=0.05)
+
+
+def test_parameter_counts_are_the_meta_models(qwen7b, tiny_model):
+    from roletune.config import ModelConfig
+    from roletune.model import apply_lora, build_meta_model, load_model_config
+
+    assert memory.Shape.of(qwen7b).parameters() == 7_615_616_512  # 7,635,801,600 all - 20,185,088 LoRA
+    seed = memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, 1, 1, False)
+    assert seed.adapter == 20_185_088 * memory.ADAPTER_BYTES
+    assert seed.weights == 7_615_616_512 * 2
+    lora = LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    meta = apply_lora(build_meta_model(ModelConfig(path=str(tiny_model))), lora)
+    trainable, total = meta.get_nb_trainable_parameters()
+    tiny = memory.estimate(load_model_config(ModelConfig(path=str(tiny_model))), lora, torch.float32, 1, 1, False)
+    assert (tiny.adapter // memory.ADAPTER_BYTES, tiny.weights // 4) == (trainable, total - trainable)
+
+
+def test_the_counted_activations_are_what_autograd_keeps():
+    """Bytes autograd saves in a forward pass of a small Qwen2 + LoRA under bf16 autocast (as Trainer runs on
+    a GPU), against the estimate's kept activations. Dropout is off: the CPU keeps a float dropout mask
+    where CUDA keeps a 1-byte one, so only the dropout-free layout reads the same on both."""
+    import peft
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+    lora = LoraConfig(r=8, dropout=0.0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                      target_modules=lora.target_modules))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    lengths = [100, 60, 40]  # one packed row, position ids restarting per example
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.randint(0, config.vocab_size, positions.shape)
+    decoder = model.base_model.model.model  # the layers and the final norm; the loss is counted apart
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder(input_ids=ids, position_ids=positions, use_cache=False)
+    estimated = memory.estimate(config, lora, torch.bfloat16, sum(lengths), 0, False).kept_activations
+    # The CPU's sdpa adds a float copy of the T x T mask per layer (about 3% here).
+    assert sum(kept.values()) == pytest.approx(estimated, rel=0.06)
+
+
+def test_more_tokens_or_a_bigger_batch_need_more_and_checkpointing_less(qwen7b):
+    def peak(tokens, positions, checkpointing):
+        return memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, tokens, positions, checkpointing).peak
+
+    for checkpointing in (True, False):
+        peaks = [peak(tokens, tokens // 3, checkpointing) for tokens in (64, 256, 1024, 4096)]
+        assert peaks == sorted(peaks) and len(set(peaks)) == 4
+        assert peak(1024, 1024, checkpointing) > peak(1024, 300, checkpointing)
+    for tokens in (256, 1024, 4096):
+        assert peak(tokens, tokens // 3, True) < peak(tokens, tokens // 3, False)
+    examples = [Example(list(range(n)), [-100] * (n // 2) + list(range(n - n // 2))) for n in (30, 80, 50, 120, 10)]
+    for packing in (True, False):
+        sizes = [memory.worst_microbatch(examples, batch, packing, True) for batch in (1, 2, 3, 5)]
+        assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    assert memory.worst_microbatch(examples, 2, True, True) == (200, 60 + 40)  # the two longest, their labels
+    assert memory.worst_microbatch(examples, 2, False, False) == (240, 240)  # two rows of 120, all logits
+
+
+def test_quantized_weights_are_smaller(qwen7b):
+    def weights(quantization):
+        return memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, 512, 128, True, quantization).weights
+
+    assert weights("4bit") < weights("8bit") < weights(None)
+    assert weights(None) - weights("4bit") > 8.5 * GiB  # 6.5 B decoder weights from 2 bytes to 0.5625: 8.7 GiB
+    with pytest.raises(ValueError, match="quantization"):
+        weights("3bit")
+
+
+def run_config(tiny_model, **train):
+    return config_from_dict({"model": {"path": str(tiny_model)}, "data": {"path": "unused.json"},
+                             "train": {"batch_size": 4, **train}})
+
+
+def examples(count=8, length=40):
+    return [Example(list(range(length)), [-100] * 10 + list(range(length - 10))) for _ in range(count)]
+
+
+def test_auto_turns_checkpointing_on_exactly_past_the_budget(qwen7b, tiny_model):
+    cfg = run_config(tiny_model)
+    planned = memory.for_run(cfg, examples(), torch.device("cpu"), torch.bfloat16, qwen7b, on_gpu=True)
+    without_gib = planned.without.peak / GiB
+    for budget, expected in [(without_gib / 0.9 * 1.01, False), (without_gib / 0.9 * 0.99, True)]:
+        cfg = run_config(tiny_model, memory_budget_gib=budget)
+        decision = memory.for_run(cfg, examples(), torch.device("cpu"), torch.bfloat16, qwen7b, on_gpu=True)
+        assert decision.checkpointing is expected, decision.line()
+    assert decision.line().startswith("gradient checkpointing: on (estimated peak without it")
+    assert decision.estimate is decision.with_it and decision.with_it.peak < decision.usable
+
+
+def test_auto_reads_the_gpus_total_memory(qwen7b, tiny_model, monkeypatch):
+    card = {"total_memory": 80 * GiB}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(**card))
+    gpu = torch.device("cuda", 0)
+    # 8 x 40 packed tokens of the 7B model: about 18 GiB without checkpointing.
+    assert not memory.for_run(run_config(tiny_model), examples(), gpu, torch.bfloat16, qwen7b).checkpointing
+    card["total_memory"] = 16 * GiB
+    decision = memory.for_run(run_config(tiny_model), examples(), gpu, torch.bfloat16, qwen7b)
+    assert decision.checkpointing and decision.usable == round(16 * GiB * 0.9)
+    # A budget larger than the card is capped by the card.
+    assert memory.for_run(run_config(tiny_model, memory_budget_gib=200), examples(), gpu, torch.bfloat16,
+                          qwen7b).usable == round(16 * GiB * 0.9)
+
+
+def test_explicit_settings_win_and_the_cpu_never_checkpoints_on_its_own(qwen7b, tiny_model):
+    cpu = torch.device("cpu")
+    tight = dict(memory_budget_gib=0.01)
+    assert not memory.for_run(run_config(tiny_model, **tight), examples(), cpu, torch.bfloat16, qwen7b).checkpointing
+    assert memory.for_run(run_config(tiny_model, gradient_checkpointing=True), examples(), cpu, torch.float32,
+                          qwen7b).checkpointing
+    assert not memory.for_run(run_config(tiny_model, gradient_checkpointing=False, **tight), examples(), cpu,
+                              torch.bfloat16, qwen7b, on_gpu=True).checkpointing
+
+
+def test_a_cpu_run_with_a_tiny_budget_trains_without_checkpointing(config_file, capsys):
+    cfg = load_config(config_file(train={"max_steps": 1, "memory_budget_gib": 0.001}))
+    train.run(cfg)
+    out = capsys.readouterr().out
+    assert "gradient checkpointing: off (auto never checkpoints on the CPU" in out
+    summary = json.loads((Path(cfg.output_dir) / "train_summary.json").read_text(encoding="utf-8"))
+    assert summary["gradient_checkpointing"] is False and summary["estimated_peak_gib"] > 0
+    assert "gradient_checkpointing: auto" in (Path(cfg.output_dir) / "roletune.yaml").read_text(encoding="utf-8")
+
+
+def test_checkpointing_leaves_the_result_unchanged(config_file, tmp_path):
+    """Non-reentrant checkpointing replays the RNG state: the same dropout masks, the same adapter.
+    So a resumed run may decide auto differently (another GPU) and still continue the same training."""
+    from safetensors.torch import load_file
+
+    adapters = []
+    for checkpointing in (True, False):
+        cfg = load_config(config_file(train={"max_steps": 3, "gradient_checkpointing": checkpointing},
+                                      lora={"dropout": 0.1}, output_dir=str(tmp_path / str(checkpointing))))
+        train.run(cfg, echo=lambda *_: None)
+        adapters.append(load_file(Path(cfg.output_dir) / "adapter_model.safetensors"))
+        summary = json.loads((Path(cfg.output_dir) / "train_summary.json").read_text(encoding="utf-8"))
+        assert summary["gradient_checkpointing"] is checkpointing
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_dry_run_plans_for_a_budget(shared, capsys):
+    from roletune.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["train", str(root / "configs" / "huanhuan-qwen2.5-7b.yaml"), "--dry-run",
+                 f"model.path={shared}/models/qwen2.5-7b-instruct", f"model.tokenizer={shared}/tokenizers/qwen2.5",
+                 f"data.path={shared}/data/huanhuan.json", "train.gradient_checkpointing=auto",
+                 "train.batch_size=16", "train.memory_budget_gib=24"]) == 0
+    out = capsys.readouterr().out
+    assert "memory (estimated, bf16 on a GPU with 21.6 GiB usable)" in out
+    assert "gradient checkpointing: on (estimated peak without it" in out
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), (True, True), (False, False), ("on", True),
+                                             ("off", False), ("true", True)])
+def test_gradient_checkpointing_accepts_auto_and_booleans(value, expected):
+    # Overrides are read as YAML: on/off/true are booleans there.
+    cfg = config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}},
+                           [f"train.gradient_checkpointing={value if isinstance(value, str) else str(value).lower()}"])
+    assert cfg.train.gradient_checkpointing == expected
+    assert config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}}).train.gradient_checkpointing == "auto"
+
+
+@pytest.mark.parametrize("value", ["sometimes", 2, [True], "yes please"])
+def test_gradient_checkpointing_rejects_anything_else(value):
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing=.*expected"):
+        config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}, "train": {"gradient_checkpointing": value}})
+    with pytest.raises(ConfigError, match="train.memory_budget_gib=-1.0: must be > 0"):
+        config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}}, ["train.memory_budget_gib=-1"])
+
+
+def test_the_run_estimate_follows_the_quantization_and_the_chunked_head(qwen7b, tiny_model):
+    def planned(model=None, **train):
+        cfg = run_config(tiny_model, **train)
+        if model:
+            cfg = config_from_dict({**cfg_dict(cfg), "model": {"path": str(tiny_model), **model}})
+        return memory.for_run(cfg, examples(16, 300), torch.device("cpu"), torch.bfloat16, qwen7b, on_gpu=True).without
+
+    full, chunked = planned(lm_head_loss="full"), planned(lm_head_loss="chunked", loss_chunk=256)
+    assert chunked.logits == 256 * qwen7b.vocab_size * memory.LOGIT_BYTES < full.logits
+    assert planned(model={"quantization": "4bit"}).weights < planned().weights
+
+
+def cfg_dict(cfg) -> dict:
+    import yaml
+
+    from roletune.config import dump_config
+    return yaml.safe_load(dump_config(cfg))
