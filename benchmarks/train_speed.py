@@ -8,6 +8,7 @@ huanhuan data, each in its own process so peak memory is its own, then prints a 
 usage:
   python benchmarks/train_speed.py                      # Qwen2.5-7B architecture on the GPU
   python benchmarks/train_speed.py --device cpu --tiny  # the demo's tiny Qwen2 on the CPU
+  python benchmarks/train_speed.py --levers             # also roletune with one lever off at a time
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
          --model-config DIR, --out FILE.json (append the figures)
 """
@@ -25,6 +26,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN_FACTOR = 4  # forward + activation gradients of the non-embedding weights (as the peer counts)
+# roletune with one lever turned back to what the seed does, to say what each lever buys.
+LEVERS = {
+    "no-packing": ["train.packing=false"],
+    "all-logits": ["train.reply_logits_only=false"],
+    "full-head": ["train.lm_head_loss=full"],
+    "fp32-lora-inputs": ["lora.dtype=fp32"],
+    "24GiB-budget": ["train.memory_budget_gib=24"],
+    "checkpointing": ["train.gradient_checkpointing=true"],
+}
 
 
 def main() -> None:
@@ -35,7 +45,9 @@ def main() -> None:
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
     parser.add_argument("--model-config", help="folder with the model's config.json")
     parser.add_argument("--out", help="append the figures as JSON lines to this file")
+    parser.add_argument("--levers", action="store_true", help="also run roletune with each lever off in turn")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side in this process
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # the worker's overrides
     args = parser.parse_args()
     if args.worker:
         return roletune_worker(args)
@@ -49,8 +61,11 @@ def main() -> None:
         peer = Path(args.shared) / "bench" / "seed_recipe.py"
         for variant in ("seed", "bs16"):
             run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
-        run([sys.executable, __file__, "--worker", "roletune", "--device", args.device, "--steps", str(steps),
-             "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results)], env)
+        variants = {"roletune": [], **(LEVERS if args.levers else {})}
+        for name, overrides in variants.items():
+            run([sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(steps),
+                 "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results),
+                 *(f"--set={o}" for o in overrides)], env)
         rows = [json.loads(line) for line in results.read_text().splitlines()]
     report(rows)
     if args.out:
@@ -76,20 +91,20 @@ def run(command: list[str], env: dict) -> None:
 
 
 def roletune_worker(args) -> None:
-    """roletune's default training path, with weights from the config instead of a checkpoint."""
+    """roletune's training path as `roletune train` runs it (memory decision, LoRA, Trainer), with the
+    base's weights drawn from its config instead of read from a checkpoint."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
+    from roletune import memory, train
     from roletune.config import config_from_dict
-    from roletune.model import apply_lora, load_tokenizer
-    from roletune.train import build_dataset
-    from roletune.trainer import build_trainer
+    from roletune.model import load_tokenizer, resolve_dtype
 
     shared = Path(args.shared)
     cuda = args.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = config_from_dict({
+        raw = {
             "model": {"path": args.model_config, "tokenizer": str(shared / "tokenizers" / "qwen2.5"),
                       "device": str(device)},
             "data": {"path": str(shared / "data" / "huanhuan.json"),
@@ -98,16 +113,22 @@ def roletune_worker(args) -> None:
             # Same optimization as the seed: 16 rows per optimizer step, lr 1e-4, linear schedule.
             "train": {"batch_size": 16, "grad_accum": 1, "lr": 1e-4, "max_steps": args.steps, "logging_steps": 1,
                       "save_steps": 10**9, "report_to": "none"},
-            "output_dir": scratch})
+            "output_dir": scratch}
+        cfg = config_from_dict(raw, args.set)
         tokenizer = load_tokenizer(cfg.model)
-        data = build_dataset(cfg, tokenizer)
+        data = train.build_dataset(cfg, tokenizer)
+        dtype = resolve_dtype(cfg.model.dtype, device)
+        decision = memory.for_run(cfg, data.train, device, dtype)
+        print(decision.line(), flush=True)
+
+        def random_base(model_cfg, where, dtype):  # stands in for from_pretrained: no weights to read
+            with where:
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_cfg.path), dtype=dtype)
+
         started = time.time()
-        with device:
-            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_config),
-                                                    dtype=torch.bfloat16 if cuda else torch.float32)
-        base.config.use_cache = False
+        train.load_base_model = random_base
+        model = train.build_model(cfg, device, print, decision.checkpointing)
         init_s = time.time() - started
-        model = apply_lora(base, cfg.lora)
 
         class Clock(TrainerCallback):
             def __init__(self):
@@ -119,7 +140,7 @@ def roletune_worker(args) -> None:
                 self.marks.append((time.time(), state.num_input_tokens_seen))
 
         clock = Clock()
-        trainer = build_trainer(cfg, model, tokenizer, data.train, [], device, (clock,))
+        trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device, (clock,), decision.checkpointing)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         output = trainer.train()
@@ -129,12 +150,14 @@ def roletune_worker(args) -> None:
         tokens_per_s = (n1 - n0) / (t1 - t0)
         nonembed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        row = dict(variant="roletune", config=Path(args.model_config).name,
+        row = dict(variant=args.worker, overrides=args.set, config=Path(args.model_config).name,
                    device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                    init_s=round(init_s, 1), steps=len(clock.marks), step_s=round(step_s, 4),
                    real_tokens_per_s=round(tokens_per_s), est_3epoch_min=round(3 * -(-3729 // 16) * step_s / 60, 2),
                    useful_tflops=round(FLOP_PER_TOKEN_FACTOR * nonembed * tokens_per_s / 1e12, 1),
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                   estimated_peak_gib=round(decision.estimate.peak / memory.GiB, 2),
+                   gradient_checkpointing=decision.checkpointing,
                    final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:3]])
     print(json.dumps(row))
     with open(args.out, "a") as handle:

@@ -65,6 +65,16 @@ def test_chunked_loss_and_lora_gradients_equal_the_full_logits(lora_model, featu
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_single_chunk_is_computed_without_a_recompute_and_equals_the_full_logits(lora_model, features):
+    tokenizer, rows = features
+    batch = make_collator(tokenizer, packing=True)(rows)
+    want, want_grads = loss_and_grads(lora_model, batch, None)
+    got, got_grads = loss_and_grads(lora_model, batch, loss.ChunkedCrossEntropy(10_000))
+    assert got == pytest.approx(want, abs=1e-5)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_chunked_loss_is_divided_by_the_steps_token_count(lora_model, features):
     tokenizer, rows = features
     batch = make_collator(tokenizer, packing=True)(rows)

@@ -35,6 +35,10 @@ class ChunkedCrossEntropy:
     rows: int = 1024
 
     def __call__(self, hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+        if len(hidden) <= self.rows:
+            # One chunk: its logits would be recomputed right where the backward starts, at the same peak;
+            # skip the recompute (the usual case for short role-play micro-batches).
+            return _head_loss(hidden, lm_head.weight, lm_head.bias, targets)
         total = hidden.new_zeros((), dtype=torch.float32)
         for rows, row_targets in zip(hidden.split(self.rows), targets.split(self.rows)):
             # The weight goes in as an argument (not read inside) so the recompute sees the same tensor.

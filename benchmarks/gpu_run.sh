@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in one go: the training-speed comparison against the seed recipe
+# with every lever turned back in turn, and the memory estimate next to the measured peaks.
+# Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
+# from src/ without installing, so a machine with torch, transformers, peft and accelerate suffices.
+# usage: benchmarks/gpu_run.sh OUT_DIR [STEPS]
+set -euo pipefail
+out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [STEPS]}
+steps=${2:-20}
+here=$(cd "$(dirname "$0")/.." && pwd)
+shared=$here/.shared
+[ -d "$shared" ] || shared=$here/../shared
+mkdir -p "$out"
+export PYTHONPATH=$here/src${PYTHONPATH:+:$PYTHONPATH}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c 'import torch, transformers, peft, accelerate; print("torch", torch.__version__, "transformers",
+transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)'
+  python -m roletune train "$here/configs/huanhuan-qwen2.5-7b.yaml" --dry-run \
+      model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
+      data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 train.batch_size=16 train.grad_accum=1 \
+      train.gradient_checkpointing=auto | tail -8
+  python "$here/benchmarks/train_speed.py" --levers --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl"
+} 2>&1 | tee "$out/gpu_run.log"
