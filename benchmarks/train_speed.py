@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN_FACTOR = 4  # forward + activation gradients of the non-embedding weights (as the peer counts)
-# roletune with one lever turned back to what the seed does, to say what each lever buys.
+# roletune with one lever turned back to what the seed does, to say what each lever buys
+# (and one turned on, to see whether it would).
 LEVERS = {
     "no-packing": ["train.packing=false"],
     "all-logits": ["train.reply_logits_only=false"],
@@ -34,6 +35,7 @@ LEVERS = {
     "fp32-lora-inputs": ["lora.dtype=fp32"],
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
+    "+compile": ["train.compile=true"],  # off by default: on only if this shows it pays
 }
 
 

@@ -109,3 +109,11 @@ def test_seed_config_dry_run_prints_the_seed_figures(shared, capsys):
     assert "examples: 3729 read, 3729 kept" in out
     # Trainer's arithmetic: ceil(3729 / 4) = 933 micro-batches -> ceil(933 / 4) = 234 steps per epoch, x 3.
     assert "-> 702 optimizer steps" in out
+
+
+def test_torch_compile_is_off_unless_asked(config_file):
+    from roletune.trainer import training_arguments
+
+    cpu = torch.device("cpu")
+    assert training_arguments(load_config(config_file()), cpu).torch_compile is False
+    assert training_arguments(load_config(config_file(train={"compile": True})), cpu).torch_compile is True

@@ -124,6 +124,9 @@ class TrainConfig:
         "else chunked, and full in FSDP/DeepSpeed runs; full: all their logits at once.",
         choices=["auto", "chunked", "full"])
     loss_chunk: int = setting(1024, "Positions per chunk of the chunked LM-head loss.", check=POSITIVE)
+    compile: bool = setting(
+        False, "torch.compile the model (Trainer's torch_compile). The first steps spend minutes compiling and "
+        "packed batches of new lengths recompile; measure with benchmarks/train_speed.py --levers before relying on it.")
     optim: str = setting("adamw_torch", "Optimizer (a transformers optimizer name).")
     logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
     save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)

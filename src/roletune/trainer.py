@@ -59,6 +59,7 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
+        torch_compile=t.compile,
         activation_checkpointing=checkpointing,
         # Non-reentrant checkpointing gives LoRA its gradients without hooks on the inputs, and restores the
         # RNG state when it recomputes, so dropout masks (and the result) are the same with it or without.
