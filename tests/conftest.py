@@ -105,3 +105,41 @@ def trained_run(tmp_path_factory, tiny_model) -> Path:
         "output_dir": str(folder / "run")})
     train.run(cfg, echo=lambda *_: None)
     return Path(cfg.output_dir)
+
+
+@pytest.fixture(scope="session")
+def small_lora_model(tiny_model):
+    """Build the tiny model in fp32 with LoRA r=4 whose B is non-zero, so A gets gradients too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from roletune.config import LoraConfig
+    from roletune.model import apply_lora
+
+    def build(**load_kwargs):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa",
+                                                    **load_kwargs)
+        model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.02)
+        return model
+    return build
+
+
+@pytest.fixture(scope="session")
+def reply_features(tiny_model):
+    """(tokenizer, features) of four short conversations of uneven lengths."""
+    from transformers import AutoTokenizer
+
+    from roletune.data import Message
+    from roletune.tokenize import tokenize_all
+
+    replies = ["好。", "风有三级，灯塔照常亮着。", "今晚有雾，船都回港了，你也早点歇着吧。", "嗯"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    conversations = [[Message("system", "你是守灯人。"), Message("user", f"问题{i}" * (i + 1)),
+                      Message("assistant", reply)] for i, reply in enumerate(replies)]
+    examples, _ = tokenize_all(conversations, tokenizer, 128, "assistant")
+    return tokenizer, [e.as_features() for e in examples]

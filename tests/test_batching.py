@@ -5,37 +5,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from roletune import train
 from roletune.batching import labelled_positions, make_collator, reply_token_loss
-from roletune.config import LoraConfig, load_config
-from roletune.data import Message
-from roletune.model import apply_lora
-from roletune.tokenize import tokenize_all
+from roletune.config import load_config
 
-REPLIES = ["好。", "风有三级，灯塔照常亮着。", "今晚有雾，船都回港了，你也早点歇着吧。", "嗯"]
+@pytest.fixture(scope="module")
+def lora_model(small_lora_model):
+    return small_lora_model()
 
 
 @pytest.fixture(scope="module")
-def lora_model(tiny_model):
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
-    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
-    with torch.no_grad():  # LoRA B starts at zero; give it weight so A gets gradients too
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.02)
-    return model
-
-
-@pytest.fixture(scope="module")
-def features(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    conversations = [[Message("system", "你是守灯人。"), Message("user", f"问题{i}" * (i + 1)),
-                      Message("assistant", reply)] for i, reply in enumerate(REPLIES)]
-    examples, _ = tokenize_all(conversations, tokenizer, 128, "assistant")
-    return tokenizer, [e.as_features() for e in examples]
+def features(reply_features):
+    return reply_features
 
 
 def loss_and_grads(model, batch, loss_fn):

@@ -5,42 +5,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from roletune import loss, train
 from roletune.batching import make_collator, reply_token_loss
-from roletune.config import LoraConfig, load_config
-from roletune.data import Message
+from roletune.config import load_config
 from roletune.errors import ConfigError
-from roletune.model import apply_lora
-from roletune.tokenize import IGNORE_INDEX, tokenize_all
+from roletune.tokenize import IGNORE_INDEX
 
-REPLIES = ["好。", "风有三级，灯塔照常亮着。", "今晚有雾，船都回港了，你也早点歇着吧。", "嗯"]
 ROWS = 7  # positions per chunk: fewer than the trained tokens, which it does not divide
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied-head", "own-head"])
-def lora_model(request, tiny_model):
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa",
-                                                tie_word_embeddings=request.param)
-    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
-    assert tied == request.param
-    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
-    with torch.no_grad():  # LoRA B starts at zero; give it weight so A gets gradients too
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.02)
+def lora_model(request, small_lora_model):
+    model = small_lora_model(tie_word_embeddings=request.param)
+    base = model.get_base_model()
+    assert (base.get_output_embeddings().weight is base.get_input_embeddings().weight) == request.param
     return model
 
 
 @pytest.fixture(scope="module")
-def features(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    conversations = [[Message("system", "你是守灯人。"), Message("user", f"问题{i}" * (i + 1)),
-                      Message("assistant", reply)] for i, reply in enumerate(REPLIES)]
-    examples, _ = tokenize_all(conversations, tokenizer, 128, "assistant")
-    return tokenizer, [e.as_features() for e in examples]
+def features(reply_features):
+    return reply_features
 
 
 def loss_and_grads(model, batch, head_loss, num_items=None):
@@ -51,26 +36,20 @@ def loss_and_grads(model, batch, head_loss, num_items=None):
     return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_chunked_loss_and_lora_gradients_equal_the_full_logits(lora_model, features, packing):
-    tokenizer, rows = features
-    batch = make_collator(tokenizer, packing=packing)(rows)
+@pytest.mark.parametrize("packing, rows", [(False, ROWS), (True, ROWS), (True, 10_000)],
+                         ids=["padded", "packed", "packed-one-chunk"])
+def test_chunked_loss_and_lora_gradients_equal_the_full_logits(lora_model, features, packing, rows):
+    tokenizer, examples = features
+    batch = make_collator(tokenizer, packing=packing)(examples)
     trained = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    assert trained > 2 * ROWS and trained % ROWS  # several chunks and a ragged last one
+    if rows == ROWS:
+        assert trained > 2 * ROWS and trained % ROWS  # several chunks and a ragged last one
+    else:
+        assert trained <= rows  # one chunk, computed without the recompute
     want, want_grads = loss_and_grads(lora_model, batch, None)
-    got, got_grads = loss_and_grads(lora_model, batch, loss.ChunkedCrossEntropy(ROWS))
+    got, got_grads = loss_and_grads(lora_model, batch, loss.ChunkedCrossEntropy(rows))
     assert got == pytest.approx(want, abs=1e-5)
     assert any(g.abs().sum() > 0 for g in want_grads.values())
-    for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_a_single_chunk_is_computed_without_a_recompute_and_equals_the_full_logits(lora_model, features):
-    tokenizer, rows = features
-    batch = make_collator(tokenizer, packing=True)(rows)
-    want, want_grads = loss_and_grads(lora_model, batch, None)
-    got, got_grads = loss_and_grads(lora_model, batch, loss.ChunkedCrossEntropy(10_000))
-    assert got == pytest.approx(want, abs=1e-5)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
