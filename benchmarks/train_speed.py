@@ -129,7 +129,7 @@ def roletune_worker(args) -> None:
 
         started = time.time()
         train.load_base_model = random_base
-        model = train.build_model(cfg, device, print, decision.checkpointing)
+        model = train.build_model(cfg, device, print, decision.layers)
         init_s = time.time() - started
 
         class Clock(TrainerCallback):
@@ -142,7 +142,7 @@ def roletune_worker(args) -> None:
                 self.marks.append((time.time(), state.num_input_tokens_seen))
 
         clock = Clock()
-        trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device, (clock,), decision.checkpointing)
+        trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device, (clock,))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         output = trainer.train()
@@ -160,6 +160,7 @@ def roletune_worker(args) -> None:
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                    estimated_peak_gib=round(decision.estimate.peak / memory.GiB, 2),
                    gradient_checkpointing=decision.checkpointing,
+                   checkpointed_layers=decision.layers,
                    final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:3]])
     print(json.dumps(row))
     with open(args.out, "a") as handle:

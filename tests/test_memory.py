@@ -1,6 +1,7 @@
-"""The memory estimate against measured GPU peaks and against what autograd keeps, and the
-gradient_checkpointing=auto decision it drives."""
+"""The memory estimate against measured GPU peaks and against what autograd keeps, the largest micro-batch
+of Trainer's order, and the gradient_checkpointing=auto decision they drive: how many layers to checkpoint."""
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,10 +27,10 @@ def qwen7b(shared):
 # Peaks measured on an H200 (torch.cuda.max_memory_allocated) for the seed recipe: Qwen2.5-7B in bf16 on the
 # huanhuan data, padded batches, HF Trainer + peft LoRA r=8 on seven projections, dropout 0.1, logits over all
 # positions. The largest padded batch is batch x 249 tokens (the longest tokenized example).
-@pytest.mark.parametrize("batch, checkpointing, measured_gib", [(4, True, 16.5), (16, False, 51.7)])
-def test_estimate_reproduces_the_measured_h200_peaks(qwen7b, batch, checkpointing, measured_gib):
+@pytest.mark.parametrize("batch, checkpointed_layers, measured_gib", [(4, 28, 16.5), (16, 0, 51.7)])
+def test_estimate_reproduces_the_measured_h200_peaks(qwen7b, batch, checkpointed_layers, measured_gib):
     tokens = batch * 249
-    peak = memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, tokens, tokens, checkpointing).peak
+    peak = memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, tokens, tokens, checkpointed_layers).peak
     # Within 5%: the estimate lands within 1% of both, and a drift past 5% means the model of what
     # transformers / peft keep for backward has gone stale.
     assert peak / GiB == pytest.approx(measured_gib, rel=0.05)
@@ -40,13 +41,13 @@ def test_parameter_counts_are_the_meta_models(qwen7b, tiny_model):
     from roletune.model import apply_lora, build_meta_model, load_model_config
 
     assert memory.Shape.of(qwen7b).parameters() == 7_615_616_512  # 7,635,801,600 all - 20,185,088 LoRA
-    seed = memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, 1, 1, False)
+    seed = memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, 1, 1, 0)
     assert seed.adapter == 20_185_088 * memory.ADAPTER_BYTES
     assert seed.weights == 7_615_616_512 * 2
     lora = LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     meta = apply_lora(build_meta_model(ModelConfig(path=str(tiny_model))), lora)
     trainable, total = meta.get_nb_trainable_parameters()
-    tiny = memory.estimate(load_model_config(ModelConfig(path=str(tiny_model))), lora, torch.float32, 1, 1, False)
+    tiny = memory.estimate(load_model_config(ModelConfig(path=str(tiny_model))), lora, torch.float32, 1, 1, 0)
     assert (tiny.adapter // memory.ADAPTER_BYTES, tiny.weights // 4) == (trainable, total - trainable)
 
 
@@ -79,32 +80,37 @@ def test_the_counted_activations_are_what_autograd_keeps():
     decoder = model.base_model.model.model  # the layers and the final norm; the loss is counted apart
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         decoder(input_ids=ids, position_ids=positions, use_cache=False)
-    estimated = memory.estimate(config, lora, torch.bfloat16, sum(lengths), 0, False).kept_activations
+    estimated = memory.estimate(config, lora, torch.bfloat16, sum(lengths), 0, 0).kept_activations
     # The CPU's sdpa adds a float copy of the T x T mask per layer (about 3% here).
     assert sum(kept.values()) == pytest.approx(estimated, rel=0.06)
 
 
 def test_more_tokens_or_a_bigger_batch_need_more_and_checkpointing_less(qwen7b):
-    def peak(tokens, positions, checkpointing):
-        return memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, tokens, positions, checkpointing).peak
+    def peak(tokens, positions, checkpointed_layers):
+        return memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, tokens, positions, checkpointed_layers).peak
 
-    for checkpointing in (True, False):
-        peaks = [peak(tokens, tokens // 3, checkpointing) for tokens in (64, 256, 1024, 4096)]
+    for layers in (28, 5, 0):
+        peaks = [peak(tokens, tokens // 3, layers) for tokens in (64, 256, 1024, 4096)]
         assert peaks == sorted(peaks) and len(set(peaks)) == 4
-        assert peak(1024, 1024, checkpointing) > peak(1024, 300, checkpointing)
+        assert peak(1024, 1024, layers) > peak(1024, 300, layers)
     for tokens in (256, 1024, 4096):
-        assert peak(tokens, tokens // 3, True) < peak(tokens, tokens // 3, False)
+        assert peak(tokens, tokens // 3, 28) < peak(tokens, tokens // 3, 5) < peak(tokens, tokens // 3, 0)
     examples = [Example(list(range(n)), [-100] * (n // 2) + list(range(n - n // 2))) for n in (30, 80, 50, 120, 10)]
+
+    def bound(batch, packing, reply_logits_only=True):
+        largest = memory.largest_possible_microbatch(examples, batch, packing, reply_logits_only)
+        return largest.tokens, largest.positions
+
     for packing in (True, False):
-        sizes = [memory.worst_microbatch(examples, batch, packing, True) for batch in (1, 2, 3, 5)]
+        sizes = [bound(batch, packing) for batch in (1, 2, 3, 5)]
         assert sizes == sorted(sizes) and len(set(sizes)) == 4
-    assert memory.worst_microbatch(examples, 2, True, True) == (200, 60 + 40)  # the two longest, their labels
-    assert memory.worst_microbatch(examples, 2, False, False) == (240, 240)  # two rows of 120, all logits
+    assert bound(2, True) == (200, 60 + 40)  # the two longest, their labels
+    assert bound(2, False, False) == (240, 240)  # two rows of 120, all logits
 
 
 def test_quantized_weights_are_smaller(qwen7b):
     def weights(quantization):
-        return memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, 512, 128, True, quantization).weights
+        return memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, 512, 128, 28, quantization).weights
 
     assert weights("4bit") < weights("8bit") < weights(None)
     assert weights(None) - weights("4bit") > 8.5 * GiB  # 6.5 B decoder weights from 2 bytes to 0.5625: 8.7 GiB
@@ -129,8 +135,8 @@ def test_auto_turns_checkpointing_on_exactly_past_the_budget(qwen7b, tiny_model)
         cfg = run_config(tiny_model, memory_budget_gib=budget)
         decision = memory.for_run(cfg, examples(), torch.device("cpu"), torch.bfloat16, qwen7b, on_gpu=True)
         assert decision.checkpointing is expected, decision.line()
-    assert decision.line().startswith("gradient checkpointing: on (estimated peak without it")
-    assert decision.estimate is decision.with_it and decision.with_it.peak < decision.usable
+    assert decision.line().startswith(f"gradient checkpointing: {decision.layers} of 28 layers (estimated peak")
+    assert decision.estimate is decision.estimates[decision.layers] and decision.estimate.peak <= decision.usable
 
 
 def test_auto_reads_the_gpus_total_memory(qwen7b, tiny_model, monkeypatch):
@@ -164,6 +170,7 @@ def test_a_cpu_run_with_a_tiny_budget_trains_without_checkpointing(config_file, 
     assert "gradient checkpointing: off (auto never checkpoints on the CPU" in out
     summary = json.loads((Path(cfg.output_dir) / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["gradient_checkpointing"] is False and summary["estimated_peak_gib"] > 0
+    assert (summary["checkpointed_layers"], summary["decoder_layers"]) == (0, 2)
     assert "gradient_checkpointing: auto" in (Path(cfg.output_dir) / "roletune.yaml").read_text(encoding="utf-8")
 
 
@@ -180,6 +187,7 @@ def test_checkpointing_leaves_the_result_unchanged(config_file, tmp_path):
         adapters.append(load_file(Path(cfg.output_dir) / "adapter_model.safetensors"))
         summary = json.loads((Path(cfg.output_dir) / "train_summary.json").read_text(encoding="utf-8"))
         assert summary["gradient_checkpointing"] is checkpointing
+        assert summary["checkpointed_layers"] == (2 if checkpointing else 0)
     assert adapters[0].keys() == adapters[1].keys()
     for name in adapters[0]:
         torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=0, atol=1e-6, msg=name)
@@ -195,7 +203,10 @@ def test_dry_run_plans_for_a_budget(shared, capsys):
                  "train.batch_size=16", "train.memory_budget_gib=24"]) == 0
     out = capsys.readouterr().out
     assert "memory (estimated, bf16 on a GPU with 21.6 GiB usable)" in out
-    assert "gradient checkpointing: on (estimated peak without it" in out
+    assert "  for the largest micro-batch of this run's data order: " in out
+    layers = re.search(r"gradient checkpointing: (\d+) of 28 layers \(estimated peak [\d.]+ GiB of 21.6 GiB usable; "
+                       r"[\d.]+ GiB with none\)", out)
+    assert layers and 0 < int(layers[1]) < 28, out[-1500:]
 
 
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), (True, True), (False, False), ("on", True),
@@ -233,3 +244,143 @@ def cfg_dict(cfg) -> dict:
 
     from roletune.config import dump_config
     return yaml.safe_load(dump_config(cfg))
+
+
+def test_the_checkpointed_layer_count_grows_as_the_budget_shrinks(qwen7b, tiny_model):
+    """Each estimate is the module docstring's sum for k of 28 layers, and auto takes the fewest that fit."""
+    cfg = run_config(tiny_model)
+    decision = memory.for_run(cfg, examples(16, 300), torch.device("cpu"), torch.bfloat16, qwen7b, on_gpu=True)
+    tokens, every = decision.microbatch.tokens, 28
+    shape = memory.Shape.of(qwen7b)
+    targets = {name: dims for name, dims in shape.linears().items() if name in memory.adapted_modules(cfg.lora)}
+    full = memory.layer_activation_bytes(shape, targets, 2, cfg.lora.dropout > 0)
+    for k, estimate in enumerate(decision.estimates):
+        kept = tokens * (k * shape.hidden * 2 + (every - k) * full + 4 * shape.hidden)
+        loss = max(estimate.logits, tokens * full if k else 0)
+        assert estimate.peak == estimate.weights + estimate.adapter + kept + loss + memory.WORKSPACE_BYTES, k
+    peaks = [e.peak for e in decision.estimates]
+    assert peaks[1:] == sorted(peaks[1:], reverse=True)  # every further layer checkpointed saves memory
+
+    usable_range = torch.linspace(peaks[0] * 1.02, peaks[-1] * 0.98, 400).tolist()
+    counts = [memory.decide("auto", decision.estimates, round(usable), True, decision.microbatch).layers
+              for usable in usable_range]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == every
+    assert len(set(counts)) == every + 1  # each count from 0 to 28 is the answer for some budget
+    for usable, k in zip(usable_range, counts):
+        fits = [e.peak <= usable for e in decision.estimates]
+        assert k == (fits.index(True) if any(fits) else every)
+    assert memory.decide(True, decision.estimates, None, False, decision.microbatch).layers == every
+    assert memory.decide(False, decision.estimates, 1, True, decision.microbatch).layers == 0
+    tight = memory.decide("auto", decision.estimates, round(peaks[-1] * 0.98), True, decision.microbatch)
+    assert "28 of 28 layers (estimated peak" in tight.line() and "it may run out of memory" in tight.line()
+
+
+VARIED_ROWS = [{"instruction": f"第{i}个问题：灯塔还亮着吗？" + "海上起雾了。" * (i % 4), "input": "",
+                "output": "灯塔照常亮着。" * (1 + i * 7 % 5)} for i in range(13)]
+
+
+@pytest.mark.parametrize("packing, train_settings", [(True, {"epochs": 2, "grad_accum": 2}),
+                                                     (False, {"max_steps": 5, "grad_accum": 1})])
+def test_the_largest_microbatch_is_the_largest_trainer_trains_on(config_file, packing, train_settings):
+    """The micro-batches a real Trainer trains on, in order, are the ones distributed.training_order plans:
+    so the planned largest is never exceeded and is reached."""
+    from roletune.batching import labelled_positions
+    from roletune.distributed import training_order
+    from roletune.model import load_tokenizer
+    from roletune.trainer import build_trainer
+
+    cfg = load_config(config_file(VARIED_ROWS, train={"batch_size": 4, "packing": packing, "save_steps": 1000,
+                                                      **train_settings}))
+    tokenizer = load_tokenizer(cfg.model)
+    data = train.build_dataset(cfg, tokenizer)
+    model = train.build_model(cfg, torch.device("cpu"), echo=lambda *_: None)
+    trainer = build_trainer(cfg, model, tokenizer, data.train, [], torch.device("cpu"))
+    seen = []
+    step = trainer.training_step
+
+    def recording(model, inputs, *args, **kwargs):
+        labels = inputs["labels"]
+        positions = (labels[:, 1:] != -100).sum() if packing else labels.shape[0] * len(labelled_positions(labels))
+        seen.append((inputs["input_ids"].numel(), int(positions)))
+        return step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = recording
+    trainer.train()
+
+    t = cfg.train
+    order = training_order(len(data.train), t.batch_size, 1, t.seed, t.grad_accum, t.epochs, t.max_steps)
+    planned = [memory.worst_microbatch(data.train, [batch], packing, True) for batch in order]
+    assert [(m.tokens, m.positions) for m in planned] == seen
+    largest = memory.planned_microbatch(cfg, data.train, world_size=1)
+    assert largest.in_order and (largest.tokens, largest.positions) == tuple(map(max, zip(*seen)))
+    bound = memory.largest_possible_microbatch(data.train, t.batch_size, packing, True)
+    assert largest.tokens <= bound.tokens and largest.positions <= bound.positions  # the 4 longest together
+
+
+def test_several_processes_deal_the_padded_order_one_microbatch_each():
+    """accelerate's own shards of EvenTailTrainer's padded order, epoch by epoch, are the planned micro-batches."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from roletune import distributed
+
+    for count, per_device, ranks, grad_accum, epochs in [(10, 2, 2, 1, 2), (7, 2, 3, 2, 3), (5, 4, 2, 1, 1.0)]:
+        dealt = []
+        for epoch in range(int(epochs)):
+            def padded():  # what each rank builds for itself
+                order = distributed.seeded_order(range(count), seed=3)
+                order.set_epoch(epoch)
+                return distributed.PaddedOrder(order, per_device * ranks, filler=count)
+
+            shards = [list(BatchSamplerShard(BatchSampler(padded(), per_device, False), ranks, rank))
+                      for rank in range(ranks)]
+            dealt += [shard[i] for i in range(len(shards[0])) for shard in shards]  # round by round
+        assert distributed.training_order(count, per_device, ranks, 3, grad_accum, epochs, None) == dealt
+
+
+def test_one_of_two_layers_checkpointed_trains_the_same_and_only_that_layer_recomputes(config_file, tmp_path):
+    """The first layer is checkpointed, the second is not: same losses and adapter as no checkpointing (the
+    recomputation replays dropout's RNG), and during training the first layer's MLP runs twice per micro-batch
+    (forward, then again in backward) while the second's runs once."""
+    from roletune.model import load_tokenizer
+    from roletune.trainer import build_trainer
+
+    def trained(checkpointed_layers):
+        cfg = load_config(config_file(train={"max_steps": 3, "save_steps": 1000}, lora={"dropout": 0.1},
+                                      output_dir=str(tmp_path / str(checkpointed_layers))))
+        tokenizer = load_tokenizer(cfg.model)
+        data = train.build_dataset(cfg, tokenizer)
+        model = train.build_model(cfg, torch.device("cpu"), lambda *_: None, checkpointed_layers)
+        layers = model.get_base_model().model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [i < checkpointed_layers for i in range(2)]
+        calls = [0] * len(layers)
+        # Counted as the MLP is entered: a hook on the layer itself sits outside its checkpoint, and the recompute
+        # stops (early) inside the MLP's last projection, before any hook after the MLP's forward would run.
+        for i, layer in enumerate(layers):
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        trainer = build_trainer(cfg, model, tokenizer, data.train, [], torch.device("cpu"))
+        trainer.train()
+        assert [layer.gradient_checkpointing for layer in layers] == [i < checkpointed_layers for i in range(2)]
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        adapter = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        return calls, losses, adapter
+
+    plain_calls, plain_losses, plain = trained(0)
+    calls, losses, adapter = trained(1)
+    assert plain_calls == [3, 3] and calls == [6, 3]  # 3 micro-batches
+    assert losses == pytest.approx(plain_losses, rel=1e-6)
+    for name in plain:
+        torch.testing.assert_close(adapter[name], plain[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_an_order_not_modelled_falls_back_to_the_longest_examples_and_says_so(qwen7b, tiny_model, monkeypatch):
+    from transformers import TrainingArguments
+
+    varied = [Example(list(range(n)), [-100] * 5 + list(range(n - 5))) for n in (20, 90, 40, 60, 30, 80, 50, 70)]
+    cfg = run_config(tiny_model, memory_budget_gib=24)
+    ordered = memory.for_run(cfg, varied, torch.device("cpu"), torch.bfloat16, qwen7b, on_gpu=True)
+    monkeypatch.setattr(TrainingArguments, "train_sampling_strategy", "group_by_length")
+    bounded = memory.for_run(cfg, varied, torch.device("cpu"), torch.bfloat16, qwen7b, on_gpu=True)
+    assert ordered.microbatch.in_order and not bounded.microbatch.in_order
+    assert bounded.microbatch.tokens == 90 + 80 + 70 + 60 >= ordered.microbatch.tokens
+    assert "data order not modelled" in bounded.line() and "data order" not in ordered.line()

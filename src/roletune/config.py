@@ -106,9 +106,11 @@ class TrainConfig:
         None, "Examples per optimizer step over all processes; when set, grad_accum is derived from it as "
         "effective_batch / (batch_size x processes), which must divide exactly.", check=POSITIVE)
     gradient_checkpointing: bool | str = setting(
-        "auto", "Recompute activations in backward: far less memory, about a third more compute. auto: only when "
-        "the estimated peak without it exceeds 90% of the GPU's memory (or of train.memory_budget_gib); "
-        "never on the CPU.", choices=["auto", True, False])
+        "auto", "Recompute activations in backward, per decoder layer: a checkpointed layer keeps only its input, "
+        "and costs another forward pass through it (all layers: about a third more compute). auto: the fewest "
+        "layers (the first ones) for which the estimated peak of this run's largest micro-batch fits 90% of the "
+        "GPU's memory (or of train.memory_budget_gib), none when it fits without; never on the CPU. "
+        "true: all layers; false: none.", choices=["auto", True, False])
     memory_budget_gib: float | None = setting(
         None, "GPU memory to plan for, in GiB, instead of the GPU's own (e.g. 24 to fit a 24 GiB card): "
         "gradient_checkpointing=auto decides against 90% of it, and a dry run plans for a GPU of this size.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -163,11 +164,48 @@ class EvenTailTrainer:
                                     sampler_fn=lambda data: PaddedOrder(range(len(rows)), multiple, len(rows)))
 
     def _seeded_order(self, dataset):
-        from accelerate.data_loader import SeedableRandomSampler
+        return seeded_order(dataset, self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
-        # The sampler accelerate puts in place of Trainer's RandomSampler in a single process, with the same seed.
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return SeedableRandomSampler(dataset, data_seed=seed)
+
+def seeded_order(dataset, seed: int):
+    """The sampler accelerate puts in place of Trainer's RandomSampler in a single process, with the same seed:
+    a permutation drawn from seed + epoch (set_epoch) for each epoch."""
+    from accelerate.data_loader import SeedableRandomSampler
+
+    return SeedableRandomSampler(dataset, data_seed=seed)
+
+
+def training_order(count: int, batch_size: int, world_size: int, seed: int, grad_accum: int, epochs: float,
+                   max_steps: int | None):
+    """Every micro-batch of a run, over all processes, as lists of example indices (`count` is the filler
+    of a distributed tail); None when Trainer orders the examples some other way than modelled here.
+
+    In one process Trainer trains on `seeded_order` in micro-batches of `batch_size` consecutive indices,
+    the last one shorter. In W processes EvenTailTrainer pads the permutation to whole rounds and accelerate
+    deals it round by round, one micro-batch to each rank. An epoch is ceil(micro-batches per rank /
+    grad_accum) optimizer steps; the run is max_steps of them, or epochs x that, and the last step takes
+    its grad_accum micro-batches whole. Written out here, not read from a Trainer, because memory.for_run
+    needs it before the model (and so any Trainer) exists; tests compare it with a real Trainer's batches.
+    """
+    from transformers import TrainingArguments
+
+    # train_sampling_strategy stays at Trainer's default in roletune (and EvenTailTrainer pads only that one).
+    if getattr(TrainingArguments, "train_sampling_strategy", None) != "random":
+        return None
+    per_round = batch_size * world_size
+    padded = count + (-count % per_round if world_size > 1 else 0)
+    per_rank = math.ceil(padded / per_round)
+    steps_per_epoch = max(math.ceil(per_rank / grad_accum), 1)
+    steps = max_steps or math.ceil(epochs * steps_per_epoch)
+    order = seeded_order(range(count), seed)
+    batches = []
+    for epoch in range(math.ceil(steps / steps_per_epoch)):
+        order.set_epoch(epoch)
+        indices = [*order, *[count] * (padded - count)]
+        epoch_steps = min(steps_per_epoch, steps - epoch * steps_per_epoch)
+        used = min(per_rank, epoch_steps * grad_accum) * world_size
+        batches += [indices[start:start + batch_size] for start in range(0, used * batch_size, batch_size)]
+    return batches
 
 
 def with_even_tail(trainer_class: type) -> type:

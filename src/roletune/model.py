@@ -163,7 +163,8 @@ def build_meta_model(model_cfg):
                                                 trust_remote_code=model_cfg.trust_remote_code)
 
 
-def apply_lora(model, lora_cfg, gradient_checkpointing: bool = False):
+def apply_lora(model, lora_cfg, checkpointed_layers: int = 0):
+    """LoRA adapters on `model`, with the first `checkpointed_layers` decoder layers checkpointed."""
     import peft
 
     if getattr(model, "is_quantized", False) and model.get_input_embeddings().weight.dtype == torch.float16:
@@ -190,10 +191,36 @@ def apply_lora(model, lora_cfg, gradient_checkpointing: bool = False):
                 param.data = param.data.to(torch.bfloat16)
     elif lora_cfg.dtype == "auto":
         keep_lora_inputs_under_autocast(model)
-    if gradient_checkpointing:
-        # With frozen embeddings the checkpointed blocks' inputs need grads, or LoRA gets none.
-        model.enable_input_require_grads()
+    if checkpointed_layers:
+        checkpoint_first_layers(model.get_base_model(), checkpointed_layers)
     return model
+
+
+def checkpoint_first_layers(model, count: int) -> None:
+    """Activation checkpointing for the first `count` decoder layers of a transformers model, the others
+    keeping their activations.
+
+    transformers checkpoints every decoder layer (or every n-th); each layer (a GradientCheckpointingLayer)
+    recomputes only while its own `gradient_checkpointing` flag is set, so the flag is cleared again past
+    the first `count`. The first ones, because backward reaches them last: by the time it rebuilds one of
+    them, the later layers have handed back their full activations, so the rebuild never adds to the peak
+    (it does with the last layers checkpointed). Done here, once, rather than with TrainingArguments'
+    activation_checkpointing, which makes Trainer enable every layer again at the start of train().
+    Non-reentrant checkpointing gives LoRA its gradients without hooks on the inputs, and restores the RNG
+    state when it recomputes, so dropout masks (and the result) are the same with it or without.
+    Enabling also makes the embeddings' output require grad (enable_input_require_grads): with a frozen
+    base the checkpointed blocks' inputs need it, or LoRA would get no gradient through them.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers[count:]:
+        layer.gradient_checkpointing = False
 
 
 def check_lora_dtype(lora_cfg, dtype: torch.dtype) -> None:

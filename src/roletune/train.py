@@ -64,11 +64,12 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     if launch.is_main:
         preflight.check(cfg, len(data.train), checkpoint)
 
-    # train.gradient_checkpointing=auto decided once, from the worst micro-batch of this data on this device.
-    # The saved config keeps what the user asked (auto); the decision goes into train_summary.json.
+    # train.gradient_checkpointing=auto decided once, from the largest micro-batch of this run's data order on
+    # this device: how many decoder layers to checkpoint. The saved config keeps what the user asked (auto);
+    # the decision goes into train_summary.json.
     decision = memory.for_run(cfg, data.train, device, resolve_dtype(cfg.model.dtype, device))
     echo(decision.line())
-    model = build_model(cfg, device, echo, decision.checkpointing)
+    model = build_model(cfg, device, echo, decision.layers)
     if launch.is_main:
         prepare_output_dir(cfg, data, fresh=(overwrite or resume is not None) and checkpoint is None)
     tracker = open_tracker(cfg) if launch.is_main else Tracker()
@@ -77,8 +78,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
                             every_rank=distributed.sharded(cfg))
     watchers = [c for c in (tracker.callback(), samples) if c is not None]
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the step boundary, then Interrupted
-    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks),
-                            decision.checkpointing)
+    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks))
     try:
         started = time.perf_counter()
         with stop:
@@ -117,13 +117,13 @@ def echo_dataset(data: TrainingData, tokenizer, cfg: Config, echo) -> None:
     echo(mark_trained(data.train[0], tokenizer))
 
 
-def build_model(cfg: Config, device: torch.device, echo=print, checkpointing: bool = False):
+def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_layers: int = 0):
     set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG, before Trainer seeds it
     dtype = resolve_dtype(cfg.model.dtype, device)
     check_lora_dtype(cfg.lora, dtype)
     base = load_base_model(cfg.model, distributed.load_device(cfg, device), dtype)
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
-    model = apply_lora(base, cfg.lora, checkpointing)
+    model = apply_lora(base, cfg.lora, checkpointed_layers)
     echo_trainable(model, echo)
     return model
 
@@ -191,6 +191,8 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_wh
         "peak_memory_kind": "GPU allocated" if device.type == "cuda" else "process RSS",
         "estimated_peak_gib": round(decision.estimate.peak / memory.GiB, 2),
         "gradient_checkpointing": decision.checkpointing,
+        "checkpointed_layers": decision.layers,  # the first this many decoder layers
+        "decoder_layers": decision.total_layers,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "final_train_loss": series["train"][-1][1] if series["train"] else None,
         "final_eval_loss": series["eval"][-1][1] if series["eval"] else None,

@@ -39,9 +39,7 @@ class PinnedDeviceArguments(TrainingArguments):
         return device
 
 
-def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False,
-                       checkpointing: bool = False) -> TrainingArguments:
-    """`checkpointing` is train.gradient_checkpointing as memory.for_run resolved it (auto is decided there)."""
+def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False) -> TrainingArguments:
     t = cfg.train
     on_gpu = device.type == "cuda"
     model_dtype = resolve_dtype(cfg.model.dtype, device)
@@ -60,10 +58,9 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         torch_compile=t.compile,
-        activation_checkpointing=checkpointing,
-        # Non-reentrant checkpointing gives LoRA its gradients without hooks on the inputs, and restores the
-        # RNG state when it recomputes, so dropout masks (and the result) are the same with it or without.
-        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        # Off here: model.checkpoint_first_layers checkpoints only the layers memory.for_run asks for, and
+        # Trainer would switch every layer on at train() (FSDP runs alike: the flags travel with the layers).
+        activation_checkpointing=False,
         bf16=on_gpu and model_dtype == torch.bfloat16,
         fp16=on_gpu and model_dtype == torch.float16,
         logging_steps=t.logging_steps,
@@ -84,7 +81,7 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
 
 
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
-                  device: torch.device, callbacks: tuple = (), checkpointing: bool = False) -> Trainer:
+                  device: torch.device, callbacks: tuple = ()) -> Trainer:
     collator = make_collator(tokenizer, cfg.train.packing, cfg.model.attn_implementation == "flash_attention_2")
     t = cfg.train
     trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
@@ -93,7 +90,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
     loss_args = {}
     if t.reply_logits_only:
         loss_args["head_loss"] = head_loss_for(t.lm_head_loss, t.loss_chunk, device, distributed.sharded(cfg))
-    trainer = trainer_class(model=model, args=training_arguments(cfg, device, bool(heldout), checkpointing), **loss_args,
+    trainer = trainer_class(model=model, args=training_arguments(cfg, device, bool(heldout)), **loss_args,
                             train_dataset=[e.as_features() for e in train],
                             eval_dataset=[e.as_features() for e in heldout] or None,
                             processing_class=tokenizer, data_collator=collator,
