@@ -21,4 +21,7 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 train.batch_size=16 train.grad_accum=1 \
       train.gradient_checkpointing=auto | tail -8
   python "$here/benchmarks/train_speed.py" --levers --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl"
+  # Compiling a 7B model can take minutes: last, and bounded, so the figures above are kept either way.
+  timeout 240 python "$here/benchmarks/train_speed.py" --no-peer --compile --steps 40 --shared "$shared" \
+      --out "$out/train_speed_compile.jsonl" || echo "compile run did not finish in 240 s"
 } 2>&1 | tee "$out/gpu_run.log"

@@ -9,6 +9,7 @@ usage:
   python benchmarks/train_speed.py                      # Qwen2.5-7B architecture on the GPU
   python benchmarks/train_speed.py --device cpu --tiny  # the demo's tiny Qwen2 on the CPU
   python benchmarks/train_speed.py --levers             # also roletune with one lever off at a time
+  python benchmarks/train_speed.py --no-peer --compile  # roletune with and without torch.compile
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
          --model-config DIR, --out FILE.json (append the figures)
 """
@@ -26,8 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN_FACTOR = 4  # forward + activation gradients of the non-embedding weights (as the peer counts)
-# roletune with one lever turned back to what the seed does, to say what each lever buys
-# (and one turned on, to see whether it would).
+# roletune with one lever turned back to what the seed does, to say what each lever buys.
 LEVERS = {
     "no-packing": ["train.packing=false"],
     "all-logits": ["train.reply_logits_only=false"],
@@ -35,8 +35,8 @@ LEVERS = {
     "fp32-lora-inputs": ["lora.dtype=fp32"],
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
-    "+compile": ["train.compile=true"],  # off by default: on only if this shows it pays
 }
+COMPILE = {"+compile": ["train.compile=true"]}  # off by default: on only if this shows it pays
 
 
 def main() -> None:
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--model-config", help="folder with the model's config.json")
     parser.add_argument("--out", help="append the figures as JSON lines to this file")
     parser.add_argument("--levers", action="store_true", help="also run roletune with each lever off in turn")
+    parser.add_argument("--compile", action="store_true", help="also run roletune with train.compile=true")
+    parser.add_argument("--no-peer", action="store_true", help="skip the seed recipe (compare roletune variants only)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # the worker's overrides
     args = parser.parse_args()
@@ -61,9 +63,9 @@ def main() -> None:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")
                    if args.device == "cuda" else "")
         peer = Path(args.shared) / "bench" / "seed_recipe.py"
-        for variant in ("seed", "bs16"):
+        for variant in () if args.no_peer else ("seed", "bs16"):
             run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
-        variants = {"roletune": [], **(LEVERS if args.levers else {})}
+        variants = {"roletune": [], **(LEVERS if args.levers else {}), **(COMPILE if args.compile else {})}
         for name, overrides in variants.items():
             run([sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(steps),
                  "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results),
@@ -176,8 +178,12 @@ def report(rows: list[dict]) -> None:
     by_name = {row["variant"]: row for row in rows}
     first = by_name["roletune"].get("first_losses")
     print(f"\nroletune first losses: {first}; device: {by_name['roletune']['device']}, torch {by_name['roletune']['torch']}")
-    print(f"speedup_vs_bs16={by_name['bs16']['step_s'] / by_name['roletune']['step_s']:.2f}")
-    print(f"speedup_vs_seed={by_name['seed']['step_s'] / by_name['roletune']['step_s']:.2f}")
+    for name, row in by_name.items():
+        if name not in ("roletune", "seed", "bs16"):
+            print(f"{name}: {row['step_s'] / by_name['roletune']['step_s']:.2f}x roletune's step time")
+    if "seed" in by_name:
+        print(f"speedup_vs_bs16={by_name['bs16']['step_s'] / by_name['roletune']['step_s']:.2f}")
+        print(f"speedup_vs_seed={by_name['seed']['step_s'] / by_name['roletune']['step_s']:.2f}")
 
 
 if __name__ == "__main__":
