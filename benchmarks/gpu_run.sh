@@ -3,6 +3,10 @@
 # with every lever turned back in turn, and the memory estimate next to the measured peaks.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
 # from src/ without installing, so a machine with torch, transformers, peft and accelerate suffices.
+# Optional packages for a machine without a package index: put their wheels in .whl/ (e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       -d .whl liger-kernel==0.8.5
+# for the fused LM-head loss) and they are installed into a scratch folder first.
 # usage: benchmarks/gpu_run.sh OUT_DIR [STEPS]
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [STEPS]}
@@ -12,6 +16,10 @@ shared=$here/.shared
 [ -d "$shared" ] || shared=$here/../shared
 mkdir -p "$out"
 export PYTHONPATH=$here/src${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G "$here/.whl/*.whl" > /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/roletune-site "$here"/.whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/roletune-site
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c 'import torch, transformers, peft, accelerate; print("torch", torch.__version__, "transformers",

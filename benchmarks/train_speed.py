@@ -32,6 +32,7 @@ LEVERS = {
     "no-packing": ["train.packing=false"],
     "all-logits": ["train.reply_logits_only=false"],
     "full-head": ["train.lm_head_loss=full"],
+    "chunked-head": ["train.lm_head_loss=chunked"],  # differs from the default only where Liger is installed
     "fp32-lora-inputs": ["lora.dtype=fp32"],
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
