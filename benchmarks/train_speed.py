@@ -34,6 +34,7 @@ LEVERS = {
     "full-head": ["train.lm_head_loss=full"],
     "chunked-head": ["train.lm_head_loss=chunked"],  # differs from the default only where Liger is installed
     "fp32-lora-inputs": ["lora.dtype=fp32"],
+    "kept-lora-dropout": ["lora.recompute_dropout=false"],
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
 }

@@ -14,7 +14,8 @@ from roletune.errors import ConfigError
 from roletune.tokenize import Example
 
 GiB = 2**30
-SEED_LORA = LoraConfig(r=8, dropout=0.1)  # the seed's seven projections
+# The seed's LoRA as peft runs it by default (as the measured peer did): seven projections, fp32 input copies.
+SEED_LORA = LoraConfig(r=8, dropout=0.1, dtype="fp32", recompute_dropout=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_the_counted_activations_are_what_autograd_keeps():
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
-    lora = LoraConfig(r=8, dropout=0.0)
+    lora = LoraConfig(r=8, dropout=0.0, dtype="fp32")  # peft's own path, which copies inputs to fp32
     base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                       target_modules=lora.target_modules))
@@ -253,7 +254,7 @@ def test_the_checkpointed_layer_count_grows_as_the_budget_shrinks(qwen7b, tiny_m
     tokens, every = decision.microbatch.tokens, 28
     shape = memory.Shape.of(qwen7b)
     targets = {name: dims for name, dims in shape.linears().items() if name in memory.adapted_modules(cfg.lora)}
-    full = memory.layer_activation_bytes(shape, targets, 2, cfg.lora.dropout > 0)
+    full = memory.layer_activation_bytes(shape, targets, 2, cfg.lora)
     for k, estimate in enumerate(decision.estimates):
         kept = tokens * (k * shape.hidden * 2 + (every - k) * full + 4 * shape.hidden)
         loss = max(estimate.logits, tokens * full if k else 0)
@@ -384,3 +385,17 @@ def test_an_order_not_modelled_falls_back_to_the_longest_examples_and_says_so(qw
     assert ordered.microbatch.in_order and not bounded.microbatch.in_order
     assert bounded.microbatch.tokens == 90 + 80 + 70 + 60 >= ordered.microbatch.tokens
     assert "data order not modelled" in bounded.line() and "data order" not in ordered.line()
+
+
+def test_recomputed_lora_dropout_keeps_each_input_once(qwen7b):
+    """The seed's LoRA as peft runs it keeps a copy of the input per projection; roletune's default keeps
+    the attention input, the attention output, the MLP input and the MLP's inner activation once each."""
+    h, inner = qwen7b.hidden_size, qwen7b.intermediate_size
+
+    def per_token_layer(lora):
+        return memory.estimate(qwen7b, lora, torch.bfloat16, 1, 0, 0).kept_activations // 28
+
+    peft_default, roletune = per_token_layer(SEED_LORA), per_token_layer(LoraConfig(r=8, dropout=0.1))
+    assert peft_default - roletune == (6 * h + inner) * 3 - (3 * h + inner) * 2
+    assert roletune / peft_default < 0.8  # a fifth and more of what a layer keeps
+    assert per_token_layer(LoraConfig(r=8, dropout=0.1, recompute_dropout=False)) == peft_default

@@ -11,13 +11,19 @@ I = intermediate_size, a = bytes per activation element (2 in bf16/fp16, 4 in fp
   sdpa attention      q, k and v with kv repeated to every head (a mask is always    4 x h a
                       present: padding or packed examples), and the output
   SwiGLU MLP          gate output (silu), silu output and up output (their product)  3 x I a
-  each LoRA Linear    a copy of its input: peft casts it to the fp32 adapter dtype,  in x (a + 1 if dropout)
-                      autocast casts that back for lora_A, and dropout keeps a 1-byte
-                      mask; q, k, v, gate and up read h, o reads h, down reads I
+  each LoRA Linear    peft's own path (lora.dtype=fp32, or dropout not recomputed):  in x (a + 1 if dropout)
+                      a copy of its input (peft casts it to the fp32 adapter dtype,
+                      autocast casts that back for lora_A, or dropout makes one) and
+                      dropout's 1-byte mask; q, k, v, gate and up read h, o reads h,
+                      down reads I
+  LoRA inputs         roletune's default (lora.dtype=auto, dropout redrawn in       (3h + I) a
+                      backward, see roletune.lora_dropout): each input once, shared
+                      by the projections that read it
   frozen base Linear  nothing: only a weight gradient would need its input
 
-For the seed recipe on Qwen2.5-7B in bf16 (r=8, seven adapted projections, dropout 0.1) that is
-34h + 9I = 292 KB per token per layer, 8.2 MB per token over 28 layers. A checkpointed layer keeps
+For the seed recipe on Qwen2.5-7B in bf16 (r=8, seven adapted projections, dropout 0.1) as peft runs
+it, that is 34h + 9I = 292 KB per token per layer, 8.2 MB per token over 28 layers; roletune's default
+LoRA path keeps 22h + 8I = 230 KB. A checkpointed layer keeps
 only its input (h a per token) and rebuilds its activations in backward, one layer at a time.
 Checkpointing is per layer: with k of the L layers checkpointed (the first k), the kept activations
 are k x (input) + (L - k) x (all of the above), plus one rebuilt layer when k > 0; `auto` picks the
@@ -152,7 +158,7 @@ def estimate(model_config, lora, dtype: torch.dtype, tokens_per_microbatch: int,
         raise ValueError(f"checkpointed_layers={checkpointed_layers!r}: expected a count from 0 to {shape.layers}")
     size = torch.empty((), dtype=dtype).element_size()
     targets = {name: dims for name, dims in shape.linears().items() if name in adapted_modules(lora)}
-    per_layer = layer_activation_bytes(shape, targets, size, lora.dropout > 0)
+    per_layer = layer_activation_bytes(shape, targets, size, lora)
     final_norm = 4 * shape.hidden  # the last RMSNorm is outside the checkpointed layers
     full_layers = shape.layers - checkpointed_layers
     kept = tokens_per_microbatch * (checkpointed_layers * shape.hidden * size + full_layers * per_layer + final_norm)
@@ -167,14 +173,29 @@ def adapted_modules(lora) -> list[str]:
     return ALL_LINEAR if lora.target_modules == ["all-linear"] else lora.target_modules
 
 
-def layer_activation_bytes(shape: Shape, targets: dict[str, tuple[int, int]], size: int, dropout: bool) -> int:
+def layer_activation_bytes(shape: Shape, targets: dict[str, tuple[int, int]], size: int, lora) -> int:
     """Bytes one decoder layer keeps for backward, per token (the table in the module docstring)."""
     norms = 2 * 4 * shape.hidden
     attention = 4 * shape.heads * shape.head_dim * size + 4 * shape.heads  # + sdpa's fp32 logsumexp
     mlp = 3 * shape.intermediate * size
-    # fp32 without dropout keeps the input itself, shared by q/k/v: counted per module, a small overestimate.
-    adapters = sum(i for i, _ in targets.values()) * (size + (1 if dropout else 0))
-    return norms + attention + mlp + adapters
+    return norms + attention + mlp + lora_input_bytes(targets, size, lora)
+
+
+# Projections that read the same input tensor.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def lora_input_bytes(targets: dict[str, tuple[int, int]], size: int, lora) -> int:
+    """What the LoRA layers keep of their inputs for lora_A's backward, per token."""
+    dropout = lora.dropout > 0
+    if lora.dtype == "fp32" or (dropout and not lora.recompute_dropout):
+        # A copy per projection: peft's fp32 cast (autocast hands lora_A a 16-bit copy of it) or the
+        # dropped-out input, plus a 1-byte mask with dropout. Without dropout the fp32 cast keeps one copy
+        # per projection too.
+        return sum(i for i, _ in targets.values()) * (size + (1 if dropout else 0))
+    # The input itself, once per tensor (roletune.lora_dropout redraws the dropout in backward).
+    read = [next((targets[name][0] for name in names if name in targets), 0) for names in SHARED_INPUTS]
+    return sum(read) * size
 
 
 def weight_bytes(shape: Shape, size: int, quantization: str | None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from roletune.errors import ConfigError, ModelError
+from roletune.lora_dropout import recompute_lora_dropout
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ def apply_lora(model, lora_cfg, checkpointed_layers: int = 0):
                 param.data = param.data.to(torch.bfloat16)
     elif lora_cfg.dtype == "auto":
         keep_lora_inputs_under_autocast(model)
+    if lora_cfg.recompute_dropout and lora_cfg.dtype != "fp32":
+        recompute_lora_dropout(model)
     if checkpointed_layers:
         checkpoint_first_layers(model.get_base_model(), checkpointed_layers)
     return model
