@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from roletune import distributed, train
+from roletune import distributed, epoch_order, train
 from roletune.cli import main
 from roletune.config import load_config
 from roletune.errors import ConfigError
@@ -169,7 +169,7 @@ def test_a_tail_round_is_padded_not_repeated():
         return SeedableRandomSampler(range(examples), data_seed=3)
 
     for examples, per_device, ranks in [(10, 2, 2), (12, 2, 2), (7, 2, 3), (5, 4, 2)]:
-        shards = [list(BatchSamplerShard(BatchSampler(distributed.PaddedOrder(order(examples), per_device * ranks,
+        shards = [list(BatchSamplerShard(BatchSampler(epoch_order.PaddedOrder(order(examples), per_device * ranks,
                                                                               filler=examples), per_device, False),
                                          ranks, rank)) for rank in range(ranks)]
         rounds = [sum((shard[i] for shard in shards), []) for i in range(len(shards[0]))]

@@ -283,10 +283,10 @@ VARIED_ROWS = [{"instruction": f"第{i}个问题：灯塔还亮着吗？" + "海
 @pytest.mark.parametrize("packing, train_settings", [(True, {"epochs": 2, "grad_accum": 2}),
                                                      (False, {"max_steps": 5, "grad_accum": 1})])
 def test_the_largest_microbatch_is_the_largest_trainer_trains_on(config_file, packing, train_settings):
-    """The micro-batches a real Trainer trains on, in order, are the ones distributed.training_order plans:
+    """The micro-batches a real Trainer trains on, in order, are the ones epoch_order.training_order plans:
     so the planned largest is never exceeded and is reached."""
     from roletune.batching import labelled_positions
-    from roletune.distributed import training_order
+    from roletune.epoch_order import training_order
     from roletune.model import load_tokenizer
     from roletune.trainer import build_trainer
 
@@ -323,20 +323,20 @@ def test_several_processes_deal_the_padded_order_one_microbatch_each():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from roletune import distributed
+    from roletune import epoch_order
 
     for count, per_device, ranks, grad_accum, epochs in [(10, 2, 2, 1, 2), (7, 2, 3, 2, 3), (5, 4, 2, 1, 1.0)]:
         dealt = []
         for epoch in range(int(epochs)):
             def padded():  # what each rank builds for itself
-                order = distributed.seeded_order(range(count), seed=3)
+                order = epoch_order.seeded_order(range(count), seed=3)
                 order.set_epoch(epoch)
-                return distributed.PaddedOrder(order, per_device * ranks, filler=count)
+                return epoch_order.PaddedOrder(order, per_device * ranks, filler=count)
 
             shards = [list(BatchSamplerShard(BatchSampler(padded(), per_device, False), ranks, rank))
                       for rank in range(ranks)]
             dealt += [shard[i] for i in range(len(shards[0])) for shard in shards]  # round by round
-        assert distributed.training_order(count, per_device, ranks, 3, grad_accum, epochs, None) == dealt
+        assert epoch_order.training_order(count, per_device, ranks, 3, grad_accum, epochs, None) == dealt
 
 
 def test_one_of_two_layers_checkpointed_trains_the_same_and_only_that_layer_recomputes(config_file, tmp_path):

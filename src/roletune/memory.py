@@ -37,7 +37,7 @@ peak = weights + LoRA state + kept activations + max(logits, rebuilt layer) + wo
 layer then only makes the figure an upper bound.)
 
 The micro-batch is the largest one this run will train on: Trainer's order is reproduced (a seeded
-permutation per epoch, dealt to the processes one micro-batch each, see distributed.training_order)
+permutation per epoch, dealt to the processes one micro-batch each, see epoch_order.training_order)
 and the largest micro-batch in tokens and the largest in logit positions are taken over every
 micro-batch of the planned epochs or max_steps. A random micro-batch of role-play lines is far
 smaller than the batch_size longest examples together, the bound used when the order is not
@@ -221,7 +221,7 @@ class MicroBatch:
 
 
 class _Sizes:
-    """What a micro-batch's size needs from each example (the last entry is distributed.WithFiller's
+    """What a micro-batch's size needs from each example (the last entry is epoch_order.WithFiller's
     filler: one token, no label)."""
 
     def __init__(self, examples, packing: bool, reply_logits_only: bool):
@@ -377,7 +377,7 @@ def decide(setting: bool | str, estimates: tuple[Estimate, ...], usable: int | N
 def planned_microbatch(cfg, examples, world_size: int) -> MicroBatch:
     """The largest micro-batch of the run `cfg` plans on `examples` in `world_size` processes. It depends
     on nothing a resume changes, so a resumed run sizes (and decides) alike."""
-    from roletune.distributed import training_order
+    from roletune.epoch_order import training_order
 
     t = cfg.train
     batches = training_order(len(examples), t.batch_size, world_size, t.seed, t.grad_accum, t.epochs, t.max_steps)

@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from roletune import checkpoints, distributed, run_dir
+from roletune import checkpoints, distributed, epoch_order, run_dir
 from roletune.batching import ReplyLossTrainer, make_collator, with_held_out_loss
 from roletune.config import Config
 from roletune.guard import NonFiniteGuard
@@ -85,7 +85,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
     collator = make_collator(tokenizer, cfg.train.packing, cfg.model.attn_implementation == "flash_attention_2")
     t = cfg.train
     trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
-    trainer_class = distributed.with_even_tail(trainer_class)
+    trainer_class = epoch_order.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
     loss_args = {}
     if t.reply_logits_only:
