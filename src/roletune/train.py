@@ -203,9 +203,10 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_wh
         "tracker": tracker_where,
     }
     (out / run_dir.SUMMARY_NAME).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    width = max(map(len, summary))
     for key, value in summary.items():
         if value is not None:
-            echo(f"{key:>20}: {value}")
+            echo(f"{key:>{width}}: {value}")
     train = series["train"]
     if len(train) >= 2:
         (first_step, first), (last_step, last) = train[0], train[-1]
