@@ -24,10 +24,9 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c 'import torch, transformers, peft, accelerate; print("torch", torch.__version__, "transformers",
 transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)'
-  python -m roletune train "$here/configs/huanhuan-qwen2.5-7b.yaml" --dry-run \
+  python -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
-      data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 train.batch_size=16 train.grad_accum=1 \
-      train.gradient_checkpointing=auto | tail -8
+      data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8
   python "$here/benchmarks/train_speed.py" --levers --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl"
   # Compiling a 7B model can take minutes: last, and bounded, so the figures above are kept either way.
   timeout 240 python "$here/benchmarks/train_speed.py" --no-peer --compile --steps 40 --shared "$shared" \

@@ -72,3 +72,21 @@ def test_every_key_is_documented():
             "output_dir", "lora.r", "lora.alpha", "lora.dropout", "train.epochs", "train.lr", "train.batch_size",
             "train.grad_accum", "train.save_steps", "train.seed", "train.max_steps"} <= {key for key, _, _ in rows}
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_fast_config_keeps_the_seed_optimization():
+    """Only how a step is computed differs: the same rows per optimizer step, model, data, LoRA and schedule."""
+    import dataclasses
+
+    from roletune import distributed
+
+    seed, fast = (load_config(ROOT / "configs" / name) for name in ("huanhuan-qwen2.5-7b.yaml",
+                                                                     "huanhuan-qwen2.5-7b-fast.yaml"))
+    assert (fast.model, fast.data, fast.lora) == (seed.model, seed.data, seed.lora)
+    same = ["epochs", "max_steps", "lr", "lr_scheduler", "warmup", "weight_decay", "max_grad_norm", "optim", "seed"]
+    assert [getattr(fast.train, k) for k in same] == [getattr(seed.train, k) for k in same]
+    for world in (1, 2, 4):  # however many GPUs share the micro-batches, a step takes 16 rows
+        per_device = dataclasses.replace(fast.train, batch_size=16 // world)
+        rows = per_device.batch_size * distributed.grad_accum(per_device, world) * world
+        assert rows == seed.train.batch_size * seed.train.grad_accum == 16, world
+    assert fast.train.gradient_checkpointing == "auto" and fast.train.batch_size == 16
