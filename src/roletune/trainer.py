@@ -32,6 +32,10 @@ class PinnedDeviceArguments(TrainingArguments):
     @functools.cached_property
     def _setup_devices(self) -> torch.device:
         device = TrainingArguments._setup_devices.func(self)
+        if device.type == "cpu":
+            # accelerate names a CPU rank's device "cpu:0", which torch.load cannot map a checkpoint onto
+            # (transformers before 5.2x resumes several CPU processes with map_location=args.device).
+            device = torch.device("cpu")
         if device.type == "cuda" and self.parallel_mode != ParallelMode.DISTRIBUTED:
             device = torch.device(self.pinned_device)
             torch.cuda.set_device(device)
@@ -58,9 +62,10 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         torch_compile=t.compile,
-        # Off here: model.checkpoint_first_layers checkpoints only the layers memory.for_run asks for, and
-        # Trainer would switch every layer on at train() (FSDP runs alike: the flags travel with the layers).
-        activation_checkpointing=False,
+        # Trainer's activation (formerly gradient) checkpointing stays at its default, off: it would switch
+        # every layer on at train(), and model.checkpoint_first_layers checkpoints only the layers
+        # memory.for_run asks for (FSDP runs alike: the flags travel with the layers). Not passed by name,
+        # because the name changed within transformers 5.
         bf16=on_gpu and model_dtype == torch.bfloat16,
         fp16=on_gpu and model_dtype == torch.float16,
         logging_steps=t.logging_steps,
