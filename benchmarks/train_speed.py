@@ -35,6 +35,7 @@ LEVERS = {
     "chunked-head": ["train.lm_head_loss=chunked"],  # differs from the default only where Liger is installed
     "fp32-lora-inputs": ["lora.dtype=fp32"],
     "kept-lora-dropout": ["lora.recompute_dropout=false"],
+    "plain-norm-mlp": ["train.lean_activations=false"],
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
 }

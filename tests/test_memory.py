@@ -254,9 +254,10 @@ def test_the_checkpointed_layer_count_grows_as_the_budget_shrinks(qwen7b, tiny_m
     tokens, every = decision.microbatch.tokens, 28
     shape = memory.Shape.of(qwen7b)
     targets = {name: dims for name, dims in shape.linears().items() if name in memory.adapted_modules(cfg.lora)}
-    full = memory.layer_activation_bytes(shape, targets, 2, cfg.lora)
+    lean = cfg.train.lean_activations
+    full = memory.layer_activation_bytes(shape, targets, 2, cfg.lora, lean)
     for k, estimate in enumerate(decision.estimates):
-        kept = tokens * (k * shape.hidden * 2 + (every - k) * full + 4 * shape.hidden)
+        kept = tokens * (k * shape.hidden * 2 + (every - k) * full + memory.norm_bytes(shape, 2, lean))
         loss = max(estimate.logits, tokens * full if k else 0)
         assert estimate.peak == estimate.weights + estimate.adapter + kept + loss + memory.WORKSPACE_BYTES, k
     peaks = [e.peak for e in decision.estimates]

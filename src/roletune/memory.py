@@ -7,10 +7,13 @@ here, from what the Qwen2 decoder layer and peft's LoRA Linear actually keep for
 attention, Trainer's bf16 autocast, peft's fp32 adapters). Per token and decoder layer, with h = hidden_size,
 I = intermediate_size, a = bytes per activation element (2 in bf16/fp16, 4 in fp32):
 
-  RMSNorm x2          the fp32 copy of its input (it normalises in fp32)            2 x 4h
+  RMSNorm x2          the fp32 copy of its input (it normalises in fp32) and the     2 x (4h + 4)
+                      fp32 1/rms; lean (train.lean_activations): the input itself    2 x (h a + 4)
+                      and the 1/rms
   sdpa attention      q, k and v with kv repeated to every head (a mask is always    4 x h a
                       present: padding or packed examples), and the output
   SwiGLU MLP          gate output (silu), silu output and up output (their product)  3 x I a
+                      lean: gate and up output only, silu rebuilt in backward       2 x I a
   each LoRA Linear    peft's own path (lora.dtype=fp32, or dropout not recomputed):  in x (a + 1 if dropout)
                       a copy of its input (peft casts it to the fp32 adapter dtype,
                       autocast casts that back for lora_A, or dropout makes one) and
@@ -22,10 +25,10 @@ I = intermediate_size, a = bytes per activation element (2 in bf16/fp16, 4 in fp
   frozen base Linear  nothing: only a weight gradient would need its input
 
 For the seed recipe on Qwen2.5-7B in bf16 (r=8, seven adapted projections, dropout 0.1) as peft runs
-it, that is 34h + 9I = 292 KB per token per layer, 8.2 MB per token over 28 layers; roletune's default
-LoRA path keeps 22h + 8I = 230 KB. A checkpointed layer keeps
-only its input (h a per token) and rebuilds its activations in backward, one layer at a time.
-Checkpointing is per layer: with k of the L layers checkpointed (the first k), the kept activations
+it, that is 34h + 9I (and 8 bytes of 1/rms) = 292 KB per token per layer, 8.2 MB per token over 28
+layers; roletune's LoRA path keeps 22h + 8I = 230 KB, and with lean RMSNorm and SwiGLU (its default,
+see roletune.lean_activations) 18h + 6I = 178 KB. A checkpointed layer keeps only its input (h a per
+token) and rebuilds its activations in backward, one layer at a time. Checkpointing is per layer: with k of the L layers checkpointed (the first k), the kept activations
 are k x (input) + (L - k) x (all of the above), plus one rebuilt layer when k > 0; `auto` picks the
 smallest k whose peak fits, since every rebuilt layer costs another forward pass through it. The
 loss costs 12 bytes per logit at its peak (the fp32 log-softmax kept for backward, the fp32 gradient
@@ -143,13 +146,14 @@ class Estimate:
 
 
 def estimate(model_config, lora, dtype: torch.dtype, tokens_per_microbatch: int, labelled_positions: int,
-             checkpointed_layers: int, quantization: str | None = None) -> Estimate:
+             checkpointed_layers: int, quantization: str | None = None, lean: bool = False) -> Estimate:
     """Peak memory of one training micro-batch of `tokens_per_microbatch` tokens (padding included)
     whose logits are computed at `labelled_positions` positions, with the first `checkpointed_layers`
     decoder layers checkpointed (0 to num_hidden_layers).
 
     `model_config` is the base model's transformers config; `lora` has r, dropout and target_modules;
-    `dtype` is the weights' dtype; `quantization` None, "4bit" or "8bit" (bitsandbytes, decoder Linears only).
+    `dtype` is the weights' dtype; `quantization` None, "4bit" or "8bit" (bitsandbytes, decoder Linears only);
+    `lean` whether RMSNorm and SwiGLU keep only their inputs (train.lean_activations).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
@@ -158,8 +162,8 @@ def estimate(model_config, lora, dtype: torch.dtype, tokens_per_microbatch: int,
         raise ValueError(f"checkpointed_layers={checkpointed_layers!r}: expected a count from 0 to {shape.layers}")
     size = torch.empty((), dtype=dtype).element_size()
     targets = {name: dims for name, dims in shape.linears().items() if name in adapted_modules(lora)}
-    per_layer = layer_activation_bytes(shape, targets, size, lora)
-    final_norm = 4 * shape.hidden  # the last RMSNorm is outside the checkpointed layers
+    per_layer = layer_activation_bytes(shape, targets, size, lora, lean)
+    final_norm = norm_bytes(shape, size, lean)  # the last RMSNorm is outside the checkpointed layers
     full_layers = shape.layers - checkpointed_layers
     kept = tokens_per_microbatch * (checkpointed_layers * shape.hidden * size + full_layers * per_layer + final_norm)
     rebuilt = tokens_per_microbatch * per_layer if checkpointed_layers else 0
@@ -173,12 +177,18 @@ def adapted_modules(lora) -> list[str]:
     return ALL_LINEAR if lora.target_modules == ["all-linear"] else lora.target_modules
 
 
-def layer_activation_bytes(shape: Shape, targets: dict[str, tuple[int, int]], size: int, lora) -> int:
+def layer_activation_bytes(shape: Shape, targets: dict[str, tuple[int, int]], size: int, lora,
+                           lean: bool = False) -> int:
     """Bytes one decoder layer keeps for backward, per token (the table in the module docstring)."""
-    norms = 2 * 4 * shape.hidden
+    norms = 2 * norm_bytes(shape, size, lean)
     attention = 4 * shape.heads * shape.head_dim * size + 4 * shape.heads  # + sdpa's fp32 logsumexp
-    mlp = 3 * shape.intermediate * size
+    mlp = (2 if lean else 3) * shape.intermediate * size
     return norms + attention + mlp + lora_input_bytes(targets, size, lora)
+
+
+def norm_bytes(shape: Shape, size: int, lean: bool) -> int:
+    """What one RMSNorm keeps per token: an fp32 copy of its input (lean: the input itself) and an fp32 1/rms."""
+    return (shape.hidden * size if lean else 4 * shape.hidden) + 4
 
 
 # Projections that read the same input tensor.
@@ -400,7 +410,8 @@ def for_run(cfg, examples, device: torch.device, dtype: torch.dtype, model_confi
     if t.reply_logits_only and t.lm_head_loss != "full" and not sharded(cfg):
         positions = min(positions, t.loss_chunk)  # the chunked (or fused) head holds one chunk's logits at a time
     quantization = None if cfg.model.quantization == "none" else cfg.model.quantization
-    estimates = tuple(estimate(model_config, cfg.lora, dtype, microbatch.tokens, positions, k, quantization)
+    estimates = tuple(estimate(model_config, cfg.lora, dtype, microbatch.tokens, positions, k, quantization,
+                               lean=t.lean_activations)
                       for k in range(model_config.num_hidden_layers + 1))
     on_gpu = device.type == "cuda" if on_gpu is None else on_gpu
     return decide(t.gradient_checkpointing, estimates, usable_bytes(device, t.memory_budget_gib), on_gpu, microbatch)

@@ -22,6 +22,7 @@ from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
 from roletune.guard import StopOnSignal, skipped_steps
+from roletune.lean_activations import make_lean
 from roletune.model import (apply_lora, build_meta_model, check_lora_dtype, load_base_model, load_tokenizer,
                             require_bitsandbytes, resolve_dtype)
 from roletune.samples import SampleAnswers, sample_rows
@@ -123,6 +124,8 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     check_lora_dtype(cfg.lora, dtype)
     base = load_base_model(cfg.model, distributed.load_device(cfg, device), dtype)
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
+    if cfg.train.lean_activations:
+        make_lean(base)
     model = apply_lora(base, cfg.lora, checkpointed_layers)
     echo_trainable(model, echo)
     return model
