@@ -9,9 +9,11 @@ usage:
   python benchmarks/train_speed.py                      # Qwen2.5-7B architecture on the GPU
   python benchmarks/train_speed.py --device cpu --tiny  # the demo's tiny Qwen2 on the CPU
   python benchmarks/train_speed.py --levers             # also roletune with one lever off at a time
+  python benchmarks/train_speed.py --levers=no-packing,all-logits   # only those levers
   python benchmarks/train_speed.py --no-peer --compile  # roletune with and without torch.compile
+  python benchmarks/train_speed.py --no-peer --profile  # where a step's time goes: GPU busy or launching
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
-         --model-config DIR, --out FILE.json (append the figures)
+         --model-config DIR, --out FILE.jsonl (append each run's figures as soon as it ends)
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ LEVERS = {
     "checkpointing": ["train.gradient_checkpointing=true"],
 }
 COMPILE = {"+compile": ["train.compile=true"]}  # off by default: on only if this shows it pays
+PROFILED_STEPS = 3
 
 
 def main() -> None:
@@ -49,10 +52,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per side (default 30 on GPU, 6 on CPU)")
     parser.add_argument("--shared", default=str(ROOT.parent / "shared"))
     parser.add_argument("--model-config", help="folder with the model's config.json")
-    parser.add_argument("--out", help="append the figures as JSON lines to this file")
-    parser.add_argument("--levers", action="store_true", help="also run roletune with each lever off in turn")
+    parser.add_argument("--out", help="append each run's figures to this file as a JSON line when it ends")
+    parser.add_argument("--levers", nargs="?", const=",".join(LEVERS), default="",
+                        help=f"also run roletune with each lever off in turn: all, or some of {','.join(LEVERS)}")
     parser.add_argument("--compile", action="store_true", help="also run roletune with train.compile=true")
     parser.add_argument("--no-peer", action="store_true", help="skip the seed recipe (compare roletune variants only)")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"profile roletune's last {PROFILED_STEPS} steps (left out of its timing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # the worker's overrides
     args = parser.parse_args()
@@ -60,25 +66,47 @@ def main() -> None:
         return roletune_worker(args)
 
     steps = args.steps or (30 if args.device == "cuda" else 6)
+    if args.profile and steps < PROFILED_STEPS + 3:
+        parser.error(f"--profile needs --steps {PROFILED_STEPS + 3} or more: {PROFILED_STEPS} profiled after the timed ones")
+    levers = [name for name in args.levers.split(",") if name]
+    if unknown := sorted(set(levers) - set(LEVERS)):
+        parser.error(f"--levers: unknown {','.join(unknown)}; known: {','.join(LEVERS)}")
     with tempfile.TemporaryDirectory() as scratch:
         config_dir = model_config_dir(args, Path(scratch))
         results = Path(scratch) / "results.jsonl"
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0")
                    if args.device == "cuda" else "")
         peer = Path(args.shared) / "bench" / "seed_recipe.py"
+        kept = Kept(results, args.out)
         for variant in () if args.no_peer else ("seed", "bs16"):
             run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
-        variants = {"roletune": [], **(LEVERS if args.levers else {}), **(COMPILE if args.compile else {})}
+            kept.update()
+        variants = {"roletune": [], **{name: LEVERS[name] for name in levers}, **(COMPILE if args.compile else {})}
         for name, overrides in variants.items():
+            profile = ["--profile"] if args.profile and name == "roletune" else []
             run([sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(steps),
                  "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results),
-                 *(f"--set={o}" for o in overrides)], env)
-        rows = [json.loads(line) for line in results.read_text().splitlines()]
-    report(rows)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+                 *profile, *(f"--set={o}" for o in overrides)], env)
+            kept.update()
+        report(kept.rows)
+
+
+class Kept:
+    """The rows the runs have written so far, copied to --out as each run ends, so a launch stopped by a
+    time limit keeps what it measured."""
+
+    def __init__(self, results: Path, out: str | None):
+        self.results, self.out, self.rows = results, Path(out) if out else None, []
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def update(self) -> None:
+        lines = self.results.read_text().splitlines() if self.results.exists() else []
+        new = [json.loads(line) for line in lines[len(self.rows):]]
+        self.rows += new
+        if self.out:
+            with open(self.out, "a") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in new)
 
 
 def model_config_dir(args, scratch: Path) -> Path:
@@ -147,13 +175,16 @@ def roletune_worker(args) -> None:
                 self.marks.append((time.time(), state.num_input_tokens_seen))
 
         clock = Clock()
-        trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device, (clock,))
+        profiler = StepProfiler(args.steps - PROFILED_STEPS + 1, cuda) if args.profile else None
+        trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device,
+                                      (clock, profiler.callback) if profiler else (clock,))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         output = trainer.train()
-        warm = 3 if len(clock.marks) > 6 else 1
-        (t0, n0), (t1, n1) = clock.marks[warm - 1], clock.marks[-1]
-        step_s = (t1 - t0) / (len(clock.marks) - warm)
+        timed = clock.marks[:-PROFILED_STEPS] if profiler else clock.marks  # profiling slows its own steps
+        warm = 3 if len(timed) > 6 else 1
+        (t0, n0), (t1, n1) = timed[warm - 1], timed[-1]
+        step_s = (t1 - t0) / (len(timed) - warm)
         tokens_per_s = (n1 - n0) / (t1 - t0)
         nonembed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -167,9 +198,69 @@ def roletune_worker(args) -> None:
                    gradient_checkpointing=decision.checkpointing,
                    checkpointed_layers=decision.layers,
                    final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:3]])
+        if profiler:
+            row["profile"] = profiler.summary()
     print(json.dumps(row))
     with open(args.out, "a") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+class StepProfiler:
+    """torch.profiler over the run's last steps, from `first_step` on: how long a step takes, how much of
+    it the GPU spends in kernels, and how many kernels and operators it launches. A GPU busy far less
+    than the wall time means the step is bound by launching work from Python (where torch.compile or
+    CUDA graphs pay), not by the GPU's arithmetic."""
+
+    def __init__(self, first_step: int, cuda: bool):
+        from transformers import TrainerCallback
+
+        self.first_step, self.cuda = first_step, cuda
+        self.profile, self.started, self.wall, self.steps = None, 0.0, 0.0, 0
+        outer = self
+
+        class Hooks(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step + 1 == outer.first_step:
+                    outer.start()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.profile is not None and state.global_step == state.max_steps:
+                    outer.stop(state.global_step - outer.first_step + 1)
+
+        self.callback = Hooks()
+
+    def start(self) -> None:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            torch.cuda.synchronize()
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profile = torch.profiler.profile(activities=activities)
+        self.profile.__enter__()
+        self.started = time.time()
+
+    def stop(self, steps: int) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.wall, self.steps = time.time() - self.started, steps
+        self.profile.__exit__(None, None, None)
+
+    def summary(self) -> dict:
+        from torch.autograd import DeviceType
+
+        averages = self.profile.key_averages()
+        kernels = [a for a in averages if a.device_type == DeviceType.CUDA]
+        busy_s = sum(a.self_device_time_total for a in kernels) / 1e6
+        operators = sum(a.count for a in averages if a.key.startswith("aten::"))
+        per_step = max(self.steps, 1)
+        return {"steps": self.steps, "wall_ms_per_step": round(1000 * self.wall / per_step, 1),
+                "gpu_busy_ms_per_step": round(1000 * busy_s / per_step, 1) if self.cuda else None,
+                "gpu_busy_fraction": round(busy_s / self.wall, 3) if self.cuda and self.wall else None,
+                "kernels_per_step": round(sum(a.count for a in kernels) / per_step) if self.cuda else None,
+                "aten_calls_per_step": round(operators / per_step)}
 
 
 def report(rows: list[dict]) -> None:
@@ -184,6 +275,9 @@ def report(rows: list[dict]) -> None:
     for name, row in by_name.items():
         if name not in ("roletune", "seed", "bs16"):
             print(f"{name}: {row['step_s'] / by_name['roletune']['step_s']:.2f}x roletune's step time")
+    for name, row in by_name.items():
+        if row.get("profile"):
+            print(f"{name} profile: {row['profile']}")
     if "seed" in by_name:
         print(f"speedup_vs_bs16={by_name['bs16']['step_s'] / by_name['roletune']['step_s']:.2f}")
         print(f"speedup_vs_seed={by_name['seed']['step_s'] / by_name['roletune']['step_s']:.2f}")
