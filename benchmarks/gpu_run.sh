@@ -15,6 +15,7 @@ set -euo pipefail
 out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS] [STEPS]}
 deadline=$((SECONDS + ${2:-540}))
 steps=${3:-20}
+py=${PYTHON:-python3}  # PYTHON=... picks another interpreter
 left() { echo $((deadline - SECONDS)); }
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=$here/.shared
@@ -22,24 +23,24 @@ shared=$here/.shared
 mkdir -p "$out"
 export PYTHONPATH=$here/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if compgen -G "$here/.whl/*.whl" > /dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/roletune-site "$here"/.whl/*.whl
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/roletune-site "$here"/.whl/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/roletune-site
 fi
 # Most telling first: what the memory levers save, the 24 GiB plan, then the speed levers.
 levers=plain-norm-mlp,24GiB-budget,no-packing,all-logits,checkpointing,kept-lora-dropout,fp32-lora-inputs
-if python -c 'import liger_kernel' 2> /dev/null; then levers=$levers,chunked-head; fi
+if "$py" -c 'import liger_kernel' 2> /dev/null; then levers=$levers,chunked-head; fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c 'import torch, transformers, peft, accelerate; print("torch", torch.__version__, "transformers",
+  "$py" -c 'import torch, transformers, peft, accelerate; print("torch", torch.__version__, "transformers",
 transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)'
-  python -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
+  "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8
-  timeout "$(left)" python "$here/benchmarks/train_speed.py" --profile --levers="$levers" --steps "$steps" \
+  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --levers="$levers" --steps "$steps" \
       --shared "$shared" --out "$out/train_speed.jsonl" || echo "stopped by the time budget; rows so far are kept"
   # Compiling a 7B model can take minutes: last, with what is left, so the figures above are kept either way.
   if [ "$(left)" -gt 120 ]; then
-    timeout "$(left)" python "$here/benchmarks/train_speed.py" --no-peer --compile --steps 40 --shared "$shared" \
+    timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --compile --steps 40 --shared "$shared" \
         --out "$out/train_speed_compile.jsonl" || echo "compile run did not finish in the time left"
   else
     echo "no time left for the compile run"
