@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_MODEL := .cache/demo-model
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-oldest setup clean
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(VENV)/bin/roletune train configs/demo.yaml --overwrite
@@ -17,6 +17,13 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 test: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(PY) -m pytest
 
+# The suite again on the oldest transformers pyproject.toml accepts: its 5.x releases rename and drop
+# Trainer arguments, and a run must not depend on which one is installed.
+OLDEST_VENV := .venv-oldest
+OLDEST := transformers==5.17.0
+test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors
+	$(OLDEST_VENV)/bin/python -m pytest
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,9 +32,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test,demo]"
 	touch $@
 
+$(OLDEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH)" "$(OLDEST)" -e ".[test,demo]"
+	touch $@
+
 $(DEMO_MODEL)/model.safetensors: $(VENV)/.installed src/roletune/demo/tiny-qwen2.json
 	rm -rf $(DEMO_MODEL)
 	$(PY) -m roletune.demo $(DEMO_MODEL)
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) $(OLDEST_VENV) .cache runs
