@@ -82,6 +82,47 @@ def config_file(tmp_path, tiny_model, write_json, persona_rows):
     return make
 
 
+@pytest.fixture
+def short_run(config_file, tmp_path):
+    """Train the tiny model for 4 steps at a high learning rate; keyword arguments update config sections.
+    Returns the adapter's tensors and the logged (loss, grad_norm) of every step, flattened."""
+    from safetensors.torch import load_file
+
+    from roletune import train
+    from roletune.config import load_config
+
+    def run(name: str, **sections):
+        sections["train"] = {"max_steps": 4, "lr": 1e-2, **sections.get("train", {})}
+        cfg = load_config(config_file(output_dir=str(tmp_path / name), **sections))
+        train.run(cfg, echo=lambda *_: None)
+        out = Path(cfg.output_dir)
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return load_file(out / "adapter_model.safetensors"), [v for e in history if "loss" in e
+                                                              for v in (e["loss"], e["grad_norm"])]
+    return run
+
+
+@pytest.fixture
+def saved_bytes():
+    """Bytes autograd keeps for backward while `forward()` runs: each storage once, `model`'s weights excluded."""
+    import torch
+
+    def measure(model, forward) -> int:
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+        return sum(kept.values())
+    return measure
+
+
 LIGHTHOUSE_SYSTEM = "你是守灯人林小满。"
 
 

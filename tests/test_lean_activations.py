@@ -1,17 +1,14 @@
 """Lean RMSNorm and SwiGLU: the outputs of transformers' modules bit for bit, their gradients, the same
 training run, and less kept for backward, by exactly what the memory estimate says."""
 import inspect
-import json
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from roletune import memory, train
-from roletune.config import LoraConfig, load_config
+from roletune import memory
+from roletune.config import LoraConfig
 from roletune.lean_activations import MLPS, NORMS, LeanRMSNorm, LeanSiLUMul, make_lean
 
 
@@ -73,25 +70,15 @@ def test_only_modules_with_the_known_forward_are_replaced():
         assert len({source(name) for name in group}) == 1, group
 
 
-def run(config_file, tmp_path, name, lean: bool):
-    cfg = load_config(config_file(lora={"dropout": 0.1}, train={"max_steps": 4, "lr": 1e-2, "lean_activations": lean},
-                                  output_dir=str(tmp_path / name)))
-    train.run(cfg, echo=lambda *_: None)
-    out = Path(cfg.output_dir)
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return load_file(out / "adapter_model.safetensors"), [v for e in history if "loss" in e
-                                                          for v in (e["loss"], e["grad_norm"])]
-
-
-def test_a_lean_run_trains_the_same_adapter(config_file, tmp_path):
-    (want, want_log), (got, got_log) = (run(config_file, tmp_path, name, lean)
+def test_a_lean_run_trains_the_same_adapter(short_run):
+    (want, want_log), (got, got_log) = (short_run(name, lora={"dropout": 0.1}, train={"lean_activations": lean})
                                         for name, lean in (("plain", False), ("lean", True)))
     assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_lean_layers_keep_what_the_estimate_says():
+def test_lean_layers_keep_what_the_estimate_says(saved_bytes):
     """Bytes autograd keeps in a forward of a small Qwen2 + LoRA under bf16 autocast (as Trainer runs on a
     GPU), with and without the lean modules: the difference is the estimate's, to the byte."""
     import peft
@@ -107,20 +94,13 @@ def test_lean_layers_keep_what_the_estimate_says():
         if lean:
             assert make_lean(base) == 2 * 2 + 1 + 2  # two norms per layer, the final norm, an MLP per layer
         model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=lora.target_modules))
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept: dict[int, int] = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:
-                kept[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
         # Embeddings that require grad, as gradient checkpointing makes them: else the first norm keeps nothing.
         embeds = base.get_input_embeddings()(torch.randint(0, config.vocab_size, (1, 150))).requires_grad_()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            model.base_model.model.model(inputs_embeds=embeds, use_cache=False)
-        return sum(kept.values())
+
+        def forward():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model.base_model.model.model(inputs_embeds=embeds, use_cache=False)
+        return saved_bytes(model, forward)
 
     plain, lean = kept_bytes(False), kept_bytes(True)
     estimated = [memory.estimate(config, lora, torch.bfloat16, 150, 0, 0, lean=flag).kept_activations

@@ -1,52 +1,21 @@
 """LoRA dropout recomputed in backward: the same masks, losses and adapter as peft's path, while the
 dropped-out copies of the inputs are no longer kept for backward."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from roletune import train
-from roletune.config import LoraConfig, load_config
+from roletune.config import LoraConfig
 from roletune.lora_dropout import DeferredDropout, recompute_lora_dropout
 
 
-def run(config_file, tmp_path, name, recompute: bool):
-    cfg = load_config(config_file(lora={"dropout": 0.1, "recompute_dropout": recompute},
-                                  train={"max_steps": 4, "lr": 1e-2}, output_dir=str(tmp_path / name)))
-    train.run(cfg, echo=lambda *_: None)
-    out = Path(cfg.output_dir)
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return load_file(out / "adapter_model.safetensors"), [v for e in history if "loss" in e
-                                                          for v in (e["loss"], e["grad_norm"])]
-
-
-def test_recomputed_dropout_trains_the_adapter_peft_trains(config_file, tmp_path):
-    (want, want_log), (got, got_log) = (run(config_file, tmp_path, name, recompute)
+def test_recomputed_dropout_trains_the_adapter_peft_trains(short_run):
+    (want, want_log), (got, got_log) = (short_run(name, lora={"dropout": 0.1, "recompute_dropout": recompute})
                                         for name, recompute in (("kept", False), ("recomputed", True)))
     assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-6)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7, msg=name)
 
 
-def saved_bytes(model, ids) -> int:
-    """Bytes autograd keeps for backward in one forward (each storage once, weights excluded)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, use_cache=False)
-    return sum(kept.values())
-
-
-def test_the_dropped_out_inputs_are_no_longer_kept(small_lora_model):
+def test_the_dropped_out_inputs_are_no_longer_kept(small_lora_model, saved_bytes):
     import peft
 
     torch.manual_seed(0)
@@ -55,9 +24,9 @@ def test_the_dropped_out_inputs_are_no_longer_kept(small_lora_model):
         if isinstance(module, peft.tuners.lora.LoraLayer):
             module.lora_dropout["default"] = torch.nn.Dropout(0.1)
     ids = torch.randint(0, 1000, (1, 64))
-    before = saved_bytes(kept_model, ids)
+    before = saved_bytes(kept_model, lambda: kept_model(input_ids=ids, use_cache=False))
     layers = recompute_lora_dropout(kept_model)
-    after = saved_bytes(kept_model, ids)
+    after = saved_bytes(kept_model, lambda: kept_model(input_ids=ids, use_cache=False))
     lora_layers = [m for m in kept_model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     assert layers == len(lora_layers) > 0
     assert all(isinstance(m.lora_dropout["default"], DeferredDropout) for m in lora_layers)

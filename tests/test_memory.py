@@ -52,7 +52,7 @@ def test_parameter_counts_are_the_meta_models(qwen7b, tiny_model):
     assert (tiny.adapter // memory.ADAPTER_BYTES, tiny.weights // 4) == (trainable, total - trainable)
 
 
-def test_the_counted_activations_are_what_autograd_keeps():
+def test_the_counted_activations_are_what_autograd_keeps(saved_bytes):
     """Bytes autograd saves in a forward pass of a small Qwen2 + LoRA under bf16 autocast (as Trainer runs on
     a GPU), against the estimate's kept activations. Dropout is off: the CPU keeps a float dropout mask
     where CUDA keeps a 1-byte one, so only the dropout-free layout reads the same on both."""
@@ -66,24 +66,17 @@ def test_the_counted_activations_are_what_autograd_keeps():
     base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                       target_modules=lora.target_modules))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     lengths = [100, 60, 40]  # one packed row, position ids restarting per example
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     ids = torch.randint(0, config.vocab_size, positions.shape)
     decoder = model.base_model.model.model  # the layers and the final norm; the loss is counted apart
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        decoder(input_ids=ids, position_ids=positions, use_cache=False)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            decoder(input_ids=ids, position_ids=positions, use_cache=False)
     estimated = memory.estimate(config, lora, torch.bfloat16, sum(lengths), 0, 0).kept_activations
     # The CPU's sdpa adds a float copy of the T x T mask per layer (about 3% here).
-    assert sum(kept.values()) == pytest.approx(estimated, rel=0.06)
+    assert saved_bytes(model, forward) == pytest.approx(estimated, rel=0.06)
 
 
 def test_more_tokens_or_a_bigger_batch_need_more_and_checkpointing_less(qwen7b):
