@@ -215,19 +215,26 @@ class StepProfiler:
         from transformers import TrainerCallback
 
         self.first_step, self.cuda = first_step, cuda
-        self.profile, self.started, self.wall, self.steps = None, 0.0, 0.0, 0
+        self.profile, self.started, self.wall, self.steps, self.error = None, 0.0, 0.0, 0, None
         outer = self
 
+        # A profiler that cannot start (no CUPTI, say) must not cost the run its timing: its error is reported.
         class Hooks(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step + 1 == outer.first_step:
-                    outer.start()
+                    outer.guarded(outer.start)
 
             def on_step_end(self, args, state, control, **kwargs):
                 if outer.profile is not None and state.global_step == state.max_steps:
-                    outer.stop(state.global_step - outer.first_step + 1)
+                    outer.guarded(outer.stop, state.global_step - outer.first_step + 1)
 
         self.callback = Hooks()
+
+    def guarded(self, action, *args):
+        try:
+            return action(*args)
+        except Exception as exc:  # noqa: BLE001 - reported in the row instead
+            self.error, self.profile = f"{type(exc).__name__}: {exc}", None
 
     def start(self) -> None:
         import torch
@@ -249,6 +256,11 @@ class StepProfiler:
         self.profile.__exit__(None, None, None)
 
     def summary(self) -> dict:
+        if self.profile is None:
+            return {"error": self.error or "the profiled steps were not reached"}
+        return self.guarded(self.figures) or {"error": self.error}
+
+    def figures(self) -> dict:
         from torch.autograd import DeviceType
 
         averages = self.profile.key_averages()
