@@ -10,7 +10,7 @@ usage:
   python benchmarks/train_speed.py --device cpu --tiny  # the demo's tiny Qwen2 on the CPU
   python benchmarks/train_speed.py --levers             # also roletune with one lever off at a time
   python benchmarks/train_speed.py --levers=no-packing,all-logits   # only those levers
-  python benchmarks/train_speed.py --no-peer --compile  # roletune with and without torch.compile
+  python benchmarks/train_speed.py --no-peer --compile  # roletune without torch.compile, by layer, whole
   python benchmarks/train_speed.py --no-peer --profile  # where a step's time goes: GPU busy or launching
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
          --model-config DIR, --out FILE.jsonl (append each run's figures as soon as it ends)
@@ -41,7 +41,8 @@ LEVERS = {
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
 }
-COMPILE = {"+compile": ["train.compile=true"]}  # off by default: on only if this shows it pays
+# Off by default: on only if this shows it pays. Layers first: they compile in seconds, the whole model in minutes.
+COMPILE = {"+compile-layers": ["train.compile=layers"], "+compile": ["train.compile=true"]}
 PROFILED_STEPS = 3
 
 
@@ -55,7 +56,8 @@ def main() -> None:
     parser.add_argument("--out", help="append each run's figures to this file as a JSON line when it ends")
     parser.add_argument("--levers", nargs="?", const=",".join(LEVERS), default="",
                         help=f"also run roletune with each lever off in turn: all, or some of {','.join(LEVERS)}")
-    parser.add_argument("--compile", action="store_true", help="also run roletune with train.compile=true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run roletune with train.compile=layers, then with train.compile=true")
     parser.add_argument("--no-peer", action="store_true", help="skip the seed recipe (compare roletune variants only)")
     parser.add_argument("--profile", action="store_true",
                         help=f"profile roletune's last {PROFILED_STEPS} steps (left out of its timing)")

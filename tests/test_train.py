@@ -117,3 +117,21 @@ def test_torch_compile_is_off_unless_asked(config_file):
     cpu = torch.device("cpu")
     assert training_arguments(load_config(config_file()), cpu).torch_compile is False
     assert training_arguments(load_config(config_file(train={"compile": True})), cpu).torch_compile is True
+    assert training_arguments(load_config(config_file(train={"compile": "layers"})), cpu).torch_compile is False
+
+
+def test_compiled_layers_train_the_same_adapter(short_run, tiny_model):
+    """train.compile=layers: each decoder layer compiled (dynamic lengths), the same losses and adapter as
+    eager. Dropout off: compiled code draws its dropout masks from another random stream than eager's."""
+    from transformers import AutoModelForCausalLM
+
+    from roletune.config import LoraConfig
+    from roletune.model import apply_lora, compile_decoder_layers
+
+    (want, want_log), (got, got_log) = (short_run(name, train={"compile": mode})
+                                        for name, mode in (("eager", False), ("layers", "layers")))
+    assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert compile_decoder_layers(apply_lora(base, LoraConfig(r=4), checkpointed_layers=1)) == 1  # not the checkpointed

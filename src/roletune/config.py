@@ -133,9 +133,12 @@ class TrainConfig:
     lean_activations: bool = setting(
         True, "RMSNorm and SwiGLU keep only their inputs for backward and rebuild the rest (Liger-Kernel's trick, in "
         "plain PyTorch): the same results, about a fifth less activation memory for Qwen2 / Llama / Mistral layers.")
-    compile: bool = setting(
-        False, "torch.compile the model (Trainer's torch_compile). The first steps spend minutes compiling and "
-        "packed batches of new lengths recompile; measure with benchmarks/train_speed.py --levers before relying on it.")
+    compile: bool | str = setting(
+        False, "torch.compile. layers: each decoder layer on its own, with dynamic sequence lengths (the layers share "
+        "one compiled code, so it compiles in seconds and packed micro-batches of new lengths reuse it); true: the "
+        "whole model through Trainer's torch_compile (minutes for a 7B model, and new lengths recompile). Off by "
+        "default: measure with benchmarks/train_speed.py --compile before relying on it.",
+        choices=[False, True, "layers"])
     optim: str = setting("adamw_torch", "Optimizer (a transformers optimizer name).")
     logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
     save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)

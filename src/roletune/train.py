@@ -23,8 +23,8 @@ from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
 from roletune.guard import StopOnSignal, skipped_steps
 from roletune.lean_activations import make_lean
-from roletune.model import (apply_lora, build_meta_model, check_lora_dtype, load_base_model, load_tokenizer,
-                            require_bitsandbytes, resolve_dtype)
+from roletune.model import (apply_lora, build_meta_model, check_lora_dtype, compile_decoder_layers, load_base_model,
+                            load_tokenizer, require_bitsandbytes, resolve_dtype)
 from roletune.samples import SampleAnswers, sample_rows
 from roletune.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
 from roletune.track import Tracker, open_tracker
@@ -127,6 +127,8 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     if cfg.train.lean_activations:
         make_lean(base)
     model = apply_lora(base, cfg.lora, checkpointed_layers)
+    if cfg.train.compile == "layers":
+        compile_decoder_layers(model)
     echo_trainable(model, echo)
     return model
 

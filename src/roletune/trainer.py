@@ -61,7 +61,7 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        torch_compile=t.compile,
+        torch_compile=t.compile is True,  # train.compile=layers is done by model.compile_decoder_layers
         # Trainer's activation (formerly gradient) checkpointing stays at its default, off: it would switch
         # every layer on at train(), and model.checkpoint_first_layers checkpoints only the layers
         # memory.for_run asks for (FSDP runs alike: the flags travel with the layers). Not passed by name,
