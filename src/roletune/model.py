@@ -231,8 +231,9 @@ def compile_decoder_layers(model) -> int:
     compilation); returns how many.
 
     Whole-model compilation of a 7B model takes minutes and traces the same decoder layer 28 times;
-    compiled one layer at a time, the layers share one compiled code (their weights are inputs to it,
-    not constants), so it compiles once, in seconds. Sequence lengths are marked dynamic up front:
+    compiled one layer at a time, the layers share their compiled code (their weights are inputs to it,
+    not constants): two graphs in all, one for the first layer, whose input needs no gradient, and one
+    for every other. Sequence lengths are marked dynamic up front:
     every packed micro-batch has a new length, and a shape-specialised code would recompile for each.
     The LoRA, lean-activation and dropout-recompute code runs inside the compiled region, the loss and the
     optimizer outside. Checkpointed layers stay eager: torch.compile captures next to nothing of a
