@@ -134,10 +134,10 @@ class TrainConfig:
         True, "RMSNorm and SwiGLU keep only their inputs for backward and rebuild the rest (Liger-Kernel's trick, in "
         "plain PyTorch): the same results, about a fifth less activation memory for Qwen2 / Llama / Mistral layers.")
     compile: bool | str = setting(
-        False, "torch.compile. layers: each decoder layer on its own, with dynamic sequence lengths (the layers share "
-        "one compiled code, so it compiles in seconds and packed micro-batches of new lengths reuse it); true: the "
-        "whole model through Trainer's torch_compile (minutes for a 7B model, and new lengths recompile). Off by "
-        "default: measure with benchmarks/train_speed.py --compile before relying on it.",
+        False, "torch.compile. layers: each decoder layer on its own, with dynamic sequence lengths (the layers "
+        "share their compiled code, and packed micro-batches of new lengths reuse it; checkpointed layers stay "
+        "eager); true: the whole model through Trainer's torch_compile (all of it traced, and new lengths may "
+        "recompile). Off by default: measure with benchmarks/train_speed.py --compile before relying on it.",
         choices=[False, True, "layers"])
     optim: str = setting("adamw_torch", "Optimizer (a transformers optimizer name).")
     logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
