@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
 # against the seed recipe (roletune's run profiled at its end), roletune with levers turned back in turn,
-# the memory estimate next to the measured peaks, then torch.compile with whatever time is left.
+# the memory estimate next to the measured peaks, then, with whatever time is left, roletune with the
+# optional packages of .whl/ (Liger-Kernel's fused loss) and with torch.compile.
 # Each run's figures are appended to OUT_DIR/train_speed*.jsonl as soon as it ends, so a run cut short
 # by the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
@@ -9,7 +10,8 @@
 # Optional packages for a machine without a package index: put their wheels in .whl/ (e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d .whl liger-kernel==0.8.5
-# for the fused LM-head loss) and they are installed into a scratch folder first.
+# for the fused LM-head loss). They are installed into a scratch folder and used only by their own run,
+# after the main comparison, so a package that fails there costs that run alone.
 # usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS (default 540)] [STEPS (default 20)]
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS] [STEPS]}
@@ -22,23 +24,29 @@ shared=$here/.shared
 [ -d "$shared" ] || shared=$here/../shared
 mkdir -p "$out"
 export PYTHONPATH=$here/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+extras=
 if compgen -G "$here/.whl/*.whl" > /dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/roletune-site "$here"/.whl/*.whl
-  export PYTHONPATH=$PYTHONPATH:/tmp/roletune-site
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/roletune-site "$here"/.whl/*.whl \
+      && extras=/tmp/roletune-site
 fi
 # Most telling first: what the memory levers save, the 24 GiB plan, then the speed levers.
 levers=plain-norm-mlp,24GiB-budget,no-packing,all-logits,checkpointing,kept-lora-dropout,fp32-lora-inputs
-if "$py" -c 'import liger_kernel' 2> /dev/null; then levers=$levers,chunked-head; fi
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  # Nothing before the main comparison may stop the script: each prints its failure and the script goes on.
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi failed"
   "$py" -c 'import torch, transformers, peft, accelerate; print("torch", torch.__version__, "transformers",
-transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)'
+transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__)' || echo "no versions"
   "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
-      data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8
+      data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
   timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --levers="$levers" --steps "$steps" \
       --shared "$shared" --out "$out/train_speed.jsonl" || echo "stopped by the time budget; rows so far are kept"
-  # Compiling a 7B model can take minutes: last, with what is left, so the figures above are kept either way.
+  if [ -n "$extras" ] && [ "$(left)" -gt 120 ]; then  # lm_head_loss=auto takes Liger when it is importable
+    PYTHONPATH=$PYTHONPATH:$extras timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer \
+        --levers=chunked-head --steps "$steps" --shared "$shared" --out "$out/train_speed_extras.jsonl" \
+        || echo "the run with .whl/ packages failed or ran out of time"
+  fi
+  # Compiling can take minutes: last, with what is left, so the figures above are kept either way.
   if [ "$(left)" -gt 120 ]; then
     timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --compile --steps 40 --shared "$shared" \
         --out "$out/train_speed_compile.jsonl" || echo "compile run did not finish in the time left"
