@@ -28,9 +28,9 @@ For the seed recipe on Qwen2.5-7B in bf16 (r=8, seven adapted projections, dropo
 it, that is 34h + 9I (and 8 bytes of 1/rms) = 292 KB per token per layer, 8.2 MB per token over 28
 layers; roletune's LoRA path keeps 22h + 8I = 230 KB, and with lean RMSNorm and SwiGLU (its default,
 see roletune.lean_activations) 18h + 6I = 178 KB. A checkpointed layer keeps only its input (h a per
-token) and rebuilds its activations in backward, one layer at a time. Checkpointing is per layer: with k of the L layers checkpointed (the first k), the kept activations
-are k x (input) + (L - k) x (all of the above), plus one rebuilt layer when k > 0; `auto` picks the
-smallest k whose peak fits, since every rebuilt layer costs another forward pass through it. The
+token) and rebuilds its activations in backward, one layer at a time. Checkpointing is per layer:
+with k of the L layers checkpointed (the first k), the kept activations are k x (input) + (L - k) x
+(all of the above), plus one rebuilt layer when k > 0; `auto` picks the smallest k whose peak fits, since every rebuilt layer costs another forward pass through it. The
 loss costs 12 bytes per logit at its peak (the fp32 log-softmax kept for backward, the fp32 gradient
 flowing into it and the one it produces), over the positions whose logits are computed (all of
 them, or only the labelled ones with train.reply_logits_only). The logits are freed before backward

@@ -230,15 +230,15 @@ def compile_decoder_layers(model) -> int:
     """torch.compile each decoder layer of `model` that is not checkpointed, on its own (regional
     compilation); returns how many.
 
-    Whole-model compilation of a 7B model takes minutes and traces the same decoder layer 28 times;
+    Whole-model compilation traces the model at once, the same decoder layer 28 times over for a 7B one;
     compiled one layer at a time, the layers share their compiled code (their weights are inputs to it,
     not constants): two graphs in all, one for the first layer, whose input needs no gradient, and one
-    for every other. Sequence lengths are marked dynamic up front:
-    every packed micro-batch has a new length, and a shape-specialised code would recompile for each.
-    The LoRA, lean-activation and dropout-recompute code runs inside the compiled region, the loss and the
-    optimizer outside. Checkpointed layers stay eager: torch.compile captures next to nothing of a
-    layer whose forward runs inside activation checkpointing (seen with transformers 5.24 and torch
-    2.13), so compiling them would only cost compile time.
+    for every other. Sequence lengths are marked dynamic up front: every packed micro-batch has a new
+    length, and a shape-specialised code would recompile for each. The LoRA, lean-activation and
+    dropout-recompute code runs inside the compiled region, the loss and the optimizer outside.
+    Checkpointed layers stay eager: torch.compile captures next to nothing of a layer whose forward runs
+    inside activation checkpointing (seen with transformers 5.24 and torch 2.13), so compiling them would
+    only cost compile time.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
