@@ -30,10 +30,11 @@ layers; roletune's LoRA path keeps 22h + 8I = 230 KB, and with lean RMSNorm and 
 see roletune.lean_activations) 18h + 6I = 178 KB. A checkpointed layer keeps only its input (h a per
 token) and rebuilds its activations in backward, one layer at a time. Checkpointing is per layer:
 with k of the L layers checkpointed (the first k), the kept activations are k x (input) + (L - k) x
-(all of the above), plus one rebuilt layer when k > 0; `auto` picks the smallest k whose peak fits, since every rebuilt layer costs another forward pass through it. The
-loss costs 12 bytes per logit at its peak (the fp32 log-softmax kept for backward, the fp32 gradient
-flowing into it and the one it produces), over the positions whose logits are computed (all of
-them, or only the labelled ones with train.reply_logits_only). The logits are freed before backward
+(all of the above), plus one rebuilt layer when k > 0; `auto` picks the smallest k whose peak fits,
+since every rebuilt layer costs another forward pass through it. The loss costs 12 bytes per logit
+at its peak (the fp32 log-softmax kept for backward, the fp32 gradient flowing into it and the one it
+produces), over the positions whose logits are computed (all of them, or only the labelled ones with
+train.reply_logits_only). The logits are freed before backward
 reaches the last decoder layer, so the loss peak and the rebuilt layer are not added:
 peak = weights + LoRA state + kept activations + max(logits, rebuilt layer) + workspace.
 (With 0 < k < L the rebuilds come after backward has freed the last L - k layers, so the rebuilt
