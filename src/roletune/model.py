@@ -214,16 +214,20 @@ def checkpoint_first_layers(model, count: int) -> None:
     Enabling also makes the embeddings' output require grad (enable_input_require_grads): with a frozen
     base the checkpointed blocks' inputs need it, or LoRA would get no gradient through them.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x; the old one warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-    for layer in layers[count:]:
+    for layer in decoder_layers(model)[count:]:
         layer.gradient_checkpointing = False
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a transformers model (its GradientCheckpointingLayers), first to last."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def compile_decoder_layers(model) -> int:
@@ -240,10 +244,7 @@ def compile_decoder_layers(model) -> int:
     inside activation checkpointing (seen with transformers 5.24 and torch 2.13), so compiling them would
     only cost compile time.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-    compiled = [layer for layer in layers if not layer.gradient_checkpointing]
+    compiled = [layer for layer in decoder_layers(model) if not layer.gradient_checkpointing]
     for layer in compiled:
         layer.compile(dynamic=True)
     return len(compiled)
