@@ -41,7 +41,8 @@ LEVERS = {
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
 }
-# Off by default: on only if this shows it pays. Layers first: they compile in seconds, the whole model in minutes.
+# Off by default: on only if this shows it pays. Layers first: the whole model is far more to trace, so a
+# time limit is likelier to cut that run short.
 COMPILE = {"+compile-layers": ["train.compile=layers"], "+compile": ["train.compile=true"]}
 PROFILED_STEPS = 3
 

@@ -132,7 +132,8 @@ class TrainConfig:
     loss_chunk: int = setting(1024, "Positions per chunk of the chunked LM-head loss.", check=POSITIVE)
     lean_activations: bool = setting(
         True, "RMSNorm and SwiGLU keep only their inputs for backward and rebuild the rest (Liger-Kernel's trick, in "
-        "plain PyTorch): the same results, about a fifth less activation memory for Qwen2 / Llama / Mistral layers.")
+        "plain PyTorch): the same outputs, gradients equal within rounding, about a fifth less activation memory for "
+        "Qwen2 / Qwen3 / Llama / Mistral layers.")
     compile: bool | str = setting(
         False, "torch.compile. layers: each decoder layer on its own, with dynamic sequence lengths (the layers "
         "share their compiled code, and packed micro-batches of new lengths reuse it; checkpointed layers stay "

@@ -34,8 +34,8 @@ with k of the L layers checkpointed (the first k), the kept activations are k x 
 since every rebuilt layer costs another forward pass through it. The loss costs 12 bytes per logit
 at its peak (the fp32 log-softmax kept for backward, the fp32 gradient flowing into it and the one it
 produces), over the positions whose logits are computed (all of them, or only the labelled ones with
-train.reply_logits_only). The logits are freed before backward
-reaches the last decoder layer, so the loss peak and the rebuilt layer are not added:
+train.reply_logits_only). The logits are freed before backward reaches the last decoder layer, so
+the loss peak and the rebuilt layer are not added:
 peak = weights + LoRA state + kept activations + max(logits, rebuilt layer) + workspace.
 (With 0 < k < L the rebuilds come after backward has freed the last L - k layers, so the rebuilt
 layer then only makes the figure an upper bound.)
