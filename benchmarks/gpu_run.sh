@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
 # against the seed recipe (roletune's run profiled at its end), roletune with levers turned back in turn,
-# the memory estimate next to the measured peaks, then, with whatever time is left, roletune with the
-# optional packages of .whl/ (Liger-Kernel's fused loss) and with torch.compile.
+# the memory estimate next to the measured peaks, then, with whatever time is left, roletune on a 4-bit
+# base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with torch.compile.
 # Each run's figures are appended to OUT_DIR/train_speed*.jsonl as soon as it ends, so a run cut short
 # by the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
 # from src/ without installing, so a machine with torch, transformers, peft and accelerate suffices.
-# Optional packages for a machine without a package index: put their wheels in .whl/ (e.g.
+# Optional packages for a machine without a package index: put their wheels in .whl/, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-#       -d .whl liger-kernel==0.8.5
-# for the fused LM-head loss). They are installed into a scratch folder and used only by their own run,
-# after the main comparison, so a package that fails there costs that run alone.
+#       --platform manylinux_2_24_x86_64 -d .whl liger-kernel==0.8.5 bitsandbytes==0.50.2
+# Each is installed into a folder of its own and used only by the run that needs it, after the main
+# comparison, so a package that fails there costs that run alone.
 # usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS (default 540)] [STEPS (default 20)]
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS] [STEPS]}
@@ -24,11 +24,14 @@ shared=$here/.shared
 [ -d "$shared" ] || shared=$here/../shared
 mkdir -p "$out"
 export PYTHONPATH=$here/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-extras=
-if compgen -G "$here/.whl/*.whl" > /dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/roletune-site "$here"/.whl/*.whl \
-      && extras=/tmp/roletune-site
-fi
+export HF_HUB_OFFLINE=1  # nothing to download: no library may wait on the network
+site=/tmp/roletune-site  # site/NAME holds the wheel NAME-*.whl, for that run's PYTHONPATH only
+for wheel in "$here"/.whl/*.whl; do
+  [ -e "$wheel" ] || continue
+  name=$(basename "$wheel")
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/${name%%-*}" "$wheel" \
+      || echo "could not install $wheel"
+done
 # Most telling first: what the memory levers save, the 24 GiB plan, then the speed levers.
 levers=plain-norm-mlp,24GiB-budget,no-packing,all-logits,checkpointing,kept-lora-dropout,fp32-lora-inputs
 {
@@ -41,10 +44,16 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
   timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --levers="$levers" --steps "$steps" \
       --shared "$shared" --out "$out/train_speed.jsonl" || echo "stopped by the time budget; rows so far are kept"
-  if [ -n "$extras" ] && [ "$(left)" -gt 120 ]; then  # lm_head_loss=auto takes Liger when it is importable
-    PYTHONPATH=$PYTHONPATH:$extras timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer \
-        --levers=chunked-head --steps "$steps" --shared "$shared" --out "$out/train_speed_extras.jsonl" \
-        || echo "the run with .whl/ packages failed or ran out of time"
+  # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
+  if [ "$(left)" -gt 90 ]; then
+    PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer \
+        --qlora --steps "$steps" --shared "$shared" --out "$out/train_speed_qlora.jsonl" \
+        || echo "the QLoRA run failed or ran out of time"
+  fi
+  if [ -d "$site/liger_kernel" ] && [ "$(left)" -gt 120 ]; then  # lm_head_loss=auto takes Liger when importable
+    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer \
+        --levers=chunked-head --steps "$steps" --shared "$shared" --out "$out/train_speed_liger.jsonl" \
+        || echo "the Liger run failed or ran out of time"
   fi
   # Compiling can take minutes: last, with what is left, so the figures above are kept either way.
   if [ "$(left)" -gt 120 ]; then

@@ -12,12 +12,14 @@ usage:
   python benchmarks/train_speed.py --levers=no-packing,all-logits   # only those levers
   python benchmarks/train_speed.py --no-peer --compile  # roletune without torch.compile, by layer, whole
   python benchmarks/train_speed.py --no-peer --profile  # where a step's time goes: GPU busy or launching
+  python benchmarks/train_speed.py --qlora              # also roletune on a 4-bit base (its memory and speed)
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
          --model-config DIR, --out FILE.jsonl (append each run's figures as soon as it ends)
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -41,10 +43,13 @@ LEVERS = {
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
 }
+# An option for small cards rather than a lever: what the 4-bit base saves in memory and costs in time.
+QLORA = {"+qlora-4bit": ["model.quantization=4bit"]}
 # Off by default: on only if this shows it pays. Layers first: the whole model is far more to trace, so a
 # time limit is likelier to cut that run short.
 COMPILE = {"+compile-layers": ["train.compile=layers"], "+compile": ["train.compile=true"]}
 PROFILED_STEPS = 3
+FAILED: list[list[str]] = []  # the runs that exited non-zero
 
 
 def main() -> None:
@@ -59,6 +64,8 @@ def main() -> None:
                         help=f"also run roletune with each lever off in turn: all, or some of {','.join(LEVERS)}")
     parser.add_argument("--compile", action="store_true",
                         help="also run roletune with train.compile=layers, then with train.compile=true")
+    parser.add_argument("--qlora", action="store_true",
+                        help="also run roletune with its base quantised to 4 bits by bitsandbytes (QLoRA)")
     parser.add_argument("--no-peer", action="store_true", help="skip the seed recipe (compare roletune variants only)")
     parser.add_argument("--profile", action="store_true",
                         help=f"profile roletune's last {PROFILED_STEPS} steps (left out of its timing)")
@@ -70,7 +77,8 @@ def main() -> None:
 
     steps = args.steps or (30 if args.device == "cuda" else 6)
     if args.profile and steps < PROFILED_STEPS + 3:
-        parser.error(f"--profile needs --steps {PROFILED_STEPS + 3} or more: {PROFILED_STEPS} profiled after the timed ones")
+        parser.error(f"--profile needs --steps {PROFILED_STEPS + 3} or more: "
+                     f"{PROFILED_STEPS} profiled after the timed ones")
     levers = [name for name in args.levers.split(",") if name]
     if unknown := sorted(set(levers) - set(LEVERS)):
         parser.error(f"--levers: unknown {','.join(unknown)}; known: {','.join(LEVERS)}")
@@ -84,7 +92,8 @@ def main() -> None:
         for variant in () if args.no_peer else ("seed", "bs16"):
             run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
             kept.update()
-        variants = {"roletune": [], **{name: LEVERS[name] for name in levers}, **(COMPILE if args.compile else {})}
+        variants = {"roletune": [], **{name: LEVERS[name] for name in levers},
+                    **(QLORA if args.qlora else {}), **(COMPILE if args.compile else {})}
         for name, overrides in variants.items():
             profile = ["--profile"] if args.profile and name == "roletune" else []
             run([sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(steps),
@@ -92,6 +101,8 @@ def main() -> None:
                  *profile, *(f"--set={o}" for o in overrides)], env)
             kept.update()
         report(kept.rows)
+    if FAILED:
+        sys.exit(f"{len(FAILED)} run(s) failed; see above")
 
 
 class Kept:
@@ -124,19 +135,24 @@ def model_config_dir(args, scratch: Path) -> Path:
 
 
 def run(command: list[str], env: dict) -> None:
+    """One side in its own process. A side that fails (an optional package missing, say) is reported and
+    the others still run: its row is missing from the table, and the launch exits non-zero at the end."""
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, env=env, check=True)
+    if code := subprocess.run(command, env=env).returncode:
+        print(f"that run failed (exit {code}); the table has no row for it", flush=True)
+        FAILED.append(command)
 
 
 def roletune_worker(args) -> None:
     """roletune's training path as `roletune train` runs it (memory decision, LoRA, Trainer), with the
-    base's weights drawn from its config instead of read from a checkpoint."""
+    base's weights drawn from its config instead of read from a checkpoint (and quantised as they would
+    be read, for model.quantization)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
     from roletune import memory, train
     from roletune.config import config_from_dict
-    from roletune.model import load_tokenizer, resolve_dtype
+    from roletune.model import load_tokenizer, quantization_config, resolve_dtype
 
     shared = Path(args.shared)
     cuda = args.device == "cuda" and torch.cuda.is_available()
@@ -160,8 +176,17 @@ def roletune_worker(args) -> None:
         print(decision.line(), flush=True)
 
         def random_base(model_cfg, where, dtype):  # stands in for from_pretrained: no weights to read
+            config = AutoConfig.from_pretrained(model_cfg.path)
             with where:
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_cfg.path), dtype=dtype)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            if model_cfg.quantization == "none":
+                return model
+            # bitsandbytes quantises weights while from_pretrained loads them: hand it the random ones.
+            quantised = type(model).from_pretrained(
+                None, config=config, state_dict=model.state_dict(), dtype=dtype, device_map={"": str(where)},
+                quantization_config=quantization_config(model_cfg, dtype))
+            quantised.name_or_path = model_cfg.path  # as from_pretrained(path) would name it: peft reads it
+            return quantised
 
         started = time.time()
         train.load_base_model = random_base
@@ -181,6 +206,7 @@ def roletune_worker(args) -> None:
         profiler = StepProfiler(args.steps - PROFILED_STEPS + 1, cuda) if args.profile else None
         trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device,
                                       (clock, profiler.callback) if profiler else (clock,))
+        gc.collect()  # the full-precision weights a quantised base was made from must not count in its peak
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         output = trainer.train()
@@ -285,17 +311,19 @@ def report(rows: list[dict]) -> None:
     for row in rows:
         print(" | ".join(f"{str(row.get(c)):>17}" for c in columns))
     by_name = {row["variant"]: row for row in rows}
-    first = by_name["roletune"].get("first_losses")
-    print(f"\nroletune first losses: {first}; device: {by_name['roletune']['device']}, torch {by_name['roletune']['torch']}")
-    for name, row in by_name.items():
-        if name not in ("roletune", "seed", "bs16"):
-            print(f"{name}: {row['step_s'] / by_name['roletune']['step_s']:.2f}x roletune's step time")
     for name, row in by_name.items():
         if row.get("profile"):
             print(f"{name} profile: {row['profile']}")
-    if "seed" in by_name:
-        print(f"speedup_vs_bs16={by_name['bs16']['step_s'] / by_name['roletune']['step_s']:.2f}")
-        print(f"speedup_vs_seed={by_name['seed']['step_s'] / by_name['roletune']['step_s']:.2f}")
+    if "roletune" not in by_name:
+        return  # nothing to compare with
+    ours = by_name["roletune"]
+    print(f"\nroletune first losses: {ours.get('first_losses')}; device: {ours['device']}, torch {ours['torch']}")
+    for name, row in by_name.items():
+        if name not in ("roletune", "seed", "bs16"):
+            print(f"{name}: {row['step_s'] / ours['step_s']:.2f}x roletune's step time")
+    for peer in ("bs16", "seed"):
+        if peer in by_name:
+            print(f"speedup_vs_{peer}={by_name[peer]['step_s'] / ours['step_s']:.2f}")
 
 
 if __name__ == "__main__":
