@@ -67,6 +67,17 @@ def test_truncation_counts_and_drops_examples_without_trained_tokens(qwen_tokeni
     assert report.trained_tokens == sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
 
 
+@pytest.mark.parametrize("train_on", ["assistant", "last", "all"])
+def test_tokenizing_in_one_batch_labels_each_example_as_alone(shared, qwen_tokenizer, train_on):
+    rows = json.loads((shared / "data" / "huanhuan.json").read_text(encoding="utf-8"))[:200]
+    conversations = [MULTI_TURN] + [[Message("system", SEED_SYSTEM), Message("user", row["instruction"]),
+                                     Message("assistant", row["output"])] for row in rows]
+    examples, report = tokenize_all(conversations, qwen_tokenizer, 10_000, train_on)
+    assert report.kept == len(conversations)
+    assert examples == [tokenize_conversation(c, qwen_tokenizer, train_on) for c in conversations]
+    assert tokenize_all([], qwen_tokenizer, 64, train_on)[0] == []
+
+
 def test_preview_marks_the_trained_span(qwen_tokenizer):
     example = tokenize_conversation([Message("user", "你是谁？"), Message("assistant", "我是林小满。")],
                                     qwen_tokenizer, "assistant")

@@ -51,23 +51,25 @@ def tokenize_conversation(conversation: Conversation, tokenizer, train_on: str) 
     """Render with the chat template and label the trained spans (no truncation here)."""
     text, spans = _trained_char_spans(conversation, tokenizer, train_on)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
-    return Example(list(encoded["input_ids"]), labels)
+    return _with_labels(encoded["input_ids"], encoded["offset_mapping"], spans)
 
 
 def tokenize_all(conversations: list[Conversation], tokenizer, max_length: int, train_on: str,
                  progress=None) -> tuple[list[Example], TokenizeReport]:
     """Tokenize, truncate to max_length, drop (and count) examples left with nothing to train."""
     report = TokenizeReport(read=len(conversations))
-    examples = []
+    rendered = []
     for index, conversation in enumerate(progress(conversations) if progress else conversations):
         try:
-            example = tokenize_conversation(conversation, tokenizer, train_on)
+            rendered.append(_trained_char_spans(conversation, tokenizer, train_on))
         except DataError as exc:
             raise DataError(f"record {index}: {exc}") from None
+    # One call for all texts: a fast tokenizer encodes a batch on all cores.
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True) \
+        if rendered else {"input_ids": [], "offset_mapping": []}
+    examples = []
+    for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        example = _with_labels(ids, offsets, spans)
         if len(example.input_ids) > max_length:
             report.truncated += 1
             example = Example(example.input_ids[:max_length], example.labels[:max_length])
@@ -81,6 +83,13 @@ def tokenize_all(conversations: list[Conversation], tokenizer, max_length: int, 
         report.trained_tokens += trained
         report.lengths.append(len(example.input_ids))
     return examples, report
+
+
+def _with_labels(input_ids, offsets, spans) -> Example:
+    """A token is trained when it starts inside a trained character span."""
+    labels = [token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+              for token, (begin, _) in zip(input_ids, offsets)]
+    return Example(list(input_ids), labels)
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
@@ -98,7 +107,8 @@ def _trained_char_spans(conversation: Conversation, tokenizer, train_on: str):
     spans = []
     for i in turns:
         before = _render(tokenizer, conversation[:i], add_generation_prompt=True)
-        through = _render(tokenizer, conversation[: i + 1])
+        # Through the last message is the whole text: a third of the rendering saved on single-turn rows.
+        through = text if i == len(conversation) - 1 else _render(tokenizer, conversation[: i + 1])
         if not (text.startswith(before) and text.startswith(through) and through.startswith(before)):
             raise DataError("the chat template does not render conversations prefix by prefix "
                             "(e.g. it rewrites earlier turns), so the reply tokens cannot be located")
