@@ -60,6 +60,42 @@ def test_only_an_fp16_quantised_base_gets_fp32_norms_and_embeddings(tiny_model, 
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def stored_bytes(model) -> int:
+    """Every tensor the model holds: parameters (quantised codes included) and bitsandbytes' quantisation
+    state (absmax, its own absmax and code tables), each counted once."""
+    tensors = {id(t): t for t in model.parameters()}
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        for value in (state.as_dict() if state is not None else {}).values():
+            if torch.is_tensor(value):
+                tensors[id(value)] = value
+        scale = getattr(param, "SCB", None)  # LLM.int8's per-row scale
+        if scale is not None:
+            tensors[id(scale)] = scale
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
+def test_memory_estimate_counts_the_quantised_weights_as_loaded(tmp_path, quantization):
+    """memory.weight_bytes against the bytes a checkpoint takes once from_pretrained has quantised it, on a
+    model whose decoder Linears outweigh its embeddings (as a 7B model's do)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig
+
+    from roletune import memory
+    from roletune.model import DTYPES, load_base_model
+
+    config = AutoConfig.for_model("qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    cfg = config_from_dict({"model": {"path": str(tmp_path), "quantization": quantization, "dtype": "bf16"},
+                            "data": {"path": "x"}})
+    model = load_base_model(cfg.model, torch.device("cpu"), DTYPES["bf16"])
+    estimated = memory.weight_bytes(memory.Shape.of(config), 2, None if quantization == "none" else quantization)
+    # Within 1.5%: what is left is bitsandbytes' small per-layer tables and LLM.int8's per-row scales.
+    assert stored_bytes(model) == pytest.approx(estimated, rel=0.015)
+
+
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, tiny_model):
     """A few QLoRA steps on the tiny model with a 4-bit base (~10 s)."""

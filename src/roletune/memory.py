@@ -75,7 +75,9 @@ WORKSPACE_BYTES = 256 * 2**20
 USABLE_FRACTION = 0.9
 LOGIT_BYTES = 12  # fp32 log-softmax output + the fp32 gradient into it + the one it returns
 ADAPTER_BYTES = 4 + 4 + 8  # per LoRA parameter: fp32 weight, fp32 gradient, AdamW's two fp32 moments
-QUANTIZED_BYTES = {"4bit": 0.5 + 4 / 64, "8bit": 1.0}  # per decoder Linear weight; 4-bit keeps an fp32 absmax per 64
+# Per decoder Linear weight. NF4 with double quantisation: a 4-bit code, a uint8 absmax per block of 64
+# and an fp32 absmax per 256 of those. LLM.int8: an int8 code (and an fp32 scale per output row).
+QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 QUANTIZATIONS = (None, *QUANTIZED_BYTES)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
