@@ -223,6 +223,9 @@ def roletune_worker(args) -> None:
                    real_tokens_per_s=round(tokens_per_s), est_3epoch_min=round(3 * -(-3729 // 16) * step_s / 60, 2),
                    useful_tflops=round(FLOP_PER_TOKEN_FACTOR * nonembed * tokens_per_s / 1e12, 1),
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                   # What the caching allocator held at most: the figure a card of a given size must fit
+                   # (with the CUDA context besides); allocated is what the peer reports.
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                    estimated_peak_gib=round(decision.estimate.peak / memory.GiB, 2),
                    gradient_checkpointing=decision.checkpointing,
                    checkpointed_layers=decision.layers,
@@ -321,6 +324,10 @@ def report(rows: list[dict]) -> None:
     for name, row in by_name.items():
         if name not in ("roletune", "seed", "bs16"):
             print(f"{name}: {row['step_s'] / ours['step_s']:.2f}x roletune's step time")
+    for name, row in by_name.items():
+        if row.get("peak_reserved_gib") is not None:
+            print(f"{name}: peak {row['peak_mem_gib']} GiB allocated, {row['peak_reserved_gib']} GiB reserved, "
+                  f"{row['estimated_peak_gib']} GiB estimated")
     for peer in ("bs16", "seed"):
         if peer in by_name:
             print(f"speedup_vs_{peer}={by_name[peer]['step_s'] / ours['step_s']:.2f}")
