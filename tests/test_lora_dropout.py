@@ -48,3 +48,33 @@ def test_applied_unless_lora_inputs_are_copied_to_fp32_anyway(tiny_model, dtype,
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.1, dtype=dtype))
     assert any(isinstance(m, DeferredDropout) for m in model.modules()) is deferred
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_redrawn_masks_give_pefts_gradients_and_leave_the_random_stream_as_it_does(small_lora_model, autocast):
+    """One step with peft's kept dropout and one with the redrawn one, in fp32 and under bf16 autocast (as
+    Trainer runs on a GPU): the same loss and LoRA gradients, and the random numbers drawn next are the
+    same (the backward's redraw does not move the stream)."""
+    import peft
+
+    def step(recompute: bool):
+        model = small_lora_model()
+        for module in model.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.lora_dropout["default"] = torch.nn.Dropout(0.3)
+        if recompute:
+            assert recompute_lora_dropout(model) > 0
+        model.train()
+        ids = torch.arange(3, 43)[None]
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, torch.rand(4)
+
+    (want_loss, want, want_next), (got_loss, got, got_next) = step(False), step(True)
+    assert torch.equal(got_loss, want_loss) and torch.equal(got_next, want_next)
+    assert got.keys() == want.keys() and all(g is not None for g in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-8, msg=name)

@@ -5,11 +5,13 @@ keeps its own dropped-out copy of its input (and the dropout mask) for the backw
 seven copies per decoder layer, where q, k and v (and gate and up) read the same x. That is about
 two fifths of what a Qwen2.5-7B layer keeps for backward with the seed's LoRA.
 
-Here the dropout moves inside lora_A, under non-reentrant activation checkpointing: the forward
-keeps only x itself (shared by the projections that read it), and the backward redraws the same mask
-(checkpointing restores the RNG state) and redoes the r-wide lora_A matmul, a negligible amount of
-work next to the layer's own matmuls. The masks, losses and gradients are those of peft's path.
-peft offers no such option, hence this module.
+Here the dropout moves inside lora_A: the forward keeps only x itself (shared by the projections
+that read it) and the RNG state the mask was drawn from; the backward redraws the same mask and
+redoes the r-wide lora_A matmul, a negligible amount of work next to the layer's own matmuls. The
+masks, losses and gradients are those of peft's path. peft offers no such option, hence this module.
+It is an autograd Function rather than torch.utils.checkpoint, which does the same but costs several
+times a plain projection's Python time per call (measured on the CPU), paid twice per adapted
+projection and step; under torch.compile, which traces checkpointing well, it is checkpointing.
 """
 from __future__ import annotations
 
@@ -58,8 +60,52 @@ def recompute_lora_dropout(model) -> int:
 def _dropout_then_project(project: nn.Linear, deferred: DeferredDropout, x: torch.Tensor) -> torch.Tensor:
     if not (deferred.training and torch.is_grad_enabled()):
         return nn.Linear.forward(project, x)  # eval: no dropout; no_grad: nothing to keep anyway
-    return checkpoint(_dropped_projection, x, project, deferred.p, use_reentrant=False)
+    if torch.compiler.is_compiling():
+        return checkpoint(_dropped_projection, x, project.weight, project.bias, deferred.p, use_reentrant=False)
+    return _RedrawnDropout.apply(x, project.weight, project.bias, deferred.p)
 
 
-def _dropped_projection(x: torch.Tensor, project: nn.Linear, p: float) -> torch.Tensor:
-    return nn.Linear.forward(project, F.dropout(x, p, training=True))
+def _dropped_projection(x, weight, bias, p: float) -> torch.Tensor:
+    return F.linear(F.dropout(x, p, training=True), weight, bias)
+
+
+class _RedrawnDropout(torch.autograd.Function):
+    """linear(dropout(x)) keeping x and the RNG state: backward redraws the mask and differentiates the
+    same operations under the same autocast state, so the gradients are autograd's own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p):
+        device = x.device.type
+        ctx.p, ctx.rng = p, _rng_state(x.device)
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x, weight, bias)
+        return _dropped_projection(x, weight, bias, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        device, autocast, dtype = ctx.autocast
+        x = saved[0]
+        current = _rng_state(x.device)
+        _set_rng_state(x.device, ctx.rng)
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+            inputs = [t.detach().requires_grad_(needed) if t is not None else None
+                      for t, needed in zip(saved, ctx.needs_input_grad)]
+            out = _dropped_projection(*inputs, ctx.p)
+        _set_rng_state(x.device, current)  # the forward's random stream goes on as if nothing was redrawn
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
