@@ -39,6 +39,7 @@ LEVERS = {
     "chunked-head": ["train.lm_head_loss=chunked"],  # differs from the default only where Liger is installed
     "fp32-lora-inputs": ["lora.dtype=fp32"],
     "kept-lora-dropout": ["lora.recompute_dropout=false"],
+    "unfused-lora": ["lora.fused=false"],
     "plain-norm-mlp": ["train.lean_activations=false"],
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
@@ -49,6 +50,7 @@ QLORA = {"+qlora-4bit": ["model.quantization=4bit"]}
 # time limit is likelier to cut that run short.
 COMPILE = {"+compile-layers": ["train.compile=layers"], "+compile": ["train.compile=true"]}
 PROFILED_STEPS = 3
+TOP_OPERATORS = 15
 FAILED: list[list[str]] = []  # the runs that exited non-zero
 
 
@@ -304,7 +306,10 @@ class StepProfiler:
                 "gpu_busy_ms_per_step": round(1000 * busy_s / per_step, 1) if self.cuda else None,
                 "gpu_busy_fraction": round(busy_s / self.wall, 3) if self.cuda and self.wall else None,
                 "kernels_per_step": round(sum(a.count for a in kernels) / per_step) if self.cuda else None,
-                "aten_calls_per_step": round(operators / per_step)}
+                "aten_calls_per_step": round(operators / per_step),
+                # Which operators are called most: where launches (and so host time) could be saved.
+                "top_aten_calls_per_step": {a.key: round(a.count / per_step) for a in sorted(
+                    (a for a in averages if a.key.startswith("aten::")), key=lambda a: -a.count)[:TOP_OPERATORS]}}
 
 
 def report(rows: list[dict]) -> None:

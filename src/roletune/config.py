@@ -91,6 +91,10 @@ class LoraConfig:
         True, "Redraw each LoRA layer's dropout in backward instead of keeping a dropped-out copy of its input per "
         "adapted projection: the same masks and gradients, about a fifth less activation memory with the seed's LoRA. "
         "Applies with lora.dtype auto or bf16 (fp32 copies the input per layer anyway).")
+    fused: bool = setting(
+        True, "Run each adapted projection's LoRA branch (dropout, both matmuls, scaling, the add) as one autograd "
+        "function: peft's masks and gradients from fewer kernel launches and autograd nodes. Applies in training "
+        "with lora.dtype auto or bf16 and the dropout redrawn (or 0); not with train.distributed fsdp or deepspeed.")
 
 
 @dataclass

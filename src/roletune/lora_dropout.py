@@ -76,7 +76,7 @@ class _RedrawnDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p):
         device = x.device.type
-        ctx.p, ctx.rng = p, _rng_state(x.device)
+        ctx.p, ctx.rng = p, rng_state(x.device)
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(x, weight, bias)
         return _dropped_projection(x, weight, bias, p)
@@ -86,25 +86,25 @@ class _RedrawnDropout(torch.autograd.Function):
         saved = ctx.saved_tensors
         device, autocast, dtype = ctx.autocast
         x = saved[0]
-        current = _rng_state(x.device)
-        _set_rng_state(x.device, ctx.rng)
+        current = rng_state(x.device)
+        set_rng_state(x.device, ctx.rng)
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
             inputs = [t.detach().requires_grad_(needed) if t is not None else None
                       for t, needed in zip(saved, ctx.needs_input_grad)]
             out = _dropped_projection(*inputs, ctx.p)
-        _set_rng_state(x.device, current)  # the forward's random stream goes on as if nothing was redrawn
+        set_rng_state(x.device, current)  # the forward's random stream goes on as if nothing was redrawn
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
         return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None)
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
+def rng_state(device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch.get_rng_state()
     return torch.get_device_module(device.type).get_rng_state(device)
 
 
-def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+def set_rng_state(device: torch.device, state: torch.Tensor) -> None:
     if device.type == "cpu":
         torch.set_rng_state(state)
     else:

@@ -23,6 +23,7 @@ from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
 from roletune.guard import StopOnSignal, skipped_steps
 from roletune.lean_activations import make_lean
+from roletune.lora_fused import fuse_lora_layers
 from roletune.model import (apply_lora, build_meta_model, check_lora_dtype, compile_decoder_layers, load_base_model,
                             load_tokenizer, require_bitsandbytes, resolve_dtype)
 from roletune.samples import SampleAnswers, sample_rows
@@ -127,6 +128,8 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     if cfg.train.lean_activations:
         make_lean(base)
     model = apply_lora(base, cfg.lora, checkpointed_layers)
+    if cfg.lora.fused and not distributed.sharded(cfg):  # untried on sharded weights, which need several GPUs
+        fuse_lora_layers(model)
     if cfg.train.compile == "layers":
         compile_decoder_layers(model)
     echo_trainable(model, echo)

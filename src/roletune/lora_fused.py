@@ -1,0 +1,153 @@
+"""The LoRA branch of each adapted projection as one autograd function.
+
+peft computes an adapted projection as `result + lora_B(lora_A(dropout(x))) * scaling`, op by op: on a
+GPU about seven kernels forward and twelve backward per projection, and as many autograd nodes, for two
+r-wide matmuls whose arithmetic is negligible. A 7B model has 196 adapted projections (the seed's seven
+per layer), so this is most of the kernels a training step launches; on short role-play lines a step is
+small enough that launching kernels from Python, not the GPU's arithmetic, is what it can end up
+waiting on.
+
+Here the branch is one torch.autograd.Function: dropout (drawn as F.dropout draws it on that device,
+redrawn in backward from the saved RNG state as roletune.lora_dropout does), lora_A, lora_B with the
+scaling folded into its 16-bit copy, and the add folded into the matmul (addmm). On a GPU: five kernels
+forward, eight backward, one autograd node. The masks, outputs and gradients are peft's, up to the
+rounding of the fused add. peft has no such training path, and Unsloth's fused LoRA kernels require
+dropout 0 (the seed trains with 0.1), hence this module.
+
+The fused path runs only where it computes what peft would: a training forward with gradients, one
+active plain LoRA adapter without bias, its dropout redrawn (or none), and the input either in the
+adapter's dtype or under autocast (roletune.model.keep_lora_inputs_under_autocast). Anything else
+(eval and generation, adapters disabled or merged, lora.dtype=fp32's fp32 copies, peft's kept dropout,
+torch.compile, which traces peft's own ops) runs peft's forward unchanged.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from roletune.lora_dropout import DeferredDropout, rng_state, set_rng_state
+
+# Devices where F.dropout runs the fused native_dropout kernel (ATen's is_fused_kernel_acceptable);
+# elsewhere (the CPU) it multiplies by a float noise tensor. Drawing the same way draws the same mask.
+FUSED_DROPOUT_DEVICES = {"cuda", "xpu"}
+
+
+def fuse_lora_layers(model) -> int:
+    """Give every plain peft LoRA Linear of `model` the fused branch; returns how many. The parameters,
+    the state dict and the saved adapter are unchanged (bitsandbytes LoRA layers are left as they are)."""
+    from peft.tuners.lora.layer import Linear
+
+    layers = [module for module in model.modules() if type(module) is Linear]
+    for layer in layers:
+        layer.forward = functools.partial(_forward, layer)
+    return len(layers)
+
+
+def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    branch = _fusable_branch(layer, x, args, kwargs)
+    if branch is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    lora_A, lora_B, scaling, p = branch
+    return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p)
+
+
+def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
+    """(lora_A, lora_B, scaling, dropout p) when the fused branch computes what peft's forward would,
+    else None."""
+    if args or kwargs or layer.disable_adapters or layer.merged or torch.compiler.is_compiling():
+        return None
+    if not (layer.training and torch.is_grad_enabled()):
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in layer.lora_variant:  # several adapters, DoRA and other variants
+        return None
+    name = active[0]
+    lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if lora_A.bias is not None or lora_B.bias is not None:
+        return None
+    if isinstance(dropout, DeferredDropout):
+        p = dropout.p
+    elif isinstance(dropout, nn.Identity):  # peft's stand-in for dropout 0
+        p = 0.0
+    else:
+        return None  # peft's own dropout, keeping its dropped-out copy (lora.recompute_dropout=false)
+    if layer.cast_input_dtype_enabled and x.dtype != lora_A.weight.dtype:
+        return None  # peft copies x to the adapter's dtype first (lora.dtype=fp32): its path, its cost
+    return lora_A, lora_B, layer.scaling[name], p
+
+
+class _LoraBranch(torch.autograd.Function):
+    """result + scaling * lora_B(lora_A(dropout(x))), keeping x, the RNG state and the r-wide tensors."""
+
+    @staticmethod
+    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float):
+        device = x.device.type
+        # What peft's F.linear computes in: autocast's dtype when it is on, else the (common) input dtype.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.rng = rng_state(x.device) if p else None
+        with torch.autocast(device, enabled=False):
+            dropped, _ = _dropout(_rows(x), p)
+            a = weight_a.to(dtype)
+            b = _scaled(weight_b, scaling, dtype)  # scaling * B: no separate multiply, forward or backward
+            h = dropped.to(dtype) @ a.t()
+            out = _add_product(_rows(result).to(dtype), h, b)
+        ctx.save_for_backward(x, a, b, h)
+        ctx.p, ctx.scaling, ctx.dtypes = p, scaling, (weight_a.dtype, weight_b.dtype)
+        return out.view(result.shape).to(result.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, h = ctx.saved_tensors
+        needs_result, needs_x, needs_a, needs_b = ctx.needs_input_grad[:4]
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(x.device.type, enabled=False):
+            rows = _rows(grad).to(a.dtype)
+            if needs_b:  # d(scaling * B) = (g^T h), so dB = scaling * (g^T h), in the weight's dtype
+                grad_b = _scaled(rows.t() @ h, ctx.scaling, ctx.dtypes[1])
+            if needs_x or needs_a:
+                grad_h = rows @ b
+                dropped, dropout_backward = _redraw(x, ctx.p, ctx.rng)
+                if needs_a:
+                    grad_a = (grad_h.t() @ dropped.to(a.dtype)).to(ctx.dtypes[0])
+                if needs_x:
+                    grad_x = dropout_backward((grad_h @ a).to(x.dtype)).view(x.shape)
+        return grad if needs_result else None, grad_x, grad_a, grad_b, None, None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """result + h b^T in one kernel, rounded once (peft rounds the product, then the sum)."""
+    return torch.addmm(result, h, b.t())
+
+
+def _scaled(t: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """scaling * t in `dtype`, in one kernel (the multiply writes the cast result)."""
+    return torch.mul(t, scaling, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
+
+def _dropout(rows: torch.Tensor, p: float):
+    """F.dropout(rows, p) drawn as F.dropout draws it on this device, and the map of a gradient through it."""
+    if not p:
+        return rows, lambda grad: grad
+    if rows.device.type in FUSED_DROPOUT_DEVICES and rows.numel():
+        dropped, mask = torch.native_dropout(rows, p, True)  # F.dropout's own kernel here: a 1-byte mask
+        return dropped, lambda grad: torch.ops.aten.native_dropout_backward(grad, mask, 1 / (1 - p))
+    noise = torch.empty_like(rows).bernoulli_(1 - p).div_(1 - p)  # F.dropout on the CPU, op for op
+    return rows * noise, noise.mul
+
+
+def _redraw(x: torch.Tensor, p: float, rng):
+    """The forward's dropout of x again, from its RNG state; the random stream goes on as it was."""
+    if not p:
+        return _dropout(_rows(x), p)
+    current = rng_state(x.device)
+    set_rng_state(x.device, rng)
+    try:
+        return _dropout(_rows(x), p)
+    finally:
+        set_rng_state(x.device, current)

@@ -1,0 +1,188 @@
+"""The fused LoRA branch: peft's masks, losses and gradients from one autograd node per adapted projection,
+and peft's own forward wherever the fused one would not compute the same."""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from roletune import lora_fused
+from roletune.lora_dropout import recompute_lora_dropout
+from roletune.lora_fused import fuse_lora_layers
+
+# CUDA too where there is one: there F.dropout is the native_dropout kernel the branch then draws with.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def lora_layers(model) -> list:
+    import peft
+
+    return [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
+def with_dropout(model, p: float):
+    for layer in lora_layers(model):
+        layer.lora_dropout["default"] = torch.nn.Dropout(p)
+    return model
+
+
+def step(model, autocast: bool, device: str = "cpu"):
+    """One training forward and backward from a fixed seed: the loss, the LoRA gradients, the next draws."""
+    model.to(device).train()
+    ids = torch.arange(3, 43, device=device)[None]
+    torch.manual_seed(1)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, torch.rand(4, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_fused_branch_gives_pefts_loss_and_gradients_and_leaves_the_random_stream_as_it_does(
+        small_lora_model, monkeypatch, autocast, p, device):
+    """peft's own path (its dropout keeping its masks) against the fused branch, in fp32 and under bf16
+    autocast (as Trainer runs on a GPU): the same loss and LoRA gradients, and the random numbers drawn next
+    are the same (forward draws the same masks, the backward's redraw does not move the stream)."""
+    def fused_step():
+        model = with_dropout(small_lora_model(), p)
+        recompute_lora_dropout(model)
+        assert fuse_lora_layers(model) == len(lora_layers(model)) > 0
+        return step(model, autocast, device)
+
+    want_loss, want, want_next = step(with_dropout(small_lora_model(), p), autocast, device)
+    got_loss, got, got_next = fused_step()
+    assert torch.equal(got_next, want_next)
+    assert got.keys() == want.keys() and all(g is not None and g.dtype == torch.float32 for g in got.values())
+    if not autocast:  # fp32: only the fused add's order of operations differs
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        return
+    # bf16: the fused add rounds once where peft rounds the product and then the sum, a difference that
+    # grows through the layers (the loss moves in the 4th digit) ...
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-3, atol=0)
+    # ... and is the only one: with the add rounded as peft rounds it, every bit is peft's.
+    monkeypatch.setattr(lora_fused, "_add_product", lambda result, h, b: result + h @ b.t())
+    got_loss, got, _ = fused_step()
+    assert torch.equal(got_loss, want_loss)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_on_a_gpu_the_dropout_kernel_is_f_dropouts_own_and_its_gradient_is_its_mask(monkeypatch):
+    """Where F.dropout runs the fused native_dropout kernel (CUDA), the branch draws with it and sends the
+    gradient back through its 1-byte mask. Checked here by running that path on the CPU against autograd
+    through torch.native_dropout with the same seed."""
+    monkeypatch.setattr(lora_fused, "FUSED_DROPOUT_DEVICES", {"cpu"})
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    result = torch.randn(2, 5, 12, requires_grad=True)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+
+    torch.manual_seed(7)
+    got = lora_fused._LoraBranch.apply(result, x, a, b, 2.0, 0.25)
+    torch.manual_seed(7)
+    dropped, _ = torch.native_dropout(x, 0.25, True)
+    want = result + (dropped @ a.t() @ b.t()) * 2.0
+    torch.testing.assert_close(got, want)
+    upstream = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, (result, x, a, b), upstream)
+    want_grads = torch.autograd.grad(want, (result, x, a, b), upstream)
+    for name, g, w in zip(("result", "x", "a", "b"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+class Calls(TorchDispatchMode):
+    """Counts the operators that run kernels (views and metadata changes left out)."""
+    VIEWS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "detach",
+             "alias", "as_strided", "slice", "select", "empty"}  # empty: an allocation, no kernel
+
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.count[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def graph_nodes(tensor) -> int:
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+def test_one_autograd_node_and_fewer_kernels_per_adapted_projection(small_lora_model):
+    """The point of fusing: per adapted projection, one autograd node for the branch instead of peft's
+    several, and fewer kernel launches forward and backward (counted on the CPU under bf16 autocast, with
+    the redrawn dropout; CUDA's dropout is one kernel where the CPU's is four, on both paths)."""
+    def measure(fused: bool):
+        model = with_dropout(small_lora_model(), 0.1)
+        recompute_lora_dropout(model)
+        if fused:
+            fuse_lora_layers(model)
+        model.train()
+        layer = model.base_model.model.model.layers[1].self_attn.q_proj
+        layer.base_layer.to(torch.bfloat16)  # a bf16 base, as trained on a GPU
+        x = torch.randn(1, 24, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+        calls = Calls()
+        with calls, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        nodes = graph_nodes(out)
+        with calls:
+            out.float().sum().backward()
+        return nodes, sum(calls.count.values())
+
+    (peft_nodes, peft_calls), (fused_nodes, fused_calls) = measure(False), measure(True)
+    # The fused output's graph: the branch, the base projection and the leaves (14 nodes for peft's, 7 here);
+    # 31 operators against 26 here, on a GPU (one dropout kernel each time instead of four) 22 against 16.
+    assert fused_nodes <= peft_nodes - 6
+    assert fused_calls <= peft_calls - 5
+
+
+def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_same(small_lora_model):
+    model = with_dropout(small_lora_model(), 0.1)
+    recompute_lora_dropout(model)
+    fuse_lora_layers(model)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(1, 6, layer.in_features)
+
+    def fused(**kwargs) -> bool:
+        return lora_fused._fusable_branch(layer, x, (), kwargs) is not None
+
+    model.train()
+    assert fused()
+    with torch.no_grad():
+        assert not fused()  # generation and eval loss
+    model.eval()
+    assert not fused()
+    model.train()
+    with model.disable_adapter():  # compare's base column
+        assert not fused()
+    layer.cast_input_dtype_enabled = True  # lora.dtype=fp32 copies a bf16 input to fp32 first
+    assert not lora_fused._fusable_branch(layer, x.bfloat16(), (), {})
+    layer.lora_dropout["default"] = torch.nn.Dropout(0.1)  # peft's dropout keeps its mask
+    assert not fused()
+
+
+def test_training_with_the_fused_branch_ends_with_the_adapter_pefts_branch_trains(short_run, monkeypatch):
+    """roletune train, 4 steps at a high learning rate with dropout 0.1, fused and not: the same losses,
+    gradient norms and adapter (float32 on the CPU: the fused add may round in another order)."""
+    branches = []
+    apply = lora_fused._LoraBranch.apply
+    monkeypatch.setattr(lora_fused._LoraBranch, "apply", lambda *args: branches.append(1) or apply(*args))
+    want, want_log = short_run("peft", lora={"dropout": 0.1, "fused": False})
+    assert not branches
+    got, got_log = short_run("fused", lora={"dropout": 0.1})  # on by default
+    assert len(branches) == 4 * 14  # 4 steps of 2 layers with 7 adapted projections each
+    assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
