@@ -97,7 +97,7 @@ def test_on_a_gpu_the_dropout_kernel_is_f_dropouts_own_and_its_gradient_is_its_m
 class Calls(TorchDispatchMode):
     """Counts the operators that run kernels (views and metadata changes left out)."""
     VIEWS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "detach",
-             "alias", "as_strided", "slice", "select", "empty"}  # empty: an allocation, no kernel
+             "alias", "as_strided", "slice", "select", "empty", "new_empty"}  # allocations: no kernel
 
     def __init__(self):
         super().__init__()

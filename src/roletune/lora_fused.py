@@ -79,20 +79,23 @@ def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
 
 
 class _LoraBranch(torch.autograd.Function):
-    """result + scaling * lora_B(lora_A(dropout(x))), keeping x, the RNG state and the r-wide tensors."""
+    """result + scaling * lora_B(lora_A(dropout(x))), keeping x, the RNG state and the r-wide tensors.
+    Written for little Python per call: it runs twice per adapted projection and step."""
 
     @staticmethod
     def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float):
-        device = x.device.type
         # What peft's F.linear computes in: autocast's dtype when it is on, else the (common) input dtype.
+        # Every operand is cast to it here, so autocast, where it is on, has nothing left to cast.
+        device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        ctx.rng = rng_state(x.device) if p else None
-        with torch.autocast(device, enabled=False):
-            dropped, _ = _dropout(_rows(x), p)
-            a = weight_a.to(dtype)
-            b = _scaled(weight_b, scaling, dtype)  # scaling * B: no separate multiply, forward or backward
-            h = dropped.to(dtype) @ a.t()
-            out = _add_product(_rows(result).to(dtype), h, b)
+        rows = x.reshape(-1, x.shape[-1])
+        if p:
+            ctx.rng = rng_state(x.device)
+            rows = _dropout(rows, p)[0]
+        a = weight_a.to(dtype)
+        b = _scaled(weight_b, scaling, dtype)  # scaling * B: no separate multiply, forward or backward
+        h = torch.mm(rows.to(dtype), a.t())
+        out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
         ctx.save_for_backward(x, a, b, h)
         ctx.p, ctx.scaling, ctx.dtypes = p, scaling, (weight_a.dtype, weight_b.dtype)
         return out.view(result.shape).to(result.dtype)
@@ -100,24 +103,22 @@ class _LoraBranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, a, b, h = ctx.saved_tensors
-        needs_result, needs_x, needs_a, needs_b = ctx.needs_input_grad[:4]
+        _, needs_x, needs_a, needs_b = ctx.needs_input_grad[:4]
+        rows = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         grad_x = grad_a = grad_b = None
-        with torch.autocast(x.device.type, enabled=False):
-            rows = _rows(grad).to(a.dtype)
-            if needs_b:  # d(scaling * B) = (g^T h), so dB = scaling * (g^T h), in the weight's dtype
-                grad_b = _scaled(rows.t() @ h, ctx.scaling, ctx.dtypes[1])
-            if needs_x or needs_a:
-                grad_h = rows @ b
-                dropped, dropout_backward = _redraw(x, ctx.p, ctx.rng)
-                if needs_a:
-                    grad_a = (grad_h.t() @ dropped.to(a.dtype)).to(ctx.dtypes[0])
-                if needs_x:
-                    grad_x = dropout_backward((grad_h @ a).to(x.dtype)).view(x.shape)
-        return grad if needs_result else None, grad_x, grad_a, grad_b, None, None
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+        if needs_b:  # d(scaling * B) = g^T h, so dB = scaling * g^T h, in the weight's dtype
+            grad_b = _scaled(torch.mm(rows.t(), h), ctx.scaling, ctx.dtypes[1])
+        if needs_x or needs_a:
+            grad_h = torch.mm(rows, b)
+            dropped, mask = _redraw(x, ctx.p, ctx.rng) if ctx.p else (x.reshape(-1, x.shape[-1]), None)
+            if needs_a:
+                grad_a = torch.mm(grad_h.t(), dropped.to(a.dtype)).to(ctx.dtypes[0])
+            if needs_x:
+                grad_x = torch.mm(grad_h, a).to(x.dtype)
+                if mask is not None:
+                    grad_x = _through_dropout(grad_x, mask, ctx.p)
+                grad_x = grad_x.view(x.shape)
+        return grad, grad_x, grad_a, grad_b, None, None
 
 
 def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,27 +128,29 @@ def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torc
 
 def _scaled(t: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """scaling * t in `dtype`, in one kernel (the multiply writes the cast result)."""
-    return torch.mul(t, scaling, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+    return torch.mul(t, scaling, out=t.new_empty(t.shape, dtype=dtype))
 
 
-def _dropout(rows: torch.Tensor, p: float):
-    """F.dropout(rows, p) drawn as F.dropout draws it on this device, and the map of a gradient through it."""
-    if not p:
-        return rows, lambda grad: grad
+def _dropout(rows: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """F.dropout(rows, p) drawn as F.dropout draws it on this device, and its mask: a bool tensor from
+    the fused kernel, else the float noise (0 or 1/(1-p)) the CPU's F.dropout multiplies by."""
     if rows.device.type in FUSED_DROPOUT_DEVICES and rows.numel():
-        dropped, mask = torch.native_dropout(rows, p, True)  # F.dropout's own kernel here: a 1-byte mask
-        return dropped, lambda grad: torch.ops.aten.native_dropout_backward(grad, mask, 1 / (1 - p))
+        return torch.native_dropout(rows, p, True)
     noise = torch.empty_like(rows).bernoulli_(1 - p).div_(1 - p)  # F.dropout on the CPU, op for op
-    return rows * noise, noise.mul
+    return rows * noise, noise
 
 
-def _redraw(x: torch.Tensor, p: float, rng):
+def _through_dropout(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(grad, mask, 1 / (1 - p))
+    return grad * mask
+
+
+def _redraw(x: torch.Tensor, p: float, rng: torch.Tensor):
     """The forward's dropout of x again, from its RNG state; the random stream goes on as it was."""
-    if not p:
-        return _dropout(_rows(x), p)
     current = rng_state(x.device)
     set_rng_state(x.device, rng)
     try:
-        return _dropout(_rows(x), p)
+        return _dropout(x.reshape(-1, x.shape[-1]), p)
     finally:
         set_rng_state(x.device, current)

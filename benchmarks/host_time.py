@@ -1,0 +1,127 @@
+"""Host time of a training step: what launching the operators of roletune's layer stack costs, against peft's.
+
+On short role-play lines a 7B step is small enough that Python launching kernels, not the GPU's arithmetic,
+can be what it waits on. This measures that cost alone: a Qwen2 with Qwen2.5-7B's 28 layers and seven
+adapted projections each, but only 64 wide, trains on one short packed row, so its arithmetic is
+negligible and a forward and backward (under bf16 autocast, as Trainer runs a GPU) takes what the host
+spends issuing it. Variants, each built by roletune's own code: `peft` (the seed's stack: peft's LoRA
+with its fp32 input copies and kept dropout, transformers' RMSNorm and MLP), `roletune` (the defaults),
+and roletune with one lever turned back at a time. Rounds interleave the variants; each figure is the
+median over all of a variant's steps. Prints ms per step, operators per step (kernel launches on a GPU,
+views left out; on the CPU a dropout is four operators, on CUDA one) and the ratio to peft's stack.
+
+usage:
+  python benchmarks/host_time.py                  # the CPU, one thread
+  python benchmarks/host_time.py --device cuda    # the host of a GPU machine (the GPU itself idles)
+options: --steps N per round (10), --rounds R (3), --threads T (CPU threads, 1), --tokens a,b,c (6,5,7)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# LoRA config and roletune switches per variant: the seed's LoRA (r 8, alpha 32, dropout 0.1, 7 projections).
+VARIANTS = {
+    "peft": dict(lora=dict(dtype="fp32", recompute_dropout=False, fused=False), lean=False),
+    "roletune": dict(lora={}, lean=True),
+    "unfused-lora": dict(lora=dict(fused=False), lean=True),
+    "kept-lora-dropout": dict(lora=dict(recompute_dropout=False), lean=True),
+    "fp32-lora-inputs": dict(lora=dict(dtype="fp32"), lean=True),
+    "plain-norm-mlp": dict(lora={}, lean=False),
+}
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "detach", "alias",
+         "as_strided", "slice", "select", "empty", "new_empty", "empty_strided", "permute", "split", "unbind"}
+
+
+class Operators(TorchDispatchMode):
+    """Counts the operators that run a kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ not in VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def build(variant: dict, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from roletune.config import LoraConfig
+    from roletune.lean_activations import make_lean
+    from roletune.lora_fused import fuse_lora_layers
+    from roletune.model import apply_lora
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=28, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
+    if variant["lean"]:
+        make_lean(base)
+    lora = LoraConfig(r=8, alpha=32, dropout=0.1, **variant["lora"])
+    model = apply_lora(base, lora)
+    if lora.fused:
+        fuse_lora_layers(model)
+    return model.train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"],
+                        help="bf16: bf16 weights under autocast, as on a GPU (default there); fp32: no autocast (the "
+                             "CPU's default: its bf16 matmuls are slow arithmetic even at this width)")
+    parser.add_argument("--tokens", default="6,5,7", help="lengths of the examples packed into the row")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    lengths = [int(n) for n in args.tokens.split(",")]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    ids = torch.randint(0, 512, positions.shape, device=device)
+    models = {name: build(variant, device, dtype) for name, variant in VARIANTS.items()}
+
+    def step(model) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    operators = {}
+    for name, model in models.items():
+        step(model)  # warm-up
+        counter = Operators()
+        with counter:
+            step(model)
+        operators[name] = counter.count
+    times = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            for _ in range(args.steps):
+                started = time.perf_counter()
+                step(model)
+                times[name].append(time.perf_counter() - started)
+
+    print(f"device {device}, {dtype}, torch {torch.__version__}, {args.threads} CPU thread(s), {sum(lengths)} tokens, "
+          f"{args.rounds} rounds x {args.steps} steps")
+    peer = statistics.median(times["peft"])
+    print(f"{'variant':>18} | {'ms / step':>9} | {'operators':>9} | vs peft")
+    for name in models:
+        ms = statistics.median(times[name])
+        print(f"{name:>18} | {1000 * ms:9.1f} | {operators[name]:9d} | {ms / peer:.2f}")
+    print(f"host_speedup_vs_peft={peer / statistics.median(times['roletune']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
