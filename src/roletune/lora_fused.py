@@ -13,8 +13,9 @@ scaling folded into its 16-bit copy, and the add folded into the matmul (addmm).
 forward, eight backward, one autograd node. Folding the scale and the add also spares the GPU's memory
 peft's separate product, scaling and sum pass over: each projection's whole output, four times forward and
 twice backward (for the seed's seven projections of Qwen2.5-7B, about 0.5 GB per layer and 1,400-token
-step, forward). The masks, outputs and gradients are peft's, up to the rounding of the fused add. peft has no such training path, and Unsloth's fused LoRA kernels require
-dropout 0 (the seed trains with 0.1), hence this module.
+step, forward). The masks, outputs and gradients are peft's, up to the rounding of the fused add.
+peft has no such training path, and Unsloth's fused LoRA kernels require dropout 0 (the seed trains
+with 0.1), hence this module.
 
 The fused path runs only where it computes what peft would: a training forward with gradients, one
 active plain LoRA adapter without bias, its dropout redrawn (or none), and the input either in the
