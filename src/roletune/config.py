@@ -144,7 +144,10 @@ class TrainConfig:
         "eager); true: the whole model through Trainer's torch_compile (all of it traced, and new lengths may "
         "recompile). Off by default: measure with benchmarks/train_speed.py --compile before relying on it.",
         choices=[False, True, "layers"])
-    optim: str = setting("adamw_torch", "Optimizer (a transformers optimizer name).")
+    optim: str = setting(
+        "adamw_torch_fused", "Optimizer (a transformers optimizer name). The default is transformers' own on torch "
+        "2.8 and later: AdamW updating all the adapter's tensors in one fused operation; adamw_torch is the same "
+        "update as a dozen multi-tensor kernels per step.")
     logging_steps: int = setting(10, "Log the loss every N optimizer steps.", check=POSITIVE)
     save_steps: int = setting(100, "Write a resumable checkpoint every N optimizer steps.", check=POSITIVE)
     save_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", check=POSITIVE)
