@@ -28,6 +28,25 @@ def make_collator(tokenizer, packing: bool, flash_attention: bool = False):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
+# The batch key under which with_reply_index hands the loss its trained positions.
+REPLY_INDEX = "reply_index"
+
+
+def with_reply_index(collate):
+    """`collate`, adding to each batch the (row, column) indices of its trained tokens in labels[:, 1:]
+    (under REPLY_INDEX), found on the host while the batch is built.
+
+    Selecting the trained positions with a boolean mask on a GPU makes the host wait, in the middle of
+    every step, for the GPU to say how many there are (the output's size depends on the mask's values);
+    with indices the host already holds, it queues the loss and the backward without that pause.
+    """
+    def collate_with_index(features):
+        batch = collate(features)
+        batch[REPLY_INDEX] = torch.stack(torch.nonzero(batch["labels"][:, 1:] != IGNORE_INDEX, as_tuple=True))
+        return batch
+    return collate_with_index
+
+
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     """Sequence positions whose logits predict a trained token (in any row of the batch)."""
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
@@ -40,9 +59,12 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
     With `num_items` = the trained tokens of the whole optimizer step (Trainer's num_items_in_batch),
     every trained token weighs the same however the step is split into micro-batches or packed:
     the seed's per-step token average, not a mean of micro-batch means. `head_loss` (from
-    roletune.loss) computes the LM head and the summed loss from the final hidden states;
+    roletune.loss) computes the LM head and the summed loss from the final hidden states, at the
+    positions `inputs[REPLY_INDEX]` names when the collator added it (see with_reply_index);
     None computes the logits of every trained position at once.
     """
+    inputs = dict(inputs)
+    reply_index = inputs.pop(REPLY_INDEX, None)
     if head_loss is None:
         positions = labelled_positions(labels)
         # No KV cache: with one, transformers stops reading packed sequences from the position ids.
@@ -52,9 +74,11 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
     else:
         outputs, hidden = final_hidden_states(model, inputs)
-        trained = labels[:, 1:] != IGNORE_INDEX
-        targets = labels[:, 1:][trained]
-        loss = head_loss(hidden[:, :-1][trained], extract_model_from_parallel(model).get_output_embeddings(), targets)
+        if reply_index is None:  # found here, the host waits for the device to count them
+            reply_index = torch.stack(torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True))
+        rows, columns = reply_index
+        targets = labels[:, 1:][rows, columns]
+        loss = head_loss(hidden[rows, columns], extract_model_from_parallel(model).get_output_embeddings(), targets)
     divisor = num_items if num_items is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
     return loss / divisor, outputs
 

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from roletune import checkpoints, distributed, epoch_order, run_dir
-from roletune.batching import ReplyLossTrainer, make_collator, with_held_out_loss
+from roletune.batching import ReplyLossTrainer, make_collator, with_held_out_loss, with_reply_index
 from roletune.config import Config
 from roletune.guard import NonFiniteGuard
 from roletune.loss import head_loss_for
@@ -87,7 +87,8 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
 
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
                   device: torch.device, callbacks: tuple = ()) -> Trainer:
-    collator = make_collator(tokenizer, cfg.train.packing, cfg.model.attn_implementation == "flash_attention_2")
+    collator = with_reply_index(make_collator(tokenizer, cfg.train.packing,
+                                              cfg.model.attn_implementation == "flash_attention_2"))
     t = cfg.train
     trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
     trainer_class = epoch_order.with_even_tail(trainer_class)
