@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in one go and inside a time budget: the host time of a step's
-# operators per lever (benchmarks/host_time.py), the training-speed comparison
+# One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
 # against the seed recipe (roletune's run profiled at its end), roletune with levers turned back in turn,
-# the memory estimate next to the measured peaks, then, with whatever time is left, roletune on a 4-bit
-# base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with torch.compile.
+# the memory estimate next to the measured peaks, then, with whatever time is left, the host time of a
+# step's operators per lever (benchmarks/host_time.py), roletune on a 4-bit base (QLoRA, bitsandbytes),
+# with Liger-Kernel's fused loss, and with torch.compile.
 # Each run's figures are appended to OUT_DIR/train_speed*.jsonl as soon as it ends, so a run cut short
 # by the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
@@ -43,11 +43,13 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
-  # What launching a step's operators costs this machine's host, per lever (a minute at most).
-  timeout 120 "$py" "$here/benchmarks/host_time.py" --device cuda | tee "$out/host_time.txt" \
-      || echo "the host-time run failed"
   timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --levers="$levers" --steps "$steps" \
       --shared "$shared" --out "$out/train_speed.jsonl" || echo "stopped by the time budget; rows so far are kept"
+  # What launching a step's operators costs this machine's host, per lever (under a minute).
+  if [ "$(left)" -gt 60 ]; then
+    timeout 60 "$py" "$here/benchmarks/host_time.py" --device cuda | tee "$out/host_time.txt" \
+        || echo "the host-time run failed"
+  fi
   # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
   if [ "$(left)" -gt 90 ]; then
     PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer \
