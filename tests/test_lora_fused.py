@@ -145,7 +145,7 @@ def test_one_autograd_node_and_fewer_kernels_per_adapted_projection(small_lora_m
     # The fused output's graph: the branch, the base projection and the leaves (14 nodes for peft's, 7 here);
     # 31 operators against 26 here, on a GPU (one dropout kernel each time instead of four) 22 against 16.
     assert fused_nodes <= peft_nodes - 6
-    assert fused_calls <= peft_calls - 5
+    assert fused_calls <= peft_calls - 3  # a margin for other torch versions' CPU decompositions
 
 
 def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_same(small_lora_model):
