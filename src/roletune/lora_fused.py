@@ -14,8 +14,8 @@ forward, eight backward, one autograd node. Folding the scale and the add also s
 peft's separate product, scaling and sum pass over: each projection's whole output, four times forward and
 twice backward (for the seed's seven projections of Qwen2.5-7B, about 0.5 GB per layer and 1,400-token
 step, forward). The masks, outputs and gradients are peft's, up to the rounding of the fused add.
-peft has no such training path, and Unsloth's fused LoRA kernels require dropout 0 (the seed trains
-with 0.1), hence this module.
+peft has no such training path, and Unsloth's fused LoRA kernels apply only with dropout 0 (with any
+other dropout it falls back to peft's path; the seed trains with 0.1), hence this module.
 
 The fused path runs only where it computes what peft would: a training forward with gradients, one
 active plain LoRA adapter without bias, its dropout redrawn (or none), and the input either in the
