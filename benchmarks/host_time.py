@@ -24,16 +24,12 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from train_speed import LEVERS  # the same lever names and overrides as the training-speed benchmark
 
-# LoRA config and roletune switches per variant: the seed's LoRA (r 8, alpha 32, dropout 0.1, 7 projections).
-VARIANTS = {
-    "peft": dict(lora=dict(dtype="fp32", recompute_dropout=False, fused=False), lean=False),
-    "roletune": dict(lora={}, lean=True),
-    "unfused-lora": dict(lora=dict(fused=False), lean=True),
-    "kept-lora-dropout": dict(lora=dict(recompute_dropout=False), lean=True),
-    "fp32-lora-inputs": dict(lora=dict(dtype="fp32"), lean=True),
-    "plain-norm-mlp": dict(lora={}, lean=False),
-}
+# roletune's overrides per variant: peft's stack is every LoRA and activation lever turned back.
+PEFT = ["lora.dtype=fp32", "lora.recompute_dropout=false", "lora.fused=false", "train.lean_activations=false"]
+VARIANTS = {"peft": PEFT, "roletune": [], **{name: LEVERS[name] for name in (
+    "unfused-lora", "kept-lora-dropout", "fp32-lora-inputs", "plain-norm-mlp")}}
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "detach", "alias",
          "as_strided", "slice", "select", "empty", "new_empty", "empty_strided", "permute", "split", "unbind"}
 
@@ -50,25 +46,21 @@ class Operators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(variant: dict, device: torch.device, dtype: torch.dtype):
+def build(overrides: list[str], device: torch.device, dtype: str):
+    """The model as `roletune train` builds it (train.build_model), on a random narrow base."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from roletune.config import LoraConfig
-    from roletune.lean_activations import make_lean
-    from roletune.lora_fused import fuse_lora_layers
-    from roletune.model import apply_lora
+    from roletune import train
+    from roletune.config import config_from_dict
 
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=28, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
-    if variant["lean"]:
-        make_lean(base)
-    lora = LoraConfig(r=8, alpha=32, dropout=0.1, **variant["lora"])
-    model = apply_lora(base, lora)
-    if lora.fused:
-        fuse_lora_layers(model)
-    return model.train()
+    cfg = config_from_dict({"model": {"path": "narrow-qwen2", "dtype": dtype, "device": str(device)},
+                            "data": {"path": "unused.json"}, "lora": {"r": 8, "alpha": 32, "dropout": 0.1},
+                            "output_dir": "unused"}, overrides)
+    train.load_base_model = lambda model_cfg, where, dtype: AutoModelForCausalLM.from_config(
+        config, dtype=dtype, attn_implementation="sdpa").to(where)
+    return train.build_model(cfg, device, echo=lambda *_: None).train()
 
 
 def main() -> None:
@@ -84,11 +76,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    dtype_name = args.dtype or ("fp32" if device.type == "cpu" else "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     lengths = [int(n) for n in args.tokens.split(",")]
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
     ids = torch.randint(0, 512, positions.shape, device=device)
-    models = {name: build(variant, device, dtype) for name, variant in VARIANTS.items()}
+    models = {name: build(overrides, device, dtype_name) for name, overrides in VARIANTS.items()}
 
     def step(model) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):

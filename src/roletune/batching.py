@@ -42,9 +42,14 @@ def with_reply_index(collate):
     """
     def collate_with_index(features):
         batch = collate(features)
-        batch[REPLY_INDEX] = torch.stack(torch.nonzero(batch["labels"][:, 1:] != IGNORE_INDEX, as_tuple=True))
+        batch[REPLY_INDEX] = reply_index(batch["labels"])
         return batch
     return collate_with_index
+
+
+def reply_index(labels: torch.Tensor) -> torch.Tensor:
+    """The (row, column) indices of the trained tokens in labels[:, 1:], as a 2 x N tensor."""
+    return torch.stack(torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True))
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -64,7 +69,7 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
     None computes the logits of every trained position at once.
     """
     inputs = dict(inputs)
-    reply_index = inputs.pop(REPLY_INDEX, None)
+    trained = inputs.pop(REPLY_INDEX, None)
     if head_loss is None:
         positions = labelled_positions(labels)
         # No KV cache: with one, transformers stops reading packed sequences from the position ids.
@@ -74,9 +79,9 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
     else:
         outputs, hidden = final_hidden_states(model, inputs)
-        if reply_index is None:  # found here, the host waits for the device to count them
-            reply_index = torch.stack(torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True))
-        rows, columns = reply_index
+        if trained is None:  # found here, the host waits for the device to count them
+            trained = reply_index(labels)
+        rows, columns = trained
         targets = labels[:, 1:][rows, columns]
         loss = head_loss(hidden[rows, columns], extract_model_from_parallel(model).get_output_embeddings(), targets)
     divisor = num_items if num_items is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
