@@ -5,7 +5,7 @@ can be what it waits on. This measures that cost alone: a Qwen2 with Qwen2.5-7B'
 adapted projections each, but only 64 wide, trains on one short packed row, so its arithmetic is
 negligible and a forward and backward (under bf16 autocast, as Trainer runs a GPU) takes what the host
 spends issuing it. Variants, each built by roletune's own code: `peft` (the seed's stack: peft's LoRA
-with its fp32 input copies and kept dropout, transformers' RMSNorm and MLP), `roletune` (the defaults),
+with its fp32 input copies and kept dropout, transformers' RMSNorm and MLP, sdpa), `roletune` (the defaults),
 and roletune with one lever turned back at a time. Rounds interleave the variants; each figure is the
 median over all of a variant's steps. Prints ms per step, operators per step (kernel launches on a GPU,
 views left out; on the CPU a dropout is four operators, on CUDA one) and the ratio to peft's stack.
@@ -27,9 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_speed import LEVERS  # the same lever names and overrides as the training-speed benchmark
 
 # roletune's overrides per variant: peft's stack is every LoRA and activation lever turned back.
-PEFT = ["lora.dtype=fp32", "lora.recompute_dropout=false", "lora.fused=false", "train.lean_activations=false"]
+PEFT = ["lora.dtype=fp32", "lora.recompute_dropout=false", "lora.fused=false", "train.lean_activations=false",
+        "model.attn_implementation=sdpa"]
 VARIANTS = {"peft": PEFT, "roletune": [], **{name: LEVERS[name] for name in (
-    "unfused-lora", "kept-lora-dropout", "fp32-lora-inputs", "plain-norm-mlp")}}
+    "unfused-lora", "kept-lora-dropout", "fp32-lora-inputs", "plain-norm-mlp", "sdpa-attention")}}
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "detach", "alias",
          "as_strided", "slice", "select", "empty", "new_empty", "empty_strided", "permute", "split", "unbind"}
 
@@ -81,11 +82,15 @@ def main() -> None:
     lengths = [int(n) for n in args.tokens.split(",")]
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
     ids = torch.randint(0, 512, positions.shape, device=device)
+    # The examples' boundaries, as the packing collator adds them for a varlen model (sdpa ignores them).
+    ends = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    boundaries = {"cu_seq_lens_q": ends, "cu_seq_lens_k": ends, "max_length_q": max(lengths),
+                  "max_length_k": max(lengths)}
     models = {name: build(overrides, device, dtype_name) for name, overrides in VARIANTS.items()}
 
     def step(model) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False, **boundaries).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -34,6 +34,7 @@ FLOP_PER_TOKEN_FACTOR = 4  # forward + activation gradients of the non-embedding
 # roletune with one lever turned back to what the seed does, to say what each lever buys.
 LEVERS = {
     "no-packing": ["train.packing=false"],
+    "sdpa-attention": ["model.attn_implementation=sdpa"],  # the default picks varlen where its kernel runs
     "all-logits": ["train.reply_logits_only=false"],
     "full-head": ["train.lm_head_loss=full"],
     "chunked-head": ["train.lm_head_loss=chunked"],  # differs from the default only where Liger is installed

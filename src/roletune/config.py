@@ -46,7 +46,9 @@ class ModelConfig:
         "base as training did; merge always folds the adapter into the unquantised base.",
         choices=["none", "4bit", "8bit"])
     attn_implementation: str = setting(
-        "sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager", "flash_attention_2"])
+        "auto", "Attention kernel. auto: varlen for packed training where PyTorch's varlen flash kernel runs "
+        "(checked on the GPU before training), else sdpa; varlen, sdpa, eager, flash_attention_2 (needs the "
+        "flash-attn package): that one.", choices=["auto", "varlen", "sdpa", "eager", "flash_attention_2"])
     trust_remote_code: bool = setting(False, "Run Python code shipped with the model repository. Off unless you trust it.")
     revision: str | None = setting(None, "Hub branch, tag or commit of the model.")
     allow_pickle: bool = setting(

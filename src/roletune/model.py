@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from roletune import attention
 from roletune.errors import ConfigError, ModelError
 from roletune.lora_dropout import recompute_lora_dropout
 
@@ -84,7 +85,7 @@ def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
     warn_remote_code(model_cfg, model_cfg.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_source(model_cfg.path), dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+            resolve_source(model_cfg.path), dtype=dtype, attn_implementation=attention.loaded_as(model_cfg.attn_implementation),
             trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
             quantization_config=quantization_config(model_cfg, dtype),
             # safetensors only: a pickle file (pytorch_model.bin) can run code when loaded

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from roletune import distributed, memory, preflight, run_dir
+from roletune import attention, distributed, memory, preflight, run_dir
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
@@ -125,6 +125,9 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     check_lora_dtype(cfg.lora, dtype)
     base = load_base_model(cfg.model, distributed.load_device(cfg, device), dtype)
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
+    chosen = attention.settle(base, cfg.model.attn_implementation, cfg.train.packing)
+    if chosen:
+        echo(chosen)
     if cfg.train.lean_activations:
         make_lean(base)
     model = apply_lora(base, cfg.lora, checkpointed_layers)

@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from roletune import checkpoints, distributed, epoch_order, run_dir
+from roletune import attention, checkpoints, distributed, epoch_order, run_dir
 from roletune.batching import ReplyLossTrainer, make_collator, with_held_out_loss, with_reply_index
 from roletune.config import Config
 from roletune.guard import NonFiniteGuard
@@ -87,8 +87,9 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
 
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
                   device: torch.device, callbacks: tuple = ()) -> Trainer:
-    collator = with_reply_index(make_collator(tokenizer, cfg.train.packing,
-                                              cfg.model.attn_implementation == "flash_attention_2"))
+    # Flash kernels take the packed examples' boundaries from the batch, and sdpa has no use for them.
+    boundaries = attention.active(model) in ("flash_attention_2", attention.VARLEN)
+    collator = with_reply_index(make_collator(tokenizer, cfg.train.packing, boundaries))
     t = cfg.train
     trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
     trainer_class = epoch_order.with_even_tail(trainer_class)
