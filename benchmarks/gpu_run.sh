@@ -2,8 +2,8 @@
 # One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
 # against the seed recipe (roletune's run profiled at its end), roletune with levers turned back in turn,
 # the memory estimate next to the measured peaks, then, with whatever time is left, the host time of a
-# step's operators per lever (benchmarks/host_time.py), roletune on a 4-bit base (QLoRA, bitsandbytes),
-# with Liger-Kernel's fused loss, and with torch.compile.
+# step's operators per lever (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py),
+# roletune on a 4-bit base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with torch.compile.
 # Each run's figures are appended to OUT_DIR/train_speed*.jsonl as soon as it ends, so a run cut short
 # by the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
@@ -49,6 +49,10 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   if [ "$(left)" -gt 60 ]; then
     timeout 60 "$py" "$here/benchmarks/host_time.py" --device cuda | tee "$out/host_time.txt" \
         || echo "the host-time run failed"
+  fi
+  if [ "$(left)" -gt 60 ]; then  # the host's time between steps, roletune's bookkeeping against Trainer's
+    timeout 60 "$py" "$here/benchmarks/step_gap.py" --steps 20 --rounds 1 | tail -5 | tee "$out/step_gap.txt" \
+        || echo "the step-gap run failed"
   fi
   # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
   if [ "$(left)" -gt 90 ]; then

@@ -13,6 +13,8 @@ head loss from roletune.loss, on their final hidden states without all their log
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
@@ -84,9 +86,21 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
             trained = reply_index(labels)
         rows, columns = trained
         targets = labels[:, 1:][rows, columns]
-        loss = head_loss(hidden[rows, columns], extract_model_from_parallel(model).get_output_embeddings(), targets)
+        loss = head_loss(hidden[rows, columns], output_embeddings(model), targets)
     divisor = num_items if num_items is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
     return loss / divisor, outputs
+
+
+_heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def output_embeddings(model):
+    """The LM head of `model` (under any DDP/FSDP/peft wrapper), looked up once per model: unwrapping walks
+    every module (accelerate looks for compiled regions), which would cost host time every micro-batch."""
+    head = _heads.get(model)
+    if head is None:
+        head = _heads[model] = extract_model_from_parallel(model).get_output_embeddings()
+    return head
 
 
 def final_hidden_states(model, inputs: dict):

@@ -87,12 +87,20 @@ class NonFiniteGuard(TrainerCallback):
 
     def __init__(self, policy: str = "stop"):
         self.policy = policy
+        # Where the trainer hands over the norm it already computed for this step (None: compute it here).
+        self.step_grad_norm = lambda: None
+        self._trainable: list | None = None  # listed once: walking the module tree every step costs host time
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        norm = self.step_grad_norm()
         if args.fp16:  # fp16's loss scaler expects overflowing steps: it skips them and lowers the scale itself
             return
-        grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if norm is None:
+            if self._trainable is None:
+                self._trainable = [p for p in model.parameters() if p.requires_grad]
+            grads = [_local(p.grad) for p in self._trainable if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = torch.as_tensor(norm)
         if not on_any_rank(~torch.isfinite(norm), args):  # a sharded gradient can be bad on one rank only
             return
         step = state.global_step + 1

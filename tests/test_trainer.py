@@ -1,0 +1,84 @@
+"""roletune's Trainer keeps Trainer's per-step bookkeeping (FLOP tally, gradient clipping, the
+non-finite guard) without walking the model's module tree again every step."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+
+from roletune import train
+from roletune.config import load_config
+from roletune.trainer import ParametersListedOnce
+
+
+class CountWalks(TrainerCallback):
+    """Counts the walks over a module tree that start during optimizer steps `first`..`last`."""
+
+    def __init__(self, monkeypatch, first: int, last: int):
+        self.first, self.last, self.counting, self.walks = first, last, False, []
+        self.trainer_flops = []
+        walk = torch.nn.Module.named_modules
+
+        def counted(module, memo=None, prefix="", remove_duplicate=True):
+            if memo is None and self.counting:  # a walk starts here; its recursive calls pass memo
+                self.walks.append(type(module).__name__)
+            return walk(module, memo, prefix, remove_duplicate)
+        monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.counting = self.first <= state.global_step + 1 <= self.last
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer_flops.append(state.total_flos)
+
+
+def run(config_file, tmp_path, callbacks, **train_settings):
+    cfg = load_config(config_file(output_dir=str(tmp_path / "run"),
+                                  train={"max_steps": 5, "save_steps": 100, "logging_steps": 100, **train_settings}))
+    return train.run(cfg, callbacks=callbacks, echo=lambda *_: None), Path(cfg.output_dir)
+
+
+def test_a_step_walks_the_module_tree_once(config_file, tmp_path, monkeypatch):
+    """Only Trainer's model.zero_grad() walks the tree during a step; the FLOP count, the clipping and the
+    guard use what was listed at the first step (before: four walks a step)."""
+    counter = CountWalks(monkeypatch, 2, 4)
+    result, _ = run(config_file, tmp_path, (counter,))
+    assert result.optimizer_steps == 5
+    assert counter.walks == ["PeftModelForCausalLM"] * 3, counter.walks
+
+
+def test_the_flop_tally_is_transformers_own(config_file, tmp_path):
+    """total_flos is transformers' 6 x tokens x non-embedding parameters, summed over the micro-batches."""
+    seen = []
+
+    class Batches(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            seen.append(model)
+
+    _, out = run(config_file, tmp_path, (Batches(),), grad_accum=2)
+    model = seen[0]
+    state = json.loads((out / "trainer_state.json").read_text())
+    per_token = 6 * model.num_parameters(exclude_embeddings=True)
+    tokens = state["num_input_tokens_seen"]  # packed batches: every input token is a real one
+    assert state["total_flos"] == pytest.approx(per_token * tokens, rel=1e-9)
+    stand_in = type("StandIn", (), {"model": model})()
+    batch = {"input_ids": torch.zeros(1, 37, dtype=torch.long)}
+    assert Trainer.floating_point_ops(stand_in, batch) == per_token * 37
+
+
+def test_the_guard_checks_the_norm_the_trainer_clipped_with(config_file, tmp_path, monkeypatch):
+    """Taken from clipping, the guard's norm is the one Trainer logs; the guard computes none of its own
+    (tests/test_guard.py checks that it still stops and skips)."""
+    by_guard = []
+    norm = torch.nn.utils.get_total_norm  # what the guard calls; clipping calls its own module's reference
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: by_guard.append(1) or norm(*a, **k))
+    _, out = run(config_file, tmp_path, (), logging_steps=1)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert len([entry["grad_norm"] for entry in history if "grad_norm" in entry]) == 5
+    assert by_guard == []
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: by_guard.append(1) or norm(*a, **k))
+    # Where the trainer has no norm to hand over (a sharded run), the guard computes it, once a step.
+    monkeypatch.setattr(ParametersListedOnce, "take_step_grad_norm", lambda self: None)
+    run(config_file, tmp_path / "own-norm", ())
+    assert by_guard == [1] * 5
