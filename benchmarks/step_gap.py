@@ -60,6 +60,7 @@ def measure(model: Path, folder: Path, steps: int, bookkeeping: str) -> tuple[li
             mixin = trainer.ParametersListedOnce
             for name in ("floating_point_ops", "_clip_grad_norm"):
                 setattr(built, name, getattr(super(mixin, built), name))
+            del built.model.zero_grad  # back to torch.nn.Module.zero_grad
         step = built.training_step
 
         def training_step(*a, **k):
