@@ -153,7 +153,7 @@ def roletune_worker(args) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
-    from roletune import memory, train
+    from roletune import attention, memory, train
     from roletune.config import config_from_dict
     from roletune.model import load_tokenizer, quantization_config, resolve_dtype
 
@@ -230,7 +230,7 @@ def roletune_worker(args) -> None:
                    # (with the CUDA context besides); allocated is what the peer reports.
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                    estimated_peak_gib=round(decision.estimate.peak / memory.GiB, 2),
-                   gradient_checkpointing=decision.checkpointing,
+                   gradient_checkpointing=decision.checkpointing, attention=attention.active(model),
                    checkpointed_layers=decision.layers,
                    final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:3]])
         if profiler:

@@ -280,7 +280,9 @@ def keep_lora_inputs_under_autocast(model) -> None:
 
 def _cast_inputs_unless_autocast(module, args) -> None:
     if args and isinstance(args[0], torch.Tensor):
-        module.cast_input_dtype_enabled = not torch.is_autocast_enabled(args[0].device.type)
+        cast = not torch.is_autocast_enabled(args[0].device.type)
+        if module.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
+            module.cast_input_dtype_enabled = cast
 
 
 def _first_line(exc: BaseException) -> str:
