@@ -161,8 +161,9 @@ def probe(config, device: torch.device, dtype: torch.dtype) -> str | None:
     lengths = [5, 11, 8]
     cu_seq_lens = torch.tensor([0, 5, 16, 24], dtype=torch.int32, device=device)
     generator = torch.Generator(device).manual_seed(0)
-    q, k, v, grad = (torch.randn(sum(lengths), n, head_dim, device=device, dtype=dtype, generator=generator)
-                     for n in (heads, kv_heads, kv_heads, heads))
+    # Laid out as varlen_attention hands them over: heads-major, viewed as (tokens, heads, head_dim).
+    q, k, v, grad = (torch.randn(n, sum(lengths), head_dim, device=device, dtype=dtype, generator=generator)
+                     .transpose(0, 1) for n in (heads, kv_heads, kv_heads, heads))
     scale = head_dim ** -0.5
     try:
         got = _output_and_grads(lambda *qkv: flash_varlen(*qkv, cu_seq_lens, max(lengths), scale), q, k, v, grad)
