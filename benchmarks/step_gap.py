@@ -5,7 +5,7 @@ checks them (roletune's non-finite guard), steps the optimizer and the schedule,
 tallies FLOPs, runs the callbacks and collates the next batch. On a GPU the device has nothing queued
 for part of that time, so it adds to every step. transformers walks the whole module tree several times
 in there (2,333 modules for a 7B model with LoRA); roletune's trainer lists what it needs once
-(roletune.trainer.ParametersListedOnce). This trains a Qwen2 with Qwen2.5-7B's 28 layers but only 64
+(roletune.trainer.StepBookkeeping). This trains a Qwen2 with Qwen2.5-7B's 28 layers but only 64
 wide (arithmetic negligible) through `roletune train`'s own code, with roletune's bookkeeping and with
 Trainer's (roletune's overrides removed), and prints the median host time between two steps and inside
 a step, over alternating runs.
@@ -57,8 +57,8 @@ def measure(model: Path, folder: Path, steps: int, bookkeeping: str) -> tuple[li
     def timed_trainer(*args, **kwargs):
         built = build(*args, **kwargs)
         if bookkeeping == "trainer":  # transformers' own methods, as if roletune's mixin were absent
-            mixin = trainer.ParametersListedOnce
-            for name in ("floating_point_ops", "_clip_grad_norm"):
+            mixin = trainer.StepBookkeeping
+            for name in ("floating_point_ops", "_clip_grad_norm", "_track_num_input_tokens"):
                 setattr(built, name, getattr(super(mixin, built), name))
             del built.model.zero_grad  # back to torch.nn.Module.zero_grad
         step = built.training_step

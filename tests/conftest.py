@@ -184,3 +184,36 @@ def reply_features(tiny_model):
                       Message("assistant", reply)] for i, reply in enumerate(replies)]
     examples, _ = tokenize_all(conversations, tokenizer, 128, "assistant")
     return tokenizer, [e.as_features() for e in examples]
+
+
+@pytest.fixture(scope="session")
+def device_waits():
+    """A dispatch mode recording the operators that make the host wait for a GPU (their result's size or
+    value must be read back), each with the file that called it and whether that is roletune's own code.
+    On the CPU nothing waits, but the same operators run: the record says what a GPU run would wait on."""
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DeviceWaits(TorchDispatchMode):
+        WAITS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "unique", "_unique2"}
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            bool_index = func.overloadpacket.__name__ == "index" and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if func.overloadpacket.__name__ in self.WAITS or bool_index:
+                stack = traceback.extract_stack()[:-1]
+                if any("/torch/utils/data/" in frame.filename for frame in stack):
+                    return func(*args, **(kwargs or {}))  # a batch being built, on the host
+                caller = next(frame for frame in reversed(stack) if "/torch/" not in frame.filename)
+                ours = "/src/roletune/" in caller.filename
+                where = caller.filename.split("/src/")[-1].split("site-packages/")[-1]  # roletune/guard.py
+                self.calls.append((func.overloadpacket.__name__, ours, where))
+            return func(*args, **(kwargs or {}))
+
+    return DeviceWaits

@@ -1,12 +1,10 @@
 """The speed levers change nothing but speed: packed = padded, reply-only logits = full logits,
 and the loss of an optimizer step is the seed's token average however the step is split."""
 import json
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from roletune import train
 from roletune.batching import REPLY_INDEX, labelled_positions, make_collator, reply_token_loss, with_reply_index
@@ -57,29 +55,9 @@ def test_reply_only_logits_give_the_same_loss(lora_model, features):
     assert reply_only == pytest.approx(full, abs=1e-5)
 
 
-class DeviceWaits(TorchDispatchMode):
-    """The operators that make the host wait for a GPU (their result's size or value must be read back),
-    with whether roletune's own code called them (rather than transformers or torch)."""
-    WAITS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "unique", "_unique2"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        bool_index = func.overloadpacket.__name__ == "index" and any(
-            i is not None and i.dtype == torch.bool for i in args[1])
-        if func.overloadpacket.__name__ in self.WAITS or bool_index:
-            caller = next(frame for frame in reversed(traceback.extract_stack()[:-1])
-                          if "/torch/" not in frame.filename)
-            ours = "/src/roletune/" in caller.filename
-            self.calls.append((func.overloadpacket.__name__, ours))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_the_collators_reply_index_selects_the_trained_tokens_without_waiting_for_the_device(
-        lora_model, features, packing):
+        lora_model, features, packing, device_waits):
     """With the trained positions found while the batch is built, the loss selects them without any
     operator that makes the host wait for a GPU (transformers' own packed-sequence check is not ours);
     found in the loss instead, they need one. The loss and gradients are the same either way."""
@@ -90,11 +68,11 @@ def test_the_collators_reply_index_selects_the_trained_tokens_without_waiting_fo
     assert torch.equal(labels[:, 1:][rows_, columns], labels[:, 1:][labels[:, 1:] != -100])
 
     def measured(inputs):
-        waits = DeviceWaits()
+        waits = device_waits()
         with waits:
             value, grads = loss_and_grads(lora_model, inputs, lambda b: reply_token_loss(
                 lora_model, {k: v for k, v in b.items() if k != "labels"}, labels, None, ChunkedCrossEntropy(5))[0])
-        return value, grads, [name for name, ours in waits.calls if ours]
+        return value, grads, [name for name, ours, _ in waits.calls if ours]
 
     got, got_grads, our_waits = measured(batch)
     want, want_grads, their_waits = measured({k: v for k, v in batch.items() if k != REPLY_INDEX})

@@ -9,7 +9,7 @@ from transformers import Trainer, TrainerCallback
 
 from roletune import train
 from roletune.config import load_config
-from roletune.trainer import ParametersListedOnce, clear_grads
+from roletune.trainer import StepBookkeeping, clear_grads
 
 
 class CountWalks(TrainerCallback):
@@ -94,6 +94,31 @@ def test_the_guard_checks_the_norm_the_trainer_clipped_with(config_file, tmp_pat
     assert by_guard == []
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: by_guard.append(1) or norm(*a, **k))
     # Where the trainer has no norm to hand over (a sharded run), the guard computes it, once a step.
-    monkeypatch.setattr(ParametersListedOnce, "take_step_grad_norm", lambda self: None)
+    monkeypatch.setattr(StepBookkeeping, "take_step_grad_norm", lambda self: None)
     run(config_file, tmp_path / "own-norm", ())
     assert by_guard == [1] * 5
+
+
+def test_micro_batches_of_a_step_follow_each_other_without_waiting_for_the_device(
+        config_file, tmp_path, device_waits):
+    """Trainer reads each micro-batch's loss (its non-finite filter) and token count back from the device,
+    so the host waits for every backward before queueing the next micro-batch. roletune counts a packed
+    batch's tokens by its size and needs the filter only with on_nonfinite=skip. What is left: the guard's
+    check before the update, once a step, and transformers' packed-sequence check as each forward starts."""
+    waits = device_waits()
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == 2:
+                waits.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                waits.__exit__(None, None, None)
+
+    _, out = run(config_file, tmp_path, (Watch(),), grad_accum=2, batch_size=2)
+    places = [where for _, _, where in waits.calls]
+    assert sorted(set(places)) == ["roletune/guard.py", "transformers/masking_utils.py"], places
+    assert places.count("transformers/masking_utils.py") == 2 * 2  # each forward of steps 2 and 3
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["num_input_tokens_seen"] > 0

@@ -43,8 +43,8 @@ class PinnedDeviceArguments(TrainingArguments):
         return device
 
 
-class ParametersListedOnce:
-    """Trainer mixin: the per-step bookkeeping that walks the whole module tree, done once per run.
+class StepBookkeeping:
+    """Trainer mixin: Trainer's bookkeeping around each step, without the host work a GPU waits on.
 
     Every micro-batch, Trainer counts the model's parameters for its FLOP tally (transformers walks every
     module to set the embeddings apart); every optimizer step it lists them again to clip their gradients,
@@ -82,6 +82,15 @@ class ParametersListedOnce:
             return super()._clip_grad_norm(model)  # a sharded norm: the guard computes its own per rank
         self.step_grad_norm = self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
         return self.step_grad_norm
+
+    def _track_num_input_tokens(self, inputs):
+        # A packed batch holds real tokens only: their count is its size, known on the host. Trainer counts
+        # the tokens that differ from the pad id on the device and reads the count back, which makes the host
+        # wait for the micro-batch's backward before it can queue the next one.
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if "attention_mask" in inputs or main not in inputs or self.args.world_size > 1:
+            return super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen += inputs[main].numel()
 
     def take_step_grad_norm(self):
         norm, self.step_grad_norm = self.step_grad_norm, None
@@ -135,6 +144,10 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         per_device_eval_batch_size=t.batch_size,
         prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s
+        # Trainer's filter reads every micro-batch's loss back to replace a non-finite one in the logged
+        # average, making the host wait for each backward. With on_nonfinite=stop such a loss ends the run
+        # before the update (NonFiniteGuard), so only skip needs it.
+        logging_nan_inf_filter=t.on_nonfinite == "skip",
         report_to="none",  # roletune's tracker adds its own callback (see track.py)
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -151,7 +164,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
     trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
     trainer_class = epoch_order.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
-    trainer_class = type(trainer_class.__name__, (ParametersListedOnce, trainer_class), {})
+    trainer_class = type(trainer_class.__name__, (StepBookkeeping, trainer_class), {})
     guard = NonFiniteGuard(t.on_nonfinite)
     loss_args = {}
     if t.reply_logits_only:
