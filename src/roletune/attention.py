@@ -30,9 +30,6 @@ except ImportError:
 
 VARLEN = "varlen"
 
-# Choices that name no transformers implementation, and what they load as.
-LOADED_AS = {"auto": "sdpa"}
-
 
 def register() -> None:
     """Make "varlen" a name transformers accepts (from_pretrained, set_attn_implementation)."""
@@ -47,10 +44,11 @@ def register() -> None:
 
 
 def loaded_as(choice: str) -> str:
-    """The implementation to load the model with for model.attn_implementation=`choice`."""
+    """The implementation to load the model with for model.attn_implementation=`choice` (auto loads as
+    sdpa; `settle` may switch it once the model is on its device)."""
     if choice == VARLEN:
         register()
-    return LOADED_AS.get(choice, choice)
+    return "sdpa" if choice == "auto" else choice
 
 
 def settle(model, choice: str, packing: bool) -> str | None:

@@ -85,7 +85,8 @@ def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
     warn_remote_code(model_cfg, model_cfg.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_source(model_cfg.path), dtype=dtype, attn_implementation=attention.loaded_as(model_cfg.attn_implementation),
+            resolve_source(model_cfg.path), dtype=dtype,
+            attn_implementation=attention.loaded_as(model_cfg.attn_implementation),
             trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
             quantization_config=quantization_config(model_cfg, dtype),
             # safetensors only: a pickle file (pytorch_model.bin) can run code when loaded

@@ -53,7 +53,8 @@ class StepBookkeeping:
     kernels. The count and the trainable parameters (the only ones with gradients) do not change while
     training, so both are taken once. The norm clipping returns is kept for NonFiniteGuard
     (`take_step_grad_norm`), which would otherwise compute it again. Sharded runs (FSDP, DeepSpeed) clip
-    and zero through their engine, as Trainer does, and the guard computes its own norm.
+    and zero through their engine, as Trainer does, and the guard computes its own norm. A packed batch's
+    token count is taken from its size on the host rather than read back from the device.
     """
 
     _flos_per_token: int | None = None
