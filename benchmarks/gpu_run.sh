@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
-# against the seed recipe (roletune's run profiled at its end), roletune with levers turned back in turn,
-# the memory estimate next to the measured peaks, then, with whatever time is left, the host time of a
-# step's operators per lever (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py),
-# roletune on a 4-bit base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with torch.compile.
+# against the seed recipe (roletune's run, and with its decoder layers compiled without and with CUDA
+# graphs, profiled at their end), roletune with levers turned back in turn, the memory estimate next to
+# the measured peaks, then, with whatever time is left, the host time of a step's operators per lever
+# (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py), roletune on a 4-bit base
+# (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with the whole model compiled.
 # Each run's figures are appended to OUT_DIR/train_speed*.jsonl as soon as it ends, so a run cut short
 # by the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
@@ -43,8 +44,11 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --levers="$levers" --steps "$steps" \
-      --shared "$shared" --out "$out/train_speed.jsonl" || echo "stopped by the time budget; rows so far are kept"
+  # The seed recipe, roletune, roletune with compiled layers without and with CUDA graphs (all three
+  # profiled), then the levers.
+  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --compile=layers,graphs --levers="$levers" \
+      --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
+      || echo "stopped by the time budget; rows so far are kept"
   # What launching a step's operators costs this machine's host, per lever (under a minute).
   if [ "$(left)" -gt 60 ]; then
     timeout 60 "$py" "$here/benchmarks/host_time.py" --device cuda | tee "$out/host_time.txt" \
@@ -65,11 +69,11 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
         --levers=chunked-head --steps "$steps" --shared "$shared" --out "$out/train_speed_liger.jsonl" \
         || echo "the Liger run failed or ran out of time"
   fi
-  # Compiling can take minutes: last, with what is left, so the figures above are kept either way.
+  # The whole model compiled can take minutes: last, with what is left, so the figures above are kept either way.
   if [ "$(left)" -gt 120 ]; then
-    timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --compile --steps 40 --shared "$shared" \
+    timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --compile=true --steps 40 --shared "$shared" \
         --out "$out/train_speed_compile.jsonl" || echo "compile run did not finish in the time left"
   else
-    echo "no time left for the compile run"
+    echo "no time left for the whole-model compile run"
   fi
 } 2>&1 | tee "$out/gpu_run.log"

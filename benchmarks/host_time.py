@@ -13,7 +13,8 @@ views left out; on the CPU a dropout is four operators, on CUDA one) and the rat
 usage:
   python benchmarks/host_time.py                  # the CPU, one thread
   python benchmarks/host_time.py --device cuda    # the host of a GPU machine (the GPU itself idles)
-options: --steps N per round (10), --rounds R (3), --threads T (CPU threads, 1), --tokens a,b,c (6,5,7)
+options: --steps N per round (10), --rounds R (3), --threads T (CPU threads, 1), --tokens a,b,c (6,5,7),
+  --compile (adds roletune with train.compile=layers: its host time once compiled, operators not counted)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ PEFT = ["lora.dtype=fp32", "lora.recompute_dropout=false", "lora.fused=false", "
         "model.attn_implementation=sdpa"]
 VARIANTS = {"peft": PEFT, "roletune": [], **{name: LEVERS[name] for name in (
     "unfused-lora", "kept-lora-dropout", "fp32-lora-inputs", "plain-norm-mlp", "sdpa-attention")}}
+COMPILED = {"compile-layers": ["train.compile=layers"]}
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "detach", "alias",
          "as_strided", "slice", "select", "empty", "new_empty", "empty_strided", "permute", "split", "unbind"}
 
@@ -74,6 +76,7 @@ def main() -> None:
                         help="bf16: bf16 weights under autocast, as on a GPU (default there); fp32: no autocast (the "
                              "CPU's default: its bf16 matmuls are slow arithmetic even at this width)")
     parser.add_argument("--tokens", default="6,5,7", help="lengths of the examples packed into the row")
+    parser.add_argument("--compile", action="store_true", help="add roletune with train.compile=layers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -86,7 +89,8 @@ def main() -> None:
     ends = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     boundaries = {"cu_seq_lens_q": ends, "cu_seq_lens_k": ends, "max_length_q": max(lengths),
                   "max_length_k": max(lengths)}
-    models = {name: build(overrides, device, dtype_name) for name, overrides in VARIANTS.items()}
+    variants = {**VARIANTS, **(COMPILED if args.compile else {})}
+    models = {name: build(overrides, device, dtype_name) for name, overrides in variants.items()}
 
     def step(model) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -96,9 +100,13 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    operators = {}
+    operators, compiling = {}, {}
     for name, model in models.items():
-        step(model)  # warm-up
+        started = time.perf_counter()
+        step(model)  # warm-up (for a compiled variant: compiling)
+        if name in COMPILED:  # its kernels are not dispatched one by one: nothing comparable to count
+            compiling[name] = time.perf_counter() - started
+            continue
         counter = Operators()
         with counter:
             step(model)
@@ -117,7 +125,9 @@ def main() -> None:
     print(f"{'variant':>18} | {'ms / step':>9} | {'operators':>9} | vs peft")
     for name in models:
         ms = statistics.median(times[name])
-        print(f"{name:>18} | {1000 * ms:9.1f} | {operators[name]:9d} | {ms / peer:.2f}")
+        print(f"{name:>18} | {1000 * ms:9.1f} | {operators.get(name, '-'):>9} | {ms / peer:.2f}")
+    for name, seconds in compiling.items():
+        print(f"{name}: first step (compiling) {seconds:.1f} s")
     print(f"host_speedup_vs_peft={peer / statistics.median(times['roletune']):.2f}")
 
 

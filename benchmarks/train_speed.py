@@ -10,7 +10,9 @@ usage:
   python benchmarks/train_speed.py --device cpu --tiny  # the demo's tiny Qwen2 on the CPU
   python benchmarks/train_speed.py --levers             # also roletune with one lever off at a time
   python benchmarks/train_speed.py --levers=no-packing,all-logits   # only those levers
-  python benchmarks/train_speed.py --no-peer --compile  # roletune without torch.compile, by layer, whole
+  python benchmarks/train_speed.py --no-peer --compile  # roletune without torch.compile, by layer (without and
+                                                         # with CUDA graphs), whole
+  python benchmarks/train_speed.py --no-peer --compile=layers,graphs  # by layer only
   python benchmarks/train_speed.py --no-peer --profile  # where a step's time goes: GPU busy or launching
   python benchmarks/train_speed.py --qlora              # also roletune on a 4-bit base (its memory and speed)
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
@@ -23,6 +25,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +52,10 @@ LEVERS = {
 QLORA = {"+qlora-4bit": ["model.quantization=4bit"]}
 # Off by default: on only if this shows it pays. Layers first: the whole model is far more to trace, so a
 # time limit is likelier to cut that run short.
-COMPILE = {"+compile-layers": ["train.compile=layers"], "+compile": ["train.compile=true"]}
+COMPILE = {"+compile-layers": ["train.compile=layers"],
+           "+compile-layers-graphs": ["train.compile=layers", "train.compile_mode=reduce-overhead"],
+           "+compile": ["train.compile=true"]}
+COMPILE_CHOICES = {"layers": "+compile-layers", "graphs": "+compile-layers-graphs", "true": "+compile"}
 PROFILED_STEPS = 3
 TOP_OPERATORS = 15
 FAILED: list[list[str]] = []  # the runs that exited non-zero
@@ -65,13 +71,15 @@ def main() -> None:
     parser.add_argument("--out", help="append each run's figures to this file as a JSON line when it ends")
     parser.add_argument("--levers", nargs="?", const=",".join(LEVERS), default="",
                         help=f"also run roletune with each lever off in turn: all, or some of {','.join(LEVERS)}")
-    parser.add_argument("--compile", action="store_true",
-                        help="also run roletune with train.compile=layers, then with train.compile=true")
+    parser.add_argument("--compile", nargs="?", const=",".join(COMPILE_CHOICES), default="",
+                        help="also run roletune with its layers compiled (layers), the same with CUDA graphs (graphs), "
+                             "the whole model compiled (true); --compile=layers,graphs: some of them")
     parser.add_argument("--qlora", action="store_true",
                         help="also run roletune with its base quantised to 4 bits by bitsandbytes (QLoRA)")
     parser.add_argument("--no-peer", action="store_true", help="skip the seed recipe (compare roletune variants only)")
     parser.add_argument("--profile", action="store_true",
-                        help=f"profile roletune's last {PROFILED_STEPS} steps (left out of its timing)")
+                        help=f"profile the last {PROFILED_STEPS} steps of roletune and of its compiled runs (left out "
+                             "of their timing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # the worker's overrides
     args = parser.parse_args()
@@ -83,6 +91,9 @@ def main() -> None:
         parser.error(f"--profile needs --steps {PROFILED_STEPS + 3} or more: "
                      f"{PROFILED_STEPS} profiled after the timed ones")
     levers = [name for name in args.levers.split(",") if name]
+    compiled = [name for name in args.compile.split(",") if name]
+    if unknown := sorted(set(compiled) - set(COMPILE_CHOICES)):
+        parser.error(f"--compile: unknown {','.join(unknown)}; known: {','.join(COMPILE_CHOICES)}")
     if unknown := sorted(set(levers) - set(LEVERS)):
         parser.error(f"--levers: unknown {','.join(unknown)}; known: {','.join(LEVERS)}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -95,10 +106,13 @@ def main() -> None:
         for variant in () if args.no_peer else ("seed", "bs16"):
             run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
             kept.update()
-        variants = {"roletune": [], **{name: LEVERS[name] for name in levers},
-                    **(QLORA if args.qlora else {}), **(COMPILE if args.compile else {})}
+        # Compiled runs right after the default one: a time limit is likelier to cut the levers short.
+        variants = {"roletune": [],
+                    **{COMPILE_CHOICES[choice]: COMPILE[COMPILE_CHOICES[choice]] for choice in compiled},
+                    **{name: LEVERS[name] for name in levers}, **(QLORA if args.qlora else {})}
         for name, overrides in variants.items():
-            profile = ["--profile"] if args.profile and name == "roletune" else []
+            # The default path and compiled layers: does a step wait on the GPU or on the host launching it?
+            profile = ["--profile"] if args.profile and name in ("roletune", *COMPILE) else []
             run([sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(steps),
                  "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results),
                  *profile, *(f"--set={o}" for o in overrides)], env)
@@ -198,7 +212,10 @@ def roletune_worker(args) -> None:
 
         class Clock(TrainerCallback):
             def __init__(self):
-                self.marks = []
+                self.marks, self.began = [], None
+
+            def on_train_begin(self, a, state, control, **kwargs):
+                self.began = time.time()
 
             def on_step_end(self, a, state, control, **kwargs):
                 if cuda:
@@ -222,7 +239,13 @@ def roletune_worker(args) -> None:
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         row = dict(variant=args.worker, overrides=args.set, config=Path(args.model_config).name,
                    device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                   init_s=round(init_s, 1), steps=len(clock.marks), step_s=round(step_s, 4),
+                   # The untimed first steps, from train() on: compiling happens here.
+                   init_s=round(init_s, 1), warmup_s=round(t0 - clock.began, 1), warmup_steps=warm,
+                   steps=len(clock.marks), step_s=round(step_s, 4),
+                   # Under CUDA graphs a step of a new length runs eagerly, the next one records: the median
+                   # says what a step costs once the lengths recur, the mean what these steps cost.
+                   step_s_median=round(statistics.median(b - a for (a, _), (b, _) in zip(timed[warm - 1:], timed[warm:])),
+                                       4),
                    real_tokens_per_s=round(tokens_per_s), est_3epoch_min=round(3 * -(-3729 // 16) * step_s / 60, 2),
                    useful_tflops=round(FLOP_PER_TOKEN_FACTOR * nonembed * tokens_per_s / 1e12, 1),
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -315,7 +338,7 @@ class StepProfiler:
 
 def report(rows: list[dict]) -> None:
     columns = ["variant", "step_s", "real_tokens_per_s", "useful_tflops", "peak_mem_gib", "est_3epoch_min",
-               "final_loss"]
+               "final_loss", "warmup_s"]
     print("\n" + " | ".join(f"{c:>17}" for c in columns))
     for row in rows:
         print(" | ".join(f"{str(row.get(c)):>17}" for c in columns))

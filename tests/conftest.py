@@ -73,7 +73,7 @@ def config_file(tmp_path, tiny_model, write_json, persona_rows):
         }
         for name, value in sections.items():
             if isinstance(value, dict):
-                raw[name].update(value)
+                raw.setdefault(name, {}).update(value)
             else:
                 raw[name] = value
         path = tmp_path / "config.yaml"

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from roletune import train
-from roletune.batching import REPLY_INDEX, labelled_positions, make_collator, reply_token_loss, with_reply_index
+from roletune import attention, train
+from roletune.batching import (REPLY_INDEX, final_hidden_states, labelled_positions, make_collator, pad_packed,
+                               reply_token_loss, with_reply_index)
 from roletune.config import load_config
 from roletune.loss import ChunkedCrossEntropy
 
@@ -41,6 +42,49 @@ def test_packed_batch_equals_padded_batch(lora_model, features):
     assert got == pytest.approx(want, abs=1e-5)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_final_hidden_states_are_transformers_last_hidden_states_without_its_layer_hooks(small_lora_model, features):
+    """The final norm's output, kept by a hook on the norm alone: transformers' output capture would hook every
+    layer and attention module with code torch.compile cannot trace."""
+    tokenizer, rows = features
+    batch = make_collator(tokenizer, packing=True)(rows)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = small_lora_model()
+    with torch.no_grad():
+        _, hidden = final_hidden_states(model, inputs)
+        layers_hooked = any(module._forward_hooks for name, module in model.named_modules() if "layers." in name)
+        want = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    assert not layers_hooked
+    torch.testing.assert_close(hidden, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("boundaries", [False, True], ids=["sdpa", "varlen"])
+def test_a_packed_batch_padded_for_cuda_graphs_has_the_same_loss_and_gradients(lora_model, features, boundaries):
+    tokenizer, rows = features
+    batch = with_reply_index(make_collator(tokenizer, packing=True, flash_attention=boundaries))(rows)
+    length = batch["input_ids"].shape[1]
+    padded = pad_packed(batch, 16, tokenizer.pad_token_id)
+    grown = padded["input_ids"].shape[1]
+    assert grown % 16 == 0 and length < grown <= length + 16  # always at least one pad token
+    assert (padded["labels"][0, length:] == -100).all() and padded["position_ids"][0, length:].tolist() == list(
+        range(grown - length))
+    if boundaries:  # the padding is an example of its own; the longest example is declared as long as the row
+        assert padded["cu_seq_lens_q"].tolist() == [*batch["cu_seq_lens_q"].tolist(), grown]
+        assert padded["max_length_q"] == padded["max_length_k"] == grown
+        attention.register()
+        lora_model.set_attn_implementation(attention.VARLEN)  # on the CPU: sdpa per example
+
+    def loss(b):
+        return reply_token_loss(lora_model, {k: v for k, v in b.items() if k != "labels"}, b["labels"])[0]
+    try:
+        want, want_grads = loss_and_grads(lora_model, batch, loss)
+        got, got_grads = loss_and_grads(lora_model, padded, loss)
+    finally:
+        lora_model.set_attn_implementation("sdpa")
+    assert got == pytest.approx(want, abs=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_reply_only_logits_give_the_same_loss(lora_model, features):

@@ -160,6 +160,15 @@ def test_effective_batch_sets_grad_accum_from_the_world_size(config_file):
         distributed.resolve(cfg, in_launch(world=3), cpu)
 
 
+def test_cuda_graphs_take_one_micro_batch_per_step(config_file):
+    graphs = {"compile": "layers", "compile_mode": "reduce-overhead", "batch_size": 4}
+    cpu = torch.device("cpu")
+    assert distributed.resolve(load_config(config_file(train={**graphs, "grad_accum": 1})), distributed.Launch(),
+                               cpu).train.grad_accum == 1
+    with pytest.raises(ConfigError, match="compile_mode=reduce-overhead replays CUDA graphs.*grad_accum=1.*not 4"):
+        distributed.resolve(load_config(config_file(train={**graphs, "effective_batch": 16})), distributed.Launch(), cpu)
+
+
 def test_a_tail_round_is_padded_not_repeated():
     """accelerate's own shards of the padded order: every example once, each round one single-process batch."""
     from accelerate.data_loader import BatchSamplerShard, SeedableRandomSampler

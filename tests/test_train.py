@@ -135,3 +135,58 @@ def test_compiled_layers_train_the_same_adapter(short_run, tiny_model):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     assert compile_decoder_layers(apply_lora(base, LoraConfig(r=4), checkpointed_layers=1)) == 1  # not the checkpointed
+
+
+def test_cuda_graph_mode_pads_packed_batches_and_trains_the_same_adapter(short_run, monkeypatch, tmp_path):
+    """train.compile_mode=reduce-overhead: each packed micro-batch is padded to a multiple of 64 tokens (the CPU
+    skips the graphs themselves), and the run trains the eager run's adapter on the same count of real tokens."""
+    from torch._dynamo.utils import counters
+
+    from roletune import trainer
+
+    lengths = []
+
+    def spy(inputs, multiple, pad_id):
+        padded = pad_pack(inputs, multiple, pad_id)
+        lengths.append((inputs["input_ids"].shape[1], padded["input_ids"].shape[1]))
+        return padded
+    pad_pack = trainer.pad_packed
+    monkeypatch.setattr(trainer, "pad_packed", spy)
+    # Sample answers before training and after each epoch, and the held-out loss, run eagerly: nothing is
+    # compiled (or recorded) for them.
+    evaluated = {"data": {"eval_size": 2}, "eval": {"samples": 1, "max_new_tokens": 3, "steps": 2}}
+    want, want_log = short_run("eager", **evaluated)
+    torch._dynamo.reset()
+    counters.clear()
+    got, got_log = short_run("graphs", train={"compile": "layers", "compile_mode": "reduce-overhead"}, **evaluated)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert len(lengths) == 4 and all(n < padded and padded % 64 == 0 for n, padded in lengths), lengths
+    assert got_log == pytest.approx(want_log, rel=1e-5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    seen = [json.loads((tmp_path / name / "trainer_state.json").read_text())["num_input_tokens_seen"]
+            for name in ("eager", "graphs")]
+    assert seen[0] == seen[1] == sum(n for n, _ in lengths)
+
+
+def test_compiled_layers_share_their_code(config_file, monkeypatch):
+    """With every lever on (each replaces some module's forward), train.compile=layers compiles two codes for
+    four layers and two lengths: the first layer's (its input needs no gradient) and the others'. A forward
+    set per instance made torch.compile compile each layer on its own, and past its recompile limit (8,
+    a 7B model has 28) run the rest eagerly."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+    monkeypatch.setattr(train, "load_base_model", lambda model_cfg, where, dtype: AutoModelForCausalLM.from_config(
+        config, dtype=dtype, attn_implementation="sdpa"))
+    cfg = load_config(config_file(train={"compile": "layers"}, lora={"dropout": 0.1}))
+    model = train.build_model(cfg, torch.device("cpu"), echo=lambda *_: None).train()
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (7, 11):
+        ids = torch.randint(0, 512, (1, length))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])

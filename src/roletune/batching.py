@@ -91,6 +91,51 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
     return loss / divisor, outputs
 
 
+# torch.compile's modes that replay CUDA graphs, recorded once per input shape.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Under them, packed rows are padded to a multiple of this: ~1,000-token micro-batches of short lines then
+# fall into a dozen lengths (each recorded once), for at most 64 padded tokens a row.
+GRAPHED_LENGTH_MULTIPLE = 64
+
+
+def length_multiple(train_cfg) -> int:
+    """What the length of a packed micro-batch is padded to a multiple of: 1 (no padding) unless compiled
+    code replays CUDA graphs."""
+    graphs = train_cfg.compile and train_cfg.compile_mode in CUDA_GRAPH_MODES
+    return GRAPHED_LENGTH_MULTIPLE if graphs and train_cfg.packing else 1
+
+
+def padded_length(length: int, multiple: int) -> int:
+    """The length of a packed row of `length` tokens after pad_packed: at least one pad token."""
+    return length if multiple == 1 else (length // multiple + 1) * multiple
+
+
+def pad_packed(inputs: dict, multiple: int, pad_id: int) -> dict:
+    """`inputs`, a packed micro-batch (one row), with one more example at its end: pad tokens with no label,
+    positions of their own and, for varlen attention, boundaries of their own, so no other example attends
+    to them and the loss does not see them. The row becomes padded_length() long; with varlen attention the
+    longest example is declared as long as the row (an upper bound the kernel accepts), so the only
+    numbers that vary from one micro-batch of n examples to the next are those a CUDA graph reads from
+    its input tensors. A pad token is always added: n examples always have n + 2 boundaries."""
+    ids = inputs["input_ids"]
+    length = ids.shape[1]
+    extra = padded_length(length, multiple) - length
+    if ids.shape[0] != 1 or extra == 0:
+        return inputs
+    padded = dict(inputs)
+    padded["input_ids"] = torch.cat([ids, ids.new_full((1, extra), pad_id)], dim=1)
+    padded["labels"] = torch.cat([inputs["labels"], ids.new_full((1, extra), IGNORE_INDEX)], dim=1)
+    positions = inputs["position_ids"]
+    padded["position_ids"] = torch.cat([positions, torch.arange(extra, device=positions.device,
+                                                                dtype=positions.dtype)[None]], dim=1)
+    for side in ("q", "k"):
+        if f"cu_seq_lens_{side}" in inputs:
+            ends = inputs[f"cu_seq_lens_{side}"]
+            padded[f"cu_seq_lens_{side}"] = torch.cat([ends, ends.new_full((1,), length + extra)])
+            padded[f"max_length_{side}"] = length + extra
+    return padded
+
+
 _heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -107,16 +152,52 @@ def final_hidden_states(model, inputs: dict):
     """The model's outputs and its final (post-norm) hidden states, with no logits computed.
 
     The forward goes through `model` itself, wrapper and all: DDP syncs gradients only for
-    forwards through its wrapper, so no inner module is called directly (nor hooked: a hook
-    would have to find the decoder under DDP, peft and FSDP wrappers alike). transformers'
-    output capture ties `hidden_states[-1]` to the decoder's `last_hidden_state`, which for
-    Qwen2-style models is the output of the final norm: the LM head's input. The other layers'
-    outputs it returns are the tensors autograd (or activation checkpointing) keeps anyway. An
-    empty `logits_to_keep` leaves the head nothing to compute.
+    forwards through its wrapper, so no inner module is called directly. The hidden states are
+    the output of the decoder's final norm (the LM head's input), kept by a hook on it. An empty
+    `logits_to_keep` leaves the head nothing to compute. Where the decoder has no `norm`, they
+    come from transformers' output capture instead (`hidden_states[-1]`, tied to the decoder's
+    output), whose hooks on every layer and attention module read a ContextVar: torch.compile
+    cannot trace that, so compiled layers would break into pieces around each hook.
     """
     no_positions = torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device)
-    outputs = model(**inputs, logits_to_keep=no_positions, output_hidden_states=True, use_cache=False)
-    return outputs, outputs.hidden_states[-1]
+    keeper = _norm_output_keeper(model)
+    if keeper is None:
+        outputs = model(**inputs, logits_to_keep=no_positions, output_hidden_states=True, use_cache=False)
+        return outputs, outputs.hidden_states[-1]
+    outputs = model(**inputs, logits_to_keep=no_positions, use_cache=False)
+    return outputs, keeper.take()
+
+
+class NormOutputKeeper:
+    """A forward hook that keeps its module's last output until taken."""
+
+    def __init__(self):
+        self.output = None
+
+    def __call__(self, module, args, output) -> None:
+        self.output = output
+
+    def take(self) -> torch.Tensor:
+        output, self.output = self.output, None
+        return output
+
+
+_keepers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _norm_output_keeper(model) -> NormOutputKeeper | None:
+    """The hook on `model`'s final norm (installed once), or None where its decoder has no `norm`."""
+    if model not in _keepers:
+        inner = extract_model_from_parallel(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+        decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+        norm = getattr(decoder, "norm", None)
+        keeper = None
+        if isinstance(norm, torch.nn.Module):
+            keeper = NormOutputKeeper()
+            norm.register_forward_hook(keeper)
+        _keepers[model] = keeper
+    return _keepers[model]
 
 
 class ReplyLossTrainer(Trainer):
@@ -154,7 +235,9 @@ class HeldOutLoss:
         summed = torch.zeros((), dtype=torch.float64, device=device)
         tokens = torch.zeros((), dtype=torch.int64, device=device)
         try:
-            with torch.no_grad():
+            # Eagerly, as sample answers: compiled layers (train.compile) would compile and record anew for
+            # no-grad forwards of the eval batches' lengths.
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 for batch in dataloader:
                     inputs = self._prepare_inputs(batch)
                     labels = inputs.pop("labels")

@@ -146,6 +146,15 @@ class TrainConfig:
         "eager); true: the whole model through Trainer's torch_compile (all of it traced, and new lengths may "
         "recompile). Off by default: measure with benchmarks/train_speed.py --compile before relying on it.",
         choices=[False, True, "layers"])
+    compile_mode: str = setting(
+        "default", "torch.compile's mode, with train.compile on. reduce-overhead: also CUDA graphs (on a GPU each "
+        "compiled layer's kernels are recorded once per input length and then replayed by one launch each, where "
+        "launching them one by one from Python can cost more than running them); packed micro-batches are then "
+        "padded with a trailing example of no labels to a multiple of 64 tokens, so that few lengths recur, and a "
+        "step must be one micro-batch (train.grad_accum=1). "
+        "max-autotune: also tries kernel configurations while compiling (longer), with CUDA graphs; "
+        "max-autotune-no-cudagraphs: without.",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     optim: str = setting(
         "adamw_torch_fused", "Optimizer (a transformers optimizer name). The default is transformers' own on torch "
         "2.8 and later: AdamW updating all the adapter's tensors in one fused operation; adamw_torch is the same "

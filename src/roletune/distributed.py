@@ -84,7 +84,15 @@ def resolve(cfg, launch: Launch, device: torch.device):
             raise ConfigError("train.distributed=deepspeed: the deepspeed package is not installed (pip install deepspeed)")
         if not Path(t.deepspeed).is_file():
             raise ConfigError(f"train.deepspeed={t.deepspeed}: no such DeepSpeed config file")
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=grad_accum(t, launch.world_size)))
+    from roletune.batching import length_multiple
+
+    accumulated = grad_accum(t, launch.world_size)
+    if accumulated > 1 and length_multiple(t) > 1:
+        # A gradient AccumulateGrad keeps from one micro-batch is memory the graphs reuse for the next one.
+        raise ConfigError(f"train.compile_mode={t.compile_mode} replays CUDA graphs, which reuse their memory from "
+                          f"one micro-batch to the next: train with one micro-batch per optimizer step "
+                          f"(train.grad_accum=1 and a larger train.batch_size), not {accumulated}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accumulated))
 
 
 def grad_accum(t, world_size: int) -> int:

@@ -17,11 +17,11 @@ MLPS); others are left as they are.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from roletune.forwards import replace_forward
 
 # transformers' classes whose forward is Qwen2RMSNorm's / Qwen2MLP's, line for line.
 NORMS = ("Qwen2RMSNorm", "Qwen3RMSNorm", "LlamaRMSNorm", "MistralRMSNorm")
@@ -79,9 +79,9 @@ def make_lean(model: nn.Module) -> int:
     for module in model.modules():
         kind = type(module).__name__
         if kind in NORMS:
-            module.forward = functools.partial(_norm_forward, module)
+            replace_forward(module, _norm_forward, "Lean")
         elif kind in MLPS and type(module.act_fn).__name__ in SILU:
-            module.forward = functools.partial(_mlp_forward, module)
+            replace_forward(module, _mlp_forward, "Lean")
         else:
             continue
         changed += 1

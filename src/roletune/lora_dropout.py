@@ -15,12 +15,12 @@ projection and step; under torch.compile, which traces checkpointing well, it is
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from roletune.forwards import replace_forward
 
 
 class DeferredDropout(nn.Module):
@@ -49,20 +49,21 @@ def recompute_lora_dropout(model) -> int:
         for name, dropout in list(layer.lora_dropout.items()):
             if not isinstance(dropout, nn.Dropout) or dropout.p == 0 or not isinstance(layer.lora_A[name], nn.Linear):
                 continue
-            deferred = DeferredDropout(dropout.p)  # in the module tree, so it follows model.train() / eval()
-            layer.lora_dropout[name] = deferred
+            layer.lora_dropout[name] = DeferredDropout(dropout.p)  # where peft's dropout was, for whoever looks
             project = layer.lora_A[name]
-            project.forward = functools.partial(_dropout_then_project, project, deferred)
+            project.dropout_p = dropout.p
+            replace_forward(project, _dropout_then_project, "Dropped")
             changed += 1
     return changed
 
 
-def _dropout_then_project(project: nn.Linear, deferred: DeferredDropout, x: torch.Tensor) -> torch.Tensor:
-    if not (deferred.training and torch.is_grad_enabled()):
-        return nn.Linear.forward(project, x)  # eval: no dropout; no_grad: nothing to keep anyway
+def _dropout_then_project(project: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # lora_A follows model.train() / eval() as the dropout module it replaces did
+    if not (project.training and torch.is_grad_enabled()):
+        return project.plain_forward(x)  # eval: no dropout; no_grad: nothing to keep anyway
     if torch.compiler.is_compiling():
-        return checkpoint(_dropped_projection, x, project.weight, project.bias, deferred.p, use_reentrant=False)
-    return _RedrawnDropout.apply(x, project.weight, project.bias, deferred.p)
+        return checkpoint(_dropped_projection, x, project.weight, project.bias, project.dropout_p, use_reentrant=False)
+    return _RedrawnDropout.apply(x, project.weight, project.bias, project.dropout_p)
 
 
 def _dropped_projection(x, weight, bias, p: float) -> torch.Tensor:

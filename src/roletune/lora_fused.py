@@ -25,11 +25,10 @@ torch.compile, which traces peft's own ops) runs peft's forward unchanged.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
+from roletune.forwards import replace_forward
 from roletune.lora_dropout import DeferredDropout, rng_state, set_rng_state
 
 # Devices where F.dropout runs the fused native_dropout kernel (ATen's is_fused_kernel_acceptable);
@@ -44,14 +43,14 @@ def fuse_lora_layers(model) -> int:
 
     layers = [module for module in model.modules() if type(module) is Linear]
     for layer in layers:
-        layer.forward = functools.partial(_forward, layer)
+        replace_forward(layer, _forward, "Fused")
     return len(layers)
 
 
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     branch = _fusable_branch(layer, x, args, kwargs)
     if branch is None:
-        return type(layer).forward(layer, x, *args, **kwargs)
+        return layer.plain_forward(x, *args, **kwargs)
     lora_A, lora_B, scaling, p = branch
     return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p)
 

@@ -403,6 +403,7 @@ def for_run(cfg, examples, device: torch.device, dtype: torch.dtype, model_confi
             on_gpu: bool | None = None, world_size: int | None = None) -> Decision:
     """The decision for `cfg` training on `examples`; `on_gpu` defaults to the device's kind and
     `world_size` to this launch's."""
+    from roletune.batching import length_multiple, padded_length
     from roletune.distributed import current, sharded
     from roletune.model import load_model_config
 
@@ -413,7 +414,8 @@ def for_run(cfg, examples, device: torch.device, dtype: torch.dtype, model_confi
     if t.reply_logits_only and t.lm_head_loss != "full" and not sharded(cfg):
         positions = min(positions, t.loss_chunk)  # the chunked (or fused) head holds one chunk's logits at a time
     quantization = None if cfg.model.quantization == "none" else cfg.model.quantization
-    estimates = tuple(estimate(model_config, cfg.lora, dtype, microbatch.tokens, positions, k, quantization,
+    tokens = padded_length(microbatch.tokens, length_multiple(t))  # the padding under CUDA graphs, if any
+    estimates = tuple(estimate(model_config, cfg.lora, dtype, tokens, positions, k, quantization,
                                lean=t.lean_activations)
                       for k in range(model_config.num_hidden_layers + 1))
     on_gpu = device.type == "cuda" if on_gpu is None else on_gpu

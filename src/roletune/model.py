@@ -2,6 +2,7 @@
 device and dtype, quantise the base for QLoRA (bitsandbytes), and apply LoRA with peft."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import warnings
@@ -11,6 +12,7 @@ import torch
 
 from roletune import attention
 from roletune.errors import ConfigError, ModelError
+from roletune.forwards import replace_forward
 from roletune.lora_dropout import recompute_lora_dropout
 
 log = logging.getLogger(__name__)
@@ -232,7 +234,7 @@ def decoder_layers(model) -> list:
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model, mode: str = "default") -> int:
     """torch.compile each decoder layer of `model` that is not checkpointed, on its own (regional
     compilation); returns how many.
 
@@ -244,12 +246,22 @@ def compile_decoder_layers(model) -> int:
     dropout-recompute code runs inside the compiled region, the loss and the optimizer outside.
     Checkpointed layers stay eager: torch.compile captures next to nothing of a layer whose forward runs
     inside activation checkpointing (seen with transformers 5.24 and torch 2.13), so compiling them would
-    only cost compile time.
+    only cost compile time. `mode` is torch.compile's (train.compile_mode).
+
+    What is compiled is the layer's forward, not the whole call as Module.compile does: module hooks stay
+    outside. transformers' output capture (which the reply-only loss uses for the final hidden states) hooks
+    every layer with a read of a ContextVar, which torch.compile cannot trace; compiled with the layer, it
+    split each one into three compiled pieces.
     """
     compiled = [layer for layer in decoder_layers(model) if not layer.gradient_checkpointing]
     for layer in compiled:
-        layer.compile(dynamic=True)
+        replace_forward(layer, _compiled_forward(type(layer), mode), "Compiled")
     return len(compiled)
+
+
+@functools.cache
+def _compiled_forward(layer_class: type, mode: str):
+    return torch.compile(layer_class.forward, dynamic=True, mode=mode)  # one per class: the layers share it
 
 
 def check_lora_dtype(lora_cfg, dtype: torch.dtype) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from roletune.generate import Session, answer_all, decoding_config
@@ -50,7 +51,10 @@ class SampleAnswers(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            replies = answer_all(session, [r["messages"] for r in self.rows], config, self.batch_size)
+            # Compiled layers (train.compile) are for training steps: generation's growing KV cache would
+            # compile them anew (and, under CUDA graphs, record them) for shapes used once.
+            with torch.compiler.set_stance("force_eager"):
+                replies = answer_all(session, [r["messages"] for r in self.rows], config, self.batch_size)
         finally:
             model.train(was_training)
         if not state.is_world_process_zero:

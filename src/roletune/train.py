@@ -134,7 +134,7 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     if cfg.lora.fused and not distributed.sharded(cfg):  # untried on sharded weights, which need several GPUs
         fuse_lora_layers(model)
     if cfg.train.compile == "layers":
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, cfg.train.compile_mode)
     echo_trainable(model, echo)
     return model
 

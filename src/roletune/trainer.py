@@ -10,7 +10,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from roletune import attention, checkpoints, distributed, epoch_order, run_dir
-from roletune.batching import ReplyLossTrainer, make_collator, with_held_out_loss, with_reply_index
+from roletune.batching import (ReplyLossTrainer, length_multiple, make_collator, pad_packed, with_held_out_loss,
+                               with_reply_index)
 from roletune.config import Config
 from roletune.guard import NonFiniteGuard
 from roletune.loss import head_loss_for
@@ -98,6 +99,22 @@ class StepBookkeeping:
         return norm
 
 
+class GraphedLengths:
+    """Trainer mixin for compiled code that replays CUDA graphs (train.compile_mode=reduce-overhead): each
+    packed micro-batch is padded to a multiple of `length_multiple` tokens (batching.pad_packed), since a
+    graph is recorded per input length, and each training step tells torch that a new one begins, so the
+    graphs' memory from the last one may be reused. Tokens seen and FLOPs count the unpadded batch."""
+
+    length_multiple = 1  # no padding, no graphs
+    pad_id = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.length_multiple > 1:
+            torch.compiler.cudagraph_mark_step_begin()
+            inputs = pad_packed(inputs, self.length_multiple, self.pad_id)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
 def clear_grads(parameters: list, set_to_none: bool = True) -> None:
     """torch.nn.Module.zero_grad over `parameters` only."""
     for parameter in parameters:
@@ -129,6 +146,7 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         torch_compile=t.compile is True,  # train.compile=layers is done by model.compile_decoder_layers
+        torch_compile_mode=t.compile_mode if t.compile is True else None,
         # Trainer's activation (formerly gradient) checkpointing stays at its default, off: it would switch
         # every layer on at train(), and model.checkpoint_first_layers checkpoints only the layers
         # memory.for_run asks for (FSDP runs alike: the flags travel with the layers). Not passed by name,
@@ -165,7 +183,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
     trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
     trainer_class = epoch_order.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
-    trainer_class = type(trainer_class.__name__, (StepBookkeeping, trainer_class), {})
+    trainer_class = type(trainer_class.__name__, (StepBookkeeping, GraphedLengths, trainer_class), {})
     guard = NonFiniteGuard(t.on_nonfinite)
     loss_args = {}
     if t.reply_logits_only:
@@ -176,6 +194,8 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
                             processing_class=tokenizer, data_collator=collator,
                             callbacks=[guard, *callbacks])
     guard.step_grad_norm = trainer.take_step_grad_norm
+    trainer.length_multiple = length_multiple(t)
+    trainer.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The resolved config goes inside every checkpoint, under its manifest: any checkpoint is self-describing.
     trainer.checkpoint_extras = lambda folder: run_dir.write_config(folder, cfg)
     return trainer
