@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
-# against the seed recipe (roletune's run, and with its decoder layers compiled without and with CUDA
-# graphs, profiled at their end), roletune with levers turned back in turn, the memory estimate next to
-# the measured peaks, then, with whatever time is left, the host time of a step's operators per lever
+# against the seed recipe (roletune's run and with its decoder layers compiled, profiled at their end, and
+# with CUDA graphs), roletune with levers turned back in turn, the memory estimate next to the measured
+# peaks, then, with whatever time is left, the host time of a step's operators per lever
 # (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py), roletune on a 4-bit base
 # (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with the whole model compiled.
 # Each run's figures are appended to OUT_DIR/train_speed*.jsonl as soon as it ends, so a run cut short
@@ -44,8 +44,8 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
-  # The seed recipe, roletune, roletune with compiled layers without and with CUDA graphs (all three
-  # profiled), then the levers.
+  # The seed recipe, roletune and roletune with compiled layers (both profiled), the same with CUDA graphs,
+  # then the levers.
   timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --compile=layers,graphs --levers="$levers" \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"

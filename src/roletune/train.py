@@ -134,7 +134,8 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     if cfg.lora.fused and not distributed.sharded(cfg):  # untried on sharded weights, which need several GPUs
         fuse_lora_layers(model)
     if cfg.train.compile == "layers":
-        compile_decoder_layers(model, cfg.train.compile_mode)
+        count = compile_decoder_layers(model, cfg.train.compile_mode)
+        echo(f"torch.compile ({cfg.train.compile_mode}): {count} decoder layers, compiled during the first steps")
     echo_trainable(model, echo)
     return model
 
