@@ -79,6 +79,40 @@ def test_the_counted_activations_are_what_autograd_keeps(saved_bytes):
     assert saved_bytes(model, forward) == pytest.approx(estimated, rel=0.06)
 
 
+def test_compiled_layers_keep_no_more_than_the_estimate(saved_bytes):
+    """train.compile=layers: torch.compile decides what a compiled layer keeps for backward (it may recompute
+    cheap elementwise results instead), so the estimate, made for roletune's eager layers, must stay an upper
+    bound, or automatic checkpointing would plan too little for a compiled run."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from roletune.lean_activations import make_lean
+    from roletune.lora_fused import fuse_lora_layers
+    from roletune.model import apply_lora, compile_decoder_layers
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+    lora = LoraConfig(r=8, dropout=0.0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    make_lean(base)
+    model = apply_lora(base, lora)
+    fuse_lora_layers(model)
+    assert compile_decoder_layers(model) == 2
+    model.train()
+    lengths = [100, 60, 40]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    decoder = model.base_model.model.model
+
+    def forward():
+        embeds = decoder.embed_tokens(torch.randint(0, config.vocab_size, positions.shape)).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    forward()  # compiles
+    kept = saved_bytes(model, forward)
+    estimated = memory.estimate(config, lora, torch.bfloat16, sum(lengths), 0, 0).kept_activations
+    assert 0 < kept <= estimated, (kept, estimated)
+
+
 def test_more_tokens_or_a_bigger_batch_need_more_and_checkpointing_less(qwen7b):
     def peak(tokens, positions, checkpointed_layers):
         return memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, tokens, positions, checkpointed_layers).peak
