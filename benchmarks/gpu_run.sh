@@ -35,7 +35,7 @@ for wheel in "$here"/.whl/*.whl; do
       || echo "could not install $wheel"
 done
 # Most telling first: what the memory levers save, the 24 GiB plan, then the speed levers.
-levers=plain-norm-mlp,24GiB-budget,no-packing,sdpa-attention,all-logits,checkpointing,unfused-lora,kept-lora-dropout,fp32-lora-inputs
+levers=plain-norm-mlp,24GiB-budget,no-packing,sdpa-attention,waiting-steps,all-logits,checkpointing,unfused-lora,kept-lora-dropout,fp32-lora-inputs
 {
   # Nothing before the main comparison may stop the script: each prints its failure and the script goes on.
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi failed"

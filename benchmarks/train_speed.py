@@ -21,6 +21,7 @@ options: --steps N (optimizer steps per side), --shared DIR (holds bench/, token
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,7 @@ LEVERS = {
     "plain-norm-mlp": ["train.lean_activations=false"],
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
+    "waiting-steps": ["train.run_ahead=false"],
 }
 # An option for small cards rather than a lever: what the 4-bit base saves in memory and costs in time.
 QLORA = {"+qlora-4bit": ["model.quantization=4bit"]}
@@ -57,6 +60,7 @@ COMPILE = {"+compile-layers": ["train.compile=layers"],
            "+compile": ["train.compile=true"]}
 COMPILE_CHOICES = {"layers": "+compile-layers", "graphs": "+compile-layers-graphs", "true": "+compile"}
 PROFILED_STEPS = 3
+LOGGED_STEPS = 3  # their losses are shown beside the peer's
 TOP_OPERATORS = 15
 FAILED: list[list[str]] = []  # the runs that exited non-zero
 
@@ -183,7 +187,8 @@ def roletune_worker(args) -> None:
                      "system_prompt": "现在你要扮演皇帝身边的女人--甄嬛", "max_length": 384},
             "lora": {"r": 8, "alpha": 32, "dropout": 0.1},
             # Same optimization as the seed: 16 rows per optimizer step, lr 1e-4, linear schedule.
-            "train": {"batch_size": 16, "grad_accum": 1, "lr": 1e-4, "max_steps": args.steps, "logging_steps": 1,
+            # Logged: the first LOGGED_STEPS steps only (Clock), as a stretch of a run between two logs.
+            "train": {"batch_size": 16, "grad_accum": 1, "lr": 1e-4, "max_steps": args.steps, "logging_steps": 10**9,
                       "save_steps": 10**9, "report_to": "none"},
             "output_dir": scratch}
         cfg = config_from_dict(raw, args.set)
@@ -212,18 +217,25 @@ def roletune_worker(args) -> None:
         init_s = time.time() - started
 
         class Clock(TrainerCallback):
-            def __init__(self):
-                self.marks, self.began = [], None
+            """Each step's end on the host's clock. The GPU is waited for only where the timed stretch begins
+            and ends: waiting at every step would stop the host queueing a step while the GPU finishes the one
+            before, as it does in a run (train.run_ahead). The first steps are logged, for their losses."""
+
+            def __init__(self, synced: set):
+                self.marks, self.began, self.synced = [], None, synced
 
             def on_train_begin(self, a, state, control, **kwargs):
                 self.began = time.time()
 
             def on_step_end(self, a, state, control, **kwargs):
-                if cuda:
+                control.should_log = control.should_log or state.global_step <= LOGGED_STEPS
+                if cuda and state.global_step in self.synced:
                     torch.cuda.synchronize()
                 self.marks.append((time.time(), state.num_input_tokens_seen))
 
-        clock = Clock()
+        last_timed = args.steps - PROFILED_STEPS if args.profile else args.steps  # profiling slows its own steps
+        warm = 3 if last_timed > 6 else 1  # the untimed first steps
+        clock = Clock({warm, last_timed})
         profiler = StepProfiler(args.steps - PROFILED_STEPS + 1, cuda) if args.profile else None
         trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device,
                                       (clock, profiler.callback) if profiler else (clock,))
@@ -231,8 +243,7 @@ def roletune_worker(args) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         output = trainer.train()
-        timed = clock.marks[:-PROFILED_STEPS] if profiler else clock.marks  # profiling slows its own steps
-        warm = 3 if len(timed) > 6 else 1
+        timed = clock.marks[:last_timed]
         (t0, n0), (t1, n1) = timed[warm - 1], timed[-1]
         step_s = (t1 - t0) / (len(timed) - warm)
         tokens_per_s = (n1 - n0) / (t1 - t0)
@@ -244,7 +255,9 @@ def roletune_worker(args) -> None:
                    init_s=round(init_s, 1), warmup_s=round(t0 - clock.began, 1), warmup_steps=warm,
                    steps=len(clock.marks), step_s=round(step_s, 4),
                    # Under CUDA graphs a step of a new length runs eagerly, the next one records: the median
-                   # says what a step costs once the lengths recur, the mean what these steps cost.
+                   # says what a step costs once the lengths recur, the mean what these steps cost. (Measured
+                   # on the host, which runs at most a step ahead of the GPU: the guard reads the verdict on
+                   # the step before.)
                    step_s_median=round(statistics.median(b - a for (a, _), (b, _) in zip(timed[warm - 1:], timed[warm:])),
                                        4),
                    real_tokens_per_s=round(tokens_per_s), est_3epoch_min=round(3 * -(-3729 // 16) * step_s / 60, 2),
@@ -256,7 +269,7 @@ def roletune_worker(args) -> None:
                    estimated_peak_gib=round(decision.estimate.peak / memory.GiB, 2),
                    gradient_checkpointing=decision.checkpointing, attention=attention.active(model),
                    checkpointed_layers=decision.layers,
-                   final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:3]])
+                   final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:LOGGED_STEPS]])
         if profiler:
             row["profile"] = profiler.summary()
     print(json.dumps(row))
@@ -268,13 +281,15 @@ class StepProfiler:
     """torch.profiler over the run's last steps, from `first_step` on: how long a step takes, how much of
     it the GPU spends in kernels, and how many kernels and operators it launches. A GPU busy far less
     than the wall time means the step is bound by launching work from Python (where torch.compile or
-    CUDA graphs pay), not by the GPU's arithmetic."""
+    CUDA graphs pay), not by the GPU's arithmetic. On a GPU it also lists the calls that made the host wait
+    for the GPU in those steps (torch.cuda.set_sync_debug_mode), by file and line."""
 
     def __init__(self, first_step: int, cuda: bool):
         from transformers import TrainerCallback
 
         self.first_step, self.cuda = first_step, cuda
         self.profile, self.started, self.wall, self.steps, self.error = None, 0.0, 0.0, 0, None
+        self.warnings, self.waits = None, []
         outer = self
 
         # A profiler that cannot start (no CUPTI, say) must not cost the run its timing: its error is reported.
@@ -304,12 +319,19 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profile = torch.profiler.profile(activities=activities)
         self.profile.__enter__()
+        if self.cuda:  # and every call that makes the host wait for the GPU, with the line that made it
+            self.warnings = warnings.catch_warnings(record=True)
+            self.waits = self.warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         self.started = time.time()
 
     def stop(self, steps: int) -> None:
         import torch
 
         if self.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+            self.warnings.__exit__(None, None, None)
             torch.cuda.synchronize()
         self.wall, self.steps = time.time() - self.started, steps
         self.profile.__exit__(None, None, None)
@@ -332,6 +354,9 @@ class StepProfiler:
                 "gpu_busy_fraction": round(busy_s / self.wall, 3) if self.cuda and self.wall else None,
                 "kernels_per_step": round(sum(a.count for a in kernels) / per_step) if self.cuda else None,
                 "aten_calls_per_step": round(operators / per_step),
+                # Where the host waited for the GPU in these steps (none between logs is the aim).
+                "gpu_waits": dict(collections.Counter(
+                    f"{Path(w.filename).name}:{w.lineno}" for w in self.waits if "synchroniz" in str(w.message))),
                 # Which operators are called most: where launches (and so host time) could be saved.
                 "top_aten_calls_per_step": {a.key: round(a.count / per_step) for a in sorted(
                     (a for a in averages if a.key.startswith("aten::")), key=lambda a: -a.count)[:TOP_OPERATORS]}}

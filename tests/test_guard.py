@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -78,6 +79,63 @@ def test_skip_drops_exactly_the_poisoned_update(config_file, caplog):
     assert json.loads((out / "train_summary.json").read_text())["skipped_steps"] == [3]
     resumed = train.run(cfg, resume=str(out / "checkpoint-3"))  # the checkpoint's history keeps the count
     assert resumed.summary["skipped_steps"] == [3]
+
+
+class KeepModel(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+@pytest.mark.parametrize("optim, run_ahead", [("adamw_torch_fused", True), ("adamw_torch_fused", False),
+                                              ("adamw_torch", True)],
+                         ids=["read-a-step-later", "waiting", "not-fused"])
+def test_between_logs_a_nan_step_still_stops_before_its_update(config_file, optim, run_ahead):
+    """With run_ahead and a fused optimizer the verdict on step 3 is read as step 4 ends its backward (no log
+    or checkpoint at step 3 to read it sooner): step 3's update was skipped on the device, step 4's is
+    never made. The others wait for the verdict before step 3's update."""
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2, "logging_steps": 100, "optim": optim,
+                                         "run_ahead": run_ahead}))
+    kept = KeepModel()
+    with pytest.raises(NonFiniteError, match=r"^step 3: the gradient norm is nan \(") as caught:
+        train.run(cfg, callbacks=(PoisonStep(3), kept))
+    out = Path(cfg.output_dir)
+    assert f"the last good checkpoint is {out / 'checkpoint-2'}" in str(caught.value)
+    assert not (out / "checkpoint-4").exists() and not (out / "adapter_model.safetensors").exists()
+    saved = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    now = get_peft_model_state_dict(kept.model)
+    assert saved.keys() == now.keys()
+    assert all(torch.equal(saved[k], now[k]) for k in saved)  # the model is step 2's
+
+
+def test_between_logs_skip_drops_the_nan_update_on_the_device(config_file, caplog):
+    cfg = load_config(config_file(train={"max_steps": 4, "save_steps": 4, "logging_steps": 100,
+                                         "on_nonfinite": "skip"}))
+    with caplog.at_level(logging.WARNING):
+        result = train.run(cfg, callbacks=(PoisonStep(3),))
+    assert "step 3: the gradient norm is nan: update skipped (train.on_nonfinite=skip; 1 skipped so far)" in caplog.text
+    assert result.summary["skipped_steps"] == [3]
+    out = Path(cfg.output_dir)
+    optimizer = torch.load(out / "checkpoint-4" / "optimizer.pt")["state"]
+    assert {float(s["step"]) for s in optimizer.values()} == {3.0}  # four steps, one of them skipped
+    assert all(torch.isfinite(t).all() for s in optimizer.values() for t in s.values())
+    assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
+
+
+class SignalAtStart(TrainerCallback):
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_stop_signal_at_a_nan_step_does_not_checkpoint_it(config_file):
+    """SIGTERM during step 3 asks for a checkpoint as it ends; the guard reads step 3's verdict first."""
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 100, "logging_steps": 100}))
+    with pytest.raises(NonFiniteError, match="^step 3: "):
+        train.run(cfg, callbacks=(PoisonStep(3), SignalAtStart(3, signal.SIGTERM)))
+    assert not (Path(cfg.output_dir) / "checkpoint-3").exists()
 
 
 def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(config_file, capsys):

@@ -99,26 +99,46 @@ def test_the_guard_checks_the_norm_the_trainer_clipped_with(config_file, tmp_pat
     assert by_guard == [1] * 5
 
 
-def test_micro_batches_of_a_step_follow_each_other_without_waiting_for_the_device(
-        config_file, tmp_path, device_waits):
+@pytest.mark.parametrize("attn_implementation, run_ahead, waits_expected", [
+    ("varlen", True, {}),
+    ("sdpa", True, {"transformers/masking_utils.py": 2 * 2}),  # as each forward starts (2 a step): sdpa's mask
+    ("varlen", False, {"roletune/guard.py": 2}),  # before each update
+], ids=["varlen", "sdpa", "varlen-waiting"])
+def test_steps_follow_each_other_without_waiting_for_the_device(
+        config_file, tmp_path, device_waits, attn_implementation, run_ahead, waits_expected):
     """Trainer reads each micro-batch's loss (its non-finite filter) and token count back from the device,
-    so the host waits for every backward before queueing the next micro-batch. roletune counts a packed
-    batch's tokens by its size and needs the filter only with on_nonfinite=skip. What is left: the guard's
-    check before the update, once a step, and transformers' packed-sequence check as each forward starts."""
+    so the host waits for every backward before queueing the next micro-batch; the guard's check before each
+    update and transformers' packed-sequence check as each forward starts would make it wait too. roletune
+    counts a packed batch's tokens by its size, needs the filter only with on_nonfinite=skip, reads the
+    guard's verdict a step late (run_ahead) and spares varlen batches the mask. Watched: two whole steps
+    between logs and checkpoints, from the start of one to the start of the step after them."""
     waits = device_waits()
 
     class Watch(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step + 1 == 2:
                 waits.__enter__()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
+            if state.global_step + 1 == 4:
                 waits.__exit__(None, None, None)
 
-    _, out = run(config_file, tmp_path, (Watch(),), grad_accum=2, batch_size=2)
+    cfg = load_config(config_file(
+        model={"attn_implementation": attn_implementation}, output_dir=str(tmp_path / "run"),
+        train={"max_steps": 5, "save_steps": 100, "logging_steps": 100, "grad_accum": 2, "batch_size": 2,
+               "run_ahead": run_ahead}))
+    train.run(cfg, callbacks=(Watch(),), echo=lambda *_: None)
     places = [where for _, _, where in waits.calls]
-    assert sorted(set(places)) == ["roletune/guard.py", "transformers/masking_utils.py"], places
-    assert places.count("transformers/masking_utils.py") == 2 * 2  # each forward of steps 2 and 3
-    state = json.loads((out / "trainer_state.json").read_text())
+    assert {place: places.count(place) for place in places} == waits_expected, places
+    state = json.loads((Path(cfg.output_dir) / "trainer_state.json").read_text())
     assert state["num_input_tokens_seen"] > 0
+
+
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_on_a_gpu_batches_are_copied_from_pinned_memory_without_waiting(config_file, run_ahead):
+    """A blocking copy to the GPU makes the host wait for everything queued before it (the last step)."""
+    from roletune.trainer import training_arguments
+
+    cfg = load_config(config_file(model={"dtype": "fp32"}, train={"run_ahead": run_ahead}))
+    on_gpu = training_arguments(cfg, torch.device("cuda:0"))  # only built: nothing runs on the GPU here
+    assert on_gpu.dataloader_pin_memory
+    assert on_gpu.accelerator_config.non_blocking is run_ahead
+    assert training_arguments(cfg, torch.device("cpu")).accelerator_config.non_blocking is False

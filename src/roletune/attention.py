@@ -37,9 +37,9 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(VARLEN, varlen_attention)
-    # sdpa's mask, for the calls that fall back to sdpa. A packed training batch gets its block-diagonal
-    # mask built too (a few small kernels) and ignored: without a registered mask function transformers
-    # would give the fallback no mask at all, and a padded batch would attend to its padding.
+    # sdpa's mask, for the calls that fall back to sdpa: without a registered mask function transformers
+    # would give the fallback no mask at all, and a padded batch would attend to its padding. roletune's
+    # loss spares packed training batches the mask they do not need (without_mask_building).
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
@@ -67,6 +67,20 @@ def settle(model, choice: str, packing: bool) -> str | None:
 def active(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
+
+
+def without_mask_building(model, inputs: dict) -> dict:
+    """`inputs` for `model`'s forward, with an empty 4-D attention mask where varlen attention keeps a packed
+    batch's examples apart by their boundaries. transformers passes a 4-D mask through as it is, so it neither
+    builds the block-diagonal mask varlen_attention would ignore nor, before that, checks the position ids for
+    packed sequences, which reads a value back from the GPU as every forward starts (the host waits there
+    for the previous step to end). An empty mask that reached any attention would fail, not mislead."""
+    if "cu_seq_lens_q" not in inputs or "attention_mask" in inputs:
+        return inputs
+    if active(getattr(model, "module", model)) != VARLEN:  # under DDP, the wrapped model's
+        return inputs
+    ids = inputs["input_ids"]
+    return {**inputs, "attention_mask": ids.new_empty((1, 1, 0, 0), dtype=torch.bool)}
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,

@@ -20,6 +20,7 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
+from roletune import attention
 from roletune.tokenize import IGNORE_INDEX
 
 
@@ -71,6 +72,7 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
     positions `inputs[REPLY_INDEX]` names when the collator added it (see with_reply_index);
     None computes the logits of every trained position at once.
     """
+    inputs = attention.without_mask_building(model, inputs)
     inputs = dict(inputs)
     trained = inputs.pop(REPLY_INDEX, None)
     if head_loss is None:

@@ -167,6 +167,12 @@ class TrainConfig:
         "stop", "A NaN/inf loss or gradient norm: stop (naming the step, keeping the last good checkpoint) "
         "or skip that optimizer step. (With fp16 weights the loss scaler already skips overflowing steps.)",
         choices=["stop", "skip"])
+    run_ahead: bool = setting(
+        True, "The host queues each step while the GPU still computes the one before: batches are copied from "
+        "pinned memory without waiting, and the on_nonfinite check is made on the GPU (the fused optimizer skips a "
+        "bad step's update there) and read on the host a step later, or at the next log, checkpoint or eval. false: "
+        "the host waits for every step's check before its update, as it always does with a non-fused optimizer "
+        "or several processes.")
     report_to: str = setting(
         "swanlab", "Tracker: swanlab (cloud when logged in, else a local run under output_dir/swanlog), "
         "tensorboard (output_dir/tensorboard) or none.", choices=["swanlab", "tensorboard", "none"])

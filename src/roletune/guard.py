@@ -83,15 +83,26 @@ class StopOnSignal(TrainerCallback):
 class NonFiniteGuard(TrainerCallback):
     """Before each optimizer update, check the gradient norm (a NaN or infinite loss leaves one
     behind too). `stop`: raise NonFiniteError naming the step, before the update, so every
-    checkpoint already written stays good. `skip`: drop that update and count it."""
+    checkpoint already written stays good. `skip`: drop that update and count it.
 
-    def __init__(self, policy: str = "stop"):
-        self.policy = policy
+    Reading the check on the host makes it wait, every step, for the GPU to finish the backward, and the
+    GPU then waits for the host to queue the update and the next step. With `run_ahead` and an optimizer
+    that can skip an update on the GPU (torch's fused Adam, AdamW, SGD and Adagrad, through the `found_inf`
+    tensor GradScaler uses), a single process does not read it then: the check is made on the GPU, a bad
+    step's update is skipped there, and the verdict is copied back without waiting and read at the next
+    step's check, long after it arrived, or at once where the host waits anyway (a log, a checkpoint, an
+    eval, the last step). Checkpoints stay good either way: none is written before the verdict is read.
+    Install it after callbacks that can ask for a checkpoint at the end of a step (StopOnSignal).
+    """
+
+    def __init__(self, policy: str = "stop", run_ahead: bool = True):
+        self.policy, self.run_ahead = policy, run_ahead
         # Where the trainer hands over the norm it already computed for this step (None: compute it here).
         self.step_grad_norm = lambda: None
         self._trainable: list | None = None  # listed once: walking the module tree every step costs host time
+        self._pending: Verdict | None = None  # a step's check still on its way to the host
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         norm = self.step_grad_norm()
         if args.fp16:  # fp16's loss scaler expects overflowing steps: it skips them and lowers the scale itself
             return
@@ -101,23 +112,88 @@ class NonFiniteGuard(TrainerCallback):
             grads = [_local(p.grad) for p in self._trainable if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         norm = torch.as_tensor(norm)
+        step = state.global_step + 1
+        skipper = on_device_skipper(optimizer) if self.run_ahead and args.world_size == 1 else None
+        if skipper is not None:
+            self.settle(args, state)  # the previous step's verdict, long arrived
+            bad = ~torch.isfinite(norm)
+            skipper.found_inf = bad.float()  # 1: the fused update leaves parameters and moments as they are
+            self._pending = Verdict(step, norm, bad)
+            return
         if not on_any_rank(~torch.isfinite(norm), args):  # a sharded gradient can be bad on one rank only
             return
-        step = state.global_step + 1
+        self._judge(step, norm.item(), args, state)
+        for parameter in model.parameters():
+            parameter.grad = None  # skip: the optimizer leaves parameters without a gradient untouched
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (control.should_log or control.should_save or control.should_evaluate or control.should_training_stop
+                or state.global_step >= state.max_steps):
+            self.settle(args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.settle(args, state)  # before the epoch's sample answers and eval
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.settle(args, state)
+
+    def settle(self, args, state) -> None:
+        """Act on the pending verdict, if any (waiting for it if it has not arrived)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            norm, bad = pending.read()
+            if bad:
+                self._judge(pending.step, norm, args, state)
+
+    def _judge(self, step: int, norm: float, args, state) -> None:
+        """Step `step` had a non-finite gradient norm, and its update was not made: stop, or count it."""
         if self.policy == "stop":
             good, _ = checkpoints.newest_good(args.output_dir)
             kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been written yet"
             raise NonFiniteError(
-                f"step {step}: the gradient norm is {norm.item()} (a NaN or infinite loss or gradient); training "
+                f"step {step}: the gradient norm is {norm} (a NaN or infinite loss or gradient); training "
                 f"stopped before this update and {kept}; lower train.lr or check the data, or set "
                 "train.on_nonfinite=skip to skip such steps")
-        for parameter in model.parameters():
-            parameter.grad = None  # the optimizer leaves parameters without a gradient untouched
         # Recorded in the log history, which checkpoints carry: the count survives a resume.
-        state.log_history.append({"step": step, SKIPPED_KEY: str(norm.item())})
+        state.log_history.append({"step": step, SKIPPED_KEY: str(norm)})
         skipped = skipped_steps(state.log_history)
         log.warning("step %d: the gradient norm is %s: update skipped (train.on_nonfinite=skip; %d skipped so far)",
-                    step, norm.item(), len(skipped))
+                    step, norm, len(skipped))
+
+
+class Verdict:
+    """A step's gradient norm and whether it is non-finite, copied from the GPU to pinned host memory without
+    the host waiting for it; `read` waits only for that copy (long done a step later)."""
+
+    def __init__(self, step: int, norm: torch.Tensor, bad: torch.Tensor):
+        self.step = step
+        values = torch.stack([norm.detach().float().reshape(()), bad.float()])
+        self.arrived = None
+        if values.is_cuda:
+            self.values = torch.empty(2, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.arrived = torch.cuda.Event()
+            self.arrived.record()
+        else:
+            self.values = values
+
+    def read(self) -> tuple[float, bool]:
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        norm, bad = self.values.tolist()
+        return norm, bool(bad)
+
+
+# torch optimizers whose fused implementation skips the update on the device where `found_inf` is 1.
+_SKIPS_ON_DEVICE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def on_device_skipper(optimizer):
+    """The torch optimizer under `optimizer` (accelerate wraps it) if it can skip an update on the device."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if isinstance(inner, _SKIPS_ON_DEVICE) and inner.defaults.get("fused"):
+        return inner
+    return None
 
 
 SKIPPED_KEY = "skipped_nonfinite_grad_norm"
@@ -130,10 +206,10 @@ def skipped_steps(log_history: list[dict]) -> list[int]:
 
 def on_any_rank(flag, args) -> bool:
     """`flag` of this process, or-ed over every process of a distributed job (one tiny all-reduce a step)."""
-    flag = torch.as_tensor(flag)
-    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        flag = flag.to(device=args.device, dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if not (args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    flag = torch.as_tensor(flag).to(device=args.device, dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag)
 
 

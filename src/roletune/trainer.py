@@ -168,6 +168,9 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         # before the update (NonFiniteGuard), so only skip needs it.
         logging_nan_inf_filter=t.on_nonfinite == "skip",
         report_to="none",  # roletune's tracker adds its own callback (see track.py)
+        # Batches are pinned (Trainer's default) and, with run_ahead, copied to the GPU without the host waiting
+        # for the copy, and so for everything queued before it.
+        accelerator_config={"non_blocking": on_gpu and t.run_ahead},
         dataloader_num_workers=0,
         remove_unused_columns=False,
         **distributed.trainer_arguments(cfg, device),
@@ -184,7 +187,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
     trainer_class = epoch_order.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
     trainer_class = type(trainer_class.__name__, (StepBookkeeping, GraphedLengths, trainer_class), {})
-    guard = NonFiniteGuard(t.on_nonfinite)
+    guard = NonFiniteGuard(t.on_nonfinite, t.run_ahead)
     loss_args = {}
     if t.reply_logits_only:
         loss_args["head_loss"] = head_loss_for(t.lm_head_loss, t.loss_chunk, device, distributed.sharded(cfg))
@@ -192,7 +195,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
                             train_dataset=[e.as_features() for e in train],
                             eval_dataset=[e.as_features() for e in heldout] or None,
                             processing_class=tokenizer, data_collator=collator,
-                            callbacks=[guard, *callbacks])
+                            callbacks=[*callbacks, guard])  # the guard last: see NonFiniteGuard
     guard.step_grad_norm = trainer.take_step_grad_norm
     trainer.length_multiple = length_multiple(t)
     trainer.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
