@@ -27,6 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_speed import LEVERS  # the same lever names and overrides as the training-speed benchmark
 
+from roletune import attention
+
 # roletune's overrides per variant: peft's stack is every LoRA and activation lever turned back.
 PEFT = ["lora.dtype=fp32", "lora.recompute_dropout=false", "lora.fused=false", "train.lean_activations=false",
         "model.attn_implementation=sdpa"]
@@ -93,8 +95,10 @@ def main() -> None:
     models = {name: build(overrides, device, dtype_name) for name, overrides in variants.items()}
 
     def step(model) -> None:
+        # As roletune's loss calls a varlen model: without transformers building a mask it would not use.
+        inputs = attention.without_mask_building(model, {"input_ids": ids, "position_ids": positions, **boundaries})
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False, **boundaries).loss
+            loss = model(**inputs, labels=ids, use_cache=False).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":

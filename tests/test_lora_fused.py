@@ -148,6 +148,31 @@ def test_one_autograd_node_and_fewer_kernels_per_adapted_projection(small_lora_m
     assert fused_calls <= peft_calls - 3  # a margin for other torch versions' CPU decompositions
 
 
+def test_a_training_forward_casts_every_layers_adapter_at_once(small_lora_model, monkeypatch):
+    """At the start of each training forward the model casts all its lora_A and scaling * lora_B weights
+    with three multi-tensor operators; the branches then cast none of their own (two operators each
+    otherwise). Same loss and gradients either way, bit for bit."""
+    def measure():
+        model = with_dropout(small_lora_model(), 0.1)
+        recompute_lora_dropout(model)
+        fuse_lora_layers(model)
+        step(model, autocast=True)  # the first forward also allocates the copies
+        model.zero_grad()
+        calls = Calls()
+        with calls:
+            loss, grads, _ = step(model, autocast=True)
+        return calls.count, loss, grads
+
+    got_calls, got_loss, got = measure()
+    monkeypatch.setattr(lora_fused.AdapterCopies, "refresh", lambda *args: None)  # no copies: each branch
+    monkeypatch.setattr(lora_fused.AdapterCopies, "get", lambda *args: None)      # casts its own
+    want_calls, want_loss, want = measure()
+    branches = len(lora_layers(small_lora_model()))
+    assert got_calls["_foreach_copy_"] == 2 and got_calls["_foreach_mul"] == 1
+    assert sum(want_calls.values()) - sum(got_calls.values()) == 2 * branches - 3
+    assert torch.equal(got_loss, want_loss) and all(torch.equal(got[name], want[name]) for name in want)
+
+
 def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_same(small_lora_model):
     model = with_dropout(small_lora_model(), 0.1)
     recompute_lora_dropout(model)

@@ -9,8 +9,9 @@ waiting on.
 
 Here the branch is one torch.autograd.Function: dropout (drawn as F.dropout draws it on that device,
 redrawn in backward from the saved RNG state as roletune.lora_dropout does), lora_A, lora_B with the
-scaling folded into its 16-bit copy, and the add folded into the matmul (addmm). On a GPU: five kernels
-forward, eight backward, one autograd node. Folding the scale and the add also spares the GPU's memory
+scaling folded into its 16-bit copy, and the add folded into the matmul (addmm). On a GPU: three kernels
+forward (the 16-bit copies of lora_A and scaling * lora_B are made for all layers at once as the model's
+forward starts, see AdapterCopies), eight backward, one autograd node. Folding the scale and the add also spares the GPU's memory
 peft's separate product, scaling and sum pass over: each projection's whole output, four times forward and
 twice backward (for the seed's seven projections of Qwen2.5-7B, about 0.5 GB per layer and 1,400-token
 step, forward). The masks, outputs and gradients are peft's, up to the rounding of the fused add.
@@ -24,6 +25,8 @@ adapter's dtype or under autocast (roletune.model.keep_lora_inputs_under_autocas
 torch.compile, which traces peft's own ops) runs peft's forward unchanged.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -44,19 +47,73 @@ def fuse_lora_layers(model) -> int:
     layers = [module for module in model.modules() if type(module) is Linear]
     for layer in layers:
         replace_forward(layer, _forward, "Fused")
+    if layers:
+        copies = AdapterCopies(layers)
+        model.register_forward_pre_hook(copies.refresh)
+        for layer in layers:
+            _copies[layer] = copies
     return len(layers)
+
+
+_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fused layer -> its model's AdapterCopies
 
 
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     branch = _fusable_branch(layer, x, args, kwargs)
     if branch is None:
         return layer.plain_forward(x, *args, **kwargs)
-    lora_A, lora_B, scaling, p = branch
-    return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p)
+    name, lora_A, lora_B, scaling, p = branch
+    return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p, _copies.get(layer),
+                             (layer, name))
+
+
+class AdapterCopies:
+    """lora_A and scaling * lora_B of every fused layer, in the dtype the branch multiplies them in.
+
+    Cast in each branch, they cost two kernels per adapted projection and forward (392 for a 7B model with
+    the seed's seven projections a layer), for weights that change only at the optimizer step. Here a
+    forward pre-hook on the model refreshes every layer's copies at the start of each training forward
+    with multi-tensor kernels (a handful of launches in all), then the branches take theirs. Refreshed every
+    forward, not tracked: a weight's version counter does not tell (the fused optimizer updates the weights
+    in place without bumping it). The same values as casting in the branch: lora_A cast, B times scaling
+    in the weights' precision then rounded once. A branch whose copy does not match (another dtype, a
+    changed scaling or weight, an adapter added later) casts its own, as before.
+    """
+
+    def __init__(self, layers: list):
+        self.entries = [(layer, name) for layer in layers for name in layer.lora_A]
+        self.index = {(id(layer), name): i for i, (layer, name) in enumerate(self.entries)}
+        self.sources_a = [layer.lora_A[name].weight for layer, name in self.entries]
+        self.sources_b = [layer.lora_B[name].weight for layer, name in self.entries]
+        self.input_dtype = layers[0].base_layer.weight.dtype  # what hidden states come in as without autocast
+        self.dtype, self.a, self.b, self.scalings = None, [], [], []
+
+    def refresh(self, module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return  # the fused branch runs in training forwards only (and not in compiled code)
+        device = self.sources_a[0].device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.input_dtype
+        if dtype != self.dtype:
+            self.a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
+            self.b = [torch.empty_like(w, dtype=dtype) for w in self.sources_b]
+            self.dtype = dtype
+        self.scalings = [layer.scaling[name] for layer, name in self.entries]
+        with torch.no_grad():
+            torch._foreach_copy_(self.a, self.sources_a)
+            torch._foreach_copy_(self.b, torch._foreach_mul(self.sources_b, self.scalings))
+
+    def get(self, layer, name: str, weight_a, weight_b, scaling: float, dtype: torch.dtype):
+        """(lora_A, scaling * lora_B) in `dtype` for this branch, or None where its copies do not match."""
+        i = self.index.get((id(layer), name))
+        if i is None or dtype != self.dtype or scaling != self.scalings[i]:
+            return None
+        if weight_a is not self.sources_a[i] or weight_b is not self.sources_b[i]:
+            return None
+        return self.a[i], self.b[i]
 
 
 def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
-    """(lora_A, lora_B, scaling, dropout p) when the fused branch computes what peft's forward would,
+    """(adapter name, lora_A, lora_B, scaling, dropout p) when the fused branch computes what peft's forward would,
     else None."""
     if args or kwargs or layer.disable_adapters or layer.merged or torch.compiler.is_compiling():
         return None
@@ -77,7 +134,7 @@ def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
         return None  # peft's own dropout, keeping its dropped-out copy (lora.recompute_dropout=false)
     if layer.cast_input_dtype_enabled and x.dtype != lora_A.weight.dtype:
         return None  # peft copies x to the adapter's dtype first (lora.dtype=fp32): its path, its cost
-    return lora_A, lora_B, layer.scaling[name], p
+    return name, lora_A, lora_B, layer.scaling[name], p
 
 
 class _LoraBranch(torch.autograd.Function):
@@ -85,7 +142,7 @@ class _LoraBranch(torch.autograd.Function):
     Written for little Python per call: it runs twice per adapted projection and step."""
 
     @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float):
+    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float, copies=None, where=None):
         # What peft's F.linear computes in: autocast's dtype when it is on, else the (common) input dtype.
         # Every operand is cast to it here, so autocast, where it is on, has nothing left to cast.
         device = x.device.type
@@ -94,8 +151,9 @@ class _LoraBranch(torch.autograd.Function):
         if p:
             ctx.rng = rng_state(x.device)
             rows = _dropout(rows, p)[0]
-        a = weight_a.to(dtype)
-        b = _scaled(weight_b, scaling, dtype)  # scaling * B: no separate multiply, forward or backward
+        # scaling * B: no separate multiply, forward or backward. From the model's copies where they match.
+        pair = copies.get(*where, weight_a, weight_b, scaling, dtype) if copies is not None else None
+        a, b = pair if pair is not None else (weight_a.to(dtype), _scaled(weight_b, scaling, dtype))
         h = torch.mm(rows.to(dtype), a.t())
         out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
         ctx.save_for_backward(x, a, b, h)
@@ -120,7 +178,7 @@ class _LoraBranch(torch.autograd.Function):
                 if mask is not None:
                     grad_x = _through_dropout(grad_x, mask, ctx.p)
                 grad_x = grad_x.view(x.shape)
-        return grad, grad_x, grad_a, grad_b, None, None
+        return grad, grad_x, grad_a, grad_b, None, None, None, None
 
 
 def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ the trained positions) are a few GB in bf16, again in fp32 for the loss, and aga
 gradient. Two ways around that, both fed the final hidden states of the trained positions:
 
 - liger: Liger-Kernel's fused linear cross-entropy (Triton, CUDA only) computes the head, the
-  loss and its gradient chunk by chunk in one pass. Used when the package is installed.
+  loss and its gradient chunk by chunk in one pass. Used when the package is installed. It counts
+  the trained tokens on the GPU and reads the count back (0.8.5: `target_mask.sum().item()`), so the
+  host waits there for the forward to finish before it queues the backward.
 - chunked: plain PyTorch. The positions are cut into chunks of `rows`; each chunk's head + loss
   runs under non-reentrant activation checkpointing, so its logits are freed right after the
   forward and recomputed one chunk at a time in the backward. Costs one extra head matmul.
