@@ -1,6 +1,7 @@
 """Several processes: two CPU ranks (gloo) train the adapter one process trains, and only rank 0 writes.
 
-Run as a script under torchrun (`--fsdp-worker`), this file is also the FSDP check's worker.
+Run as a script under torchrun (`--fsdp-worker`, `--nan-worker`), this file is also the worker of the FSDP
+and the non-finite checks.
 """
 import json
 import os
@@ -263,5 +264,63 @@ def fsdp_worker(config_path: str, report_path: str) -> None:
             "max_adapter_diff": max((full[n] - p.detach()).abs().max().item() for n, p in expected.items())}))
 
 
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_on_one_rank_stops_or_skips_the_same_step_on_every_rank(tmp_path, tiny_model, policy):
+    """NaN activations on rank 1 only, in step 3 of 5, with no log or checkpoint to read the verdict sooner:
+    each rank makes the check on its device and or-s it over the ranks there, so both stop naming step 3
+    (stop) or both skip its update and go on with the same adapter (skip)."""
+    config = write_config(tmp_path, tiny_model, batch_size=2)
+    done = torchrun(__file__, "--nan-worker", str(config), str(tmp_path / "rank"), policy, home=tmp_path)
+    reports = [json.loads((tmp_path / f"rank.{rank}").read_text()) for rank in (0, 1)]
+    if policy == "stop":
+        assert done.returncode != 0
+        assert all(r["error"].startswith("step 3: the gradient norm is nan") for r in reports), reports
+        assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(r["error"] is None and r["finite"] for r in reports), reports
+    assert reports[0]["adapter"] == reports[1]["adapter"]  # the ranks still hold the same weights
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["skipped_steps"] == [3] and summary["optimizer_steps"] == 5
+
+
+def nan_worker(config_path: str, report_prefix: str, policy: str) -> None:
+    """Under torchrun: a run of 5 steps whose step 3 is NaN on rank 1 only; each rank reports its outcome."""
+    from transformers import TrainerCallback
+
+    from roletune.errors import NonFiniteError
+
+    rank = distributed.current().rank
+
+    class PoisonOnRank1(TrainerCallback):
+        hook, model = None, None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.model = model
+            if state.global_step + 1 == 3 and rank == 1:
+                self.hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.hook is not None:
+                self.hook.remove()
+                self.hook = None
+
+    cfg = load_config(config_path, [f"train.on_nonfinite={policy}", "train.max_steps=5", "train.logging_steps=100",
+                                    "train.save_steps=100"])
+    poison, error = PoisonOnRank1(), None
+    try:
+        train.run(cfg, callbacks=(poison,), echo=lambda *_: None)
+    except NonFiniteError as exc:
+        error = str(exc)
+    adapter = [p.detach() for p in poison.model.parameters() if p.requires_grad]
+    Path(f"{report_prefix}.{rank}").write_text(json.dumps({
+        "error": error, "finite": all(bool(torch.isfinite(p).all()) for p in adapter),
+        "adapter": [round(float(p.double().sum()), 12) for p in adapter]}))
+    if error:
+        sys.exit(1)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--fsdp-worker"]:
     fsdp_worker(*sys.argv[2:4])
+if __name__ == "__main__" and sys.argv[1:2] == ["--nan-worker"]:
+    nan_worker(*sys.argv[2:5])

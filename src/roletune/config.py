@@ -172,7 +172,7 @@ class TrainConfig:
         "pinned memory without waiting, and the on_nonfinite check is made on the GPU (the fused optimizer skips a "
         "bad step's update there) and read on the host a step later, or at the next log, checkpoint or eval. false: "
         "the host waits for every step's check before its update, as it always does with a non-fused optimizer "
-        "or several processes.")
+        "or in FSDP/DeepSpeed runs.")
     report_to: str = setting(
         "swanlab", "Tracker: swanlab (cloud when logged in, else a local run under output_dir/swanlog), "
         "tensorboard (output_dir/tensorboard) or none.", choices=["swanlab", "tensorboard", "none"])

@@ -88,11 +88,13 @@ class NonFiniteGuard(TrainerCallback):
     Reading the check on the host makes it wait, every step, for the GPU to finish the backward, and the
     GPU then waits for the host to queue the update and the next step. With `run_ahead` and an optimizer
     that can skip an update on the GPU (torch's fused Adam, AdamW, SGD and Adagrad, through the `found_inf`
-    tensor GradScaler uses), a single process does not read it then: the check is made on the GPU, a bad
-    step's update is skipped there, and the verdict is copied back without waiting and read at the next
-    step's check, long after it arrived, or at once where the host waits anyway (a log, a checkpoint, an
-    eval, the last step). Checkpoints stay good either way: none is written before the verdict is read.
-    Install it after callbacks that can ask for a checkpoint at the end of a step (StopOnSignal).
+    tensor GradScaler uses), it is not read then: the check is made on the GPU (or-ed over the ranks of a
+    DDP run there, so that every rank skips the same updates), a bad step's update is skipped there, and
+    the verdict is copied back without waiting and read at the next step's check, long after it arrived,
+    or at once where the host waits anyway (a log, a checkpoint, an eval, the last step). Checkpoints stay
+    good either way: none is written before the verdict is read. Sharded runs (FSDP, DeepSpeed) pass
+    run_ahead=False. Install it after callbacks that can ask for a checkpoint at the end of a step
+    (StopOnSignal).
     """
 
     def __init__(self, policy: str = "stop", run_ahead: bool = True):
@@ -113,10 +115,10 @@ class NonFiniteGuard(TrainerCallback):
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         norm = torch.as_tensor(norm)
         step = state.global_step + 1
-        skipper = on_device_skipper(optimizer) if self.run_ahead and args.world_size == 1 else None
+        skipper = on_device_skipper(optimizer) if self.run_ahead else None
         if skipper is not None:
             self.settle(args, state)  # the previous step's verdict, long arrived
-            bad = ~torch.isfinite(norm)
+            bad = on_any_rank_on_device(~torch.isfinite(norm), args)  # every rank skips, or none
             skipper.found_inf = bad.float()  # 1: the fused update leaves parameters and moments as they are
             self._pending = Verdict(step, norm, bad)
             return
@@ -211,6 +213,15 @@ def on_any_rank(flag, args) -> bool:
     flag = torch.as_tensor(flag).to(device=args.device, dtype=torch.int32)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag)
+
+
+def on_any_rank_on_device(flag: torch.Tensor, args) -> torch.Tensor:
+    """on_any_rank, left on the device: the all-reduce is queued, not waited for."""
+    if not (args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    flag = flag.to(dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.bool()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -187,7 +187,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
     trainer_class = epoch_order.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
     trainer_class = type(trainer_class.__name__, (StepBookkeeping, GraphedLengths, trainer_class), {})
-    guard = NonFiniteGuard(t.on_nonfinite, t.run_ahead)
+    guard = NonFiniteGuard(t.on_nonfinite, t.run_ahead and not distributed.sharded(cfg))  # untried on shards
     loss_args = {}
     if t.reply_logits_only:
         loss_args["head_loss"] = head_loss_for(t.lm_head_loss, t.loss_chunk, device, distributed.sharded(cfg))
