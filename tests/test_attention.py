@@ -95,6 +95,26 @@ def test_the_kernel_call_keeps_scale_heads_and_causality(monkeypatch, kernel):
         torch.testing.assert_close(attention.flash_varlen(query, key, value, cu_seq_lens, 12, scale), want)
 
 
+def test_sdpa_gets_the_packed_mask_transformers_would_build(small_lora_model, reply_features):
+    """Handed over by roletune's loss (no value read back to build it), the mask is transformers' own: the
+    same booleans, and the same hidden states bit for bit as a forward that leaves the mask to transformers."""
+    from transformers.masking_utils import create_causal_mask
+
+    tokenizer, rows = reply_features
+    batch = make_collator(tokenizer, packing=True)(rows)
+    model = small_lora_model()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    given = attention.without_mask_building(model, inputs)["attention_mask"]
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    built = create_causal_mask(model.config, embeds, None, None, batch["position_ids"])  # no mask, no cache
+    assert given.dtype == built.dtype == torch.bool and torch.equal(given, built)
+    assert not given[0, 0].all() and given[0, 0].tril().equal(given[0, 0])  # examples apart, causal
+    with torch.no_grad():
+        want = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        got = model(**inputs, attention_mask=given, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    assert torch.equal(got, want)
+
+
 def test_generation_with_varlen_is_generation_with_sdpa(small_lora_model, reply_features):
     """No packed boundaries: sdpa with sdpa's masks, here on a left-padded batch of two prompts."""
     tokenizer, _ = reply_features

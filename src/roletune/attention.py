@@ -70,17 +70,40 @@ def active(model) -> str | None:
 
 
 def without_mask_building(model, inputs: dict) -> dict:
-    """`inputs` for `model`'s forward, with an empty 4-D attention mask where varlen attention keeps a packed
-    batch's examples apart by their boundaries. transformers passes a 4-D mask through as it is, so it neither
-    builds the block-diagonal mask varlen_attention would ignore nor, before that, checks the position ids for
-    packed sequences, which reads a value back from the GPU as every forward starts (the host waits there
-    for the previous step to end). An empty mask that reached any attention would fail, not mislead."""
-    if "cu_seq_lens_q" not in inputs or "attention_mask" in inputs:
+    """`inputs` for `model`'s forward with the attention mask of a packed batch (one row of examples, position
+    ids restarting per example, no mask of its own) already given, 4-D, which transformers passes through as
+    it is. Otherwise, as every forward starts, transformers checks the position ids for packed sequences,
+    reading a value back from the GPU (the host waits there for the previous step to end), before it builds
+    the mask. varlen attention keeps the examples apart by their boundaries: it gets an empty mask, which
+    would fail, not mislead, if any attention used it. sdpa gets the block-diagonal causal mask transformers
+    would build (the same booleans), made from the position ids on the device. Left to transformers:
+    padded batches, models with sliding-window layers, other attention implementations."""
+    if "attention_mask" in inputs or "position_ids" not in inputs:
         return inputs
-    if active(getattr(model, "module", model)) != VARLEN:  # under DDP, the wrapped model's
-        return inputs
+    inner = getattr(model, "module", model)  # under DDP, the wrapped model
+    kind = active(inner)
     ids = inputs["input_ids"]
-    return {**inputs, "attention_mask": ids.new_empty((1, 1, 0, 0), dtype=torch.bool)}
+    if kind == VARLEN and "cu_seq_lens_q" in inputs:
+        return {**inputs, "attention_mask": ids.new_empty((1, 1, 0, 0), dtype=torch.bool)}
+    if kind == "sdpa" and not _sliding(inner.config):
+        return {**inputs, "attention_mask": packed_causal_mask(inputs["position_ids"])}
+    return inputs
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, T, T) bool: token i attends to token j <= i of its own example, an example starting wherever the
+    position does not follow the one before (transformers' find_packed_sequence_indices), without reading
+    anything back."""
+    first = position_ids[:, :1] - 1
+    example = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
+
+
+def _sliding(config) -> bool:
+    return bool(getattr(config, "use_sliding_window", False)) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ())
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,

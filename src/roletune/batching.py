@@ -3,8 +3,8 @@
 Padding-free batches: the examples of a micro-batch are concatenated into one row with
 `position_ids` restarting at 0 for each example. transformers recognises packed sequences
 from those position ids and keeps the examples apart in attention (a block-diagonal mask for
-sdpa/eager); for the varlen kernels (roletune.attention, flash-attention) the collator adds the
-examples' boundaries. Role-play lines are short and uneven (the
+sdpa/eager, which reply_token_loss hands sdpa ready-made: see attention.without_mask_building); for the
+varlen kernels (roletune.attention, flash-attention) the collator adds the examples' boundaries. Role-play lines are short and uneven (the
 huanhuan data: mean 67 tokens, longest 250), so a padded batch is about half padding.
 
 Reply-only logits: the 152k-column LM head runs only at positions whose next token carries a
