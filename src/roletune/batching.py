@@ -1,11 +1,12 @@
 """How examples become micro-batches, and the loss on them.
 
 Padding-free batches: the examples of a micro-batch are concatenated into one row with
-`position_ids` restarting at 0 for each example. transformers recognises packed sequences
-from those position ids and keeps the examples apart in attention (a block-diagonal mask for
-sdpa/eager, which reply_token_loss hands sdpa ready-made: see attention.without_mask_building); for the
-varlen kernels (roletune.attention, flash-attention) the collator adds the examples' boundaries. Role-play lines are short and uneven (the
-huanhuan data: mean 67 tokens, longest 250), so a padded batch is about half padding.
+`position_ids` restarting at 0 for each example. transformers recognises packed sequences from those
+position ids and keeps the examples apart in attention (a block-diagonal mask for sdpa/eager, which
+reply_token_loss hands sdpa ready-made: see attention.without_mask_building); for the varlen kernels
+(roletune.attention, flash-attention) the collator adds the examples' boundaries. Role-play lines
+are short and uneven (the huanhuan data: mean 67 tokens, longest 250), so a padded batch is about
+half padding.
 
 Reply-only logits: the 152k-column LM head runs only at positions whose next token carries a
 label (a third of the positions here), through the model's own `logits_to_keep`; or, with a

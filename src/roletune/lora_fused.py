@@ -11,12 +11,13 @@ Here the branch is one torch.autograd.Function: dropout (drawn as F.dropout draw
 redrawn in backward from the saved RNG state as roletune.lora_dropout does), lora_A, lora_B with the
 scaling folded into its 16-bit copy, and the add folded into the matmul (addmm). On a GPU: three kernels
 forward (the 16-bit copies of lora_A and scaling * lora_B are made for all layers at once as the model's
-forward starts, see AdapterCopies), eight backward, one autograd node. Folding the scale and the add also spares the GPU's memory
-peft's separate product, scaling and sum pass over: each projection's whole output, four times forward and
-twice backward (for the seed's seven projections of Qwen2.5-7B, about 0.5 GB per layer and 1,400-token
-step, forward). The masks, outputs and gradients are peft's, up to the rounding of the fused add.
-peft has no such training path, and Unsloth's fused LoRA kernels apply only with dropout 0 (with any
-other dropout it falls back to peft's path; the seed trains with 0.1), hence this module.
+forward starts, see AdapterCopies), eight backward, one autograd node. Folding the scale and the add also
+spares the GPU's memory peft's separate product, scaling and sum pass over: each projection's whole
+output, four times forward and twice backward (for the seed's seven projections of Qwen2.5-7B, about 0.5
+GB per layer and 1,400-token step, forward). The masks, outputs and gradients are peft's, up to the
+rounding of the fused add. peft has no such training path, and Unsloth's fused LoRA kernels apply only
+with dropout 0 (with any other dropout it falls back to peft's path; the seed trains with 0.1), hence this
+module.
 
 The fused path runs only where it computes what peft would: a training forward with gradients, one
 active plain LoRA adapter without bias, its dropout redrawn (or none), and the input either in the
@@ -113,8 +114,8 @@ class AdapterCopies:
 
 
 def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
-    """(adapter name, lora_A, lora_B, scaling, dropout p) when the fused branch computes what peft's forward would,
-    else None."""
+    """(adapter name, lora_A, lora_B, scaling, dropout p) when the fused branch computes what peft's forward
+    would, else None."""
     if args or kwargs or layer.disable_adapters or layer.merged or torch.compiler.is_compiling():
         return None
     if not (layer.training and torch.is_grad_enabled()):
