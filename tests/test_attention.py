@@ -3,6 +3,7 @@ with sdpa's masks everywhere else. PyTorch's varlen kernel runs on CUDA only; he
 checked against stand-ins written from its documented contract, one per signature it has had."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,6 +114,19 @@ def test_sdpa_gets_the_packed_mask_transformers_would_build(small_lora_model, re
         want = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
         got = model(**inputs, attention_mask=given, output_hidden_states=True, use_cache=False).hidden_states[-1]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("config, given", [
+    ({"use_sliding_window": False, "sliding_window": 4096}, True),  # Qwen2's default: no window
+    ({"use_sliding_window": True, "sliding_window": 4096}, False),
+    ({"sliding_window": 4096}, False),  # Mistral: a window whenever one is set
+    ({"sliding_window": None}, True),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, False),
+])
+def test_a_model_with_sliding_window_layers_builds_its_own_masks(config, given):
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", **config))
+    inputs = {"input_ids": torch.zeros(1, 5, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1, 2]])}
+    assert ("attention_mask" in attention.without_mask_building(model, inputs)) is given
 
 
 def test_generation_with_varlen_is_generation_with_sdpa(small_lora_model, reply_features):

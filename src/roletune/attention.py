@@ -102,8 +102,12 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _sliding(config) -> bool:
-    return bool(getattr(config, "use_sliding_window", False)) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ())
+    """Whether any layer attends within a sliding window (a mask transformers builds itself)."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    if hasattr(config, "use_sliding_window"):  # Qwen2, Qwen3: a window only when asked for
+        return bool(config.use_sliding_window)
+    return getattr(config, "sliding_window", None) is not None  # Mistral and the like
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
