@@ -73,8 +73,7 @@ def reply_token_loss(model, inputs: dict, labels: torch.Tensor, num_items: int |
     positions `inputs[REPLY_INDEX]` names when the collator added it (see with_reply_index);
     None computes the logits of every trained position at once.
     """
-    inputs = attention.without_mask_building(model, inputs)
-    inputs = dict(inputs)
+    inputs = dict(attention.without_mask_building(model, inputs))
     trained = inputs.pop(REPLY_INDEX, None)
     if head_loss is None:
         positions = labelled_positions(labels)

@@ -208,20 +208,22 @@ def skipped_steps(log_history: list[dict]) -> list[int]:
 
 def on_any_rank(flag, args) -> bool:
     """`flag` of this process, or-ed over every process of a distributed job (one tiny all-reduce a step)."""
-    if not (args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _several(args):
         return bool(flag)
-    flag = torch.as_tensor(flag).to(device=args.device, dtype=torch.int32)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag)
+    return bool(on_any_rank_on_device(torch.as_tensor(flag, device=args.device), args))
 
 
 def on_any_rank_on_device(flag: torch.Tensor, args) -> torch.Tensor:
     """on_any_rank, left on the device: the all-reduce is queued, not waited for."""
-    if not (args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _several(args):
         return flag
     flag = flag.to(dtype=torch.int32)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.bool()
+
+
+def _several(args) -> bool:
+    return args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
