@@ -9,6 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from roletune.generate import Session, answer_all, decoding_config
+from roletune.time_spent import TimeSpent
 from roletune.track import Tracker
 
 SAMPLES_NAME = "samples.jsonl"
@@ -28,11 +29,13 @@ def sample_rows(cfg, heldout: list) -> list[dict]:
 
 class SampleAnswers(TrainerCallback):
     def __init__(self, rows: list[dict], tokenizer, system_prompt: str | None, tracker: Tracker,
-                 output_dir: str, max_new_tokens: int, batch_size: int, echo=print, every_rank: bool = False):
+                 output_dir: str, max_new_tokens: int, batch_size: int, echo=print, every_rank: bool = False,
+                 time_spent: TimeSpent | None = None):
         self.rows, self.tokenizer, self.system_prompt = rows, tokenizer, system_prompt
         self.every_rank = every_rank  # a model sharded across ranks answers only if every rank joins in
         self.tracker, self.path, self.echo = tracker, Path(output_dir) / SAMPLES_NAME, echo
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.time_spent = time_spent or TimeSpent()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:  # a resumed run already has its earlier answers
@@ -46,17 +49,8 @@ class SampleAnswers(TrainerCallback):
     def answer(self, model, args, state, epoch: int) -> None:
         if not self.rows or not (state.is_world_process_zero or self.every_rank):
             return
-        session = Session(model, self.tokenizer, self.system_prompt, True, args.device)
-        config = decoding_config(session, greedy=True, max_new_tokens=self.max_new_tokens)
-        was_training = model.training
-        model.eval()
-        try:
-            # Compiled layers (train.compile) are for training steps: generation's growing KV cache would
-            # compile them anew (and, under CUDA graphs, record them) for shapes used once.
-            with torch.compiler.set_stance("force_eager"):
-                replies = answer_all(session, [r["messages"] for r in self.rows], config, self.batch_size)
-        finally:
-            model.train(was_training)
+        with self.time_spent.on("sample_answers"):
+            replies = self.generate(model, args)
         if not state.is_world_process_zero:
             return
         results = [{"epoch": epoch, "step": state.global_step, "prompt": r["prompt"], "answer": reply.text,
@@ -67,3 +61,16 @@ class SampleAnswers(TrainerCallback):
         self.echo(f"sample answers, epoch {epoch} (step {state.global_step}):")
         for row in results:
             self.echo(f"  Q: {row['prompt']}\n  A: {row['answer']}\n  reference: {row['reference'] or '-'}")
+
+    def generate(self, model, args) -> list:
+        session = Session(model, self.tokenizer, self.system_prompt, True, args.device)
+        config = decoding_config(session, greedy=True, max_new_tokens=self.max_new_tokens)
+        was_training = model.training
+        model.eval()
+        try:
+            # Compiled layers (train.compile) are for training steps: generation's growing KV cache would
+            # compile them anew (and, under CUDA graphs, record them) for shapes used once.
+            with torch.compiler.set_stance("force_eager"):
+                return answer_all(session, [r["messages"] for r in self.rows], config, self.batch_size)
+        finally:
+            model.train(was_training)

@@ -27,6 +27,7 @@ from roletune.lora_fused import fuse_lora_layers
 from roletune.model import (apply_lora, build_meta_model, check_lora_dtype, compile_decoder_layers, load_base_model,
                             load_tokenizer, require_bitsandbytes, resolve_dtype)
 from roletune.samples import SampleAnswers, sample_rows
+from roletune.time_spent import TimeSpent
 from roletune.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
 from roletune.track import Tracker, open_tracker
 from roletune.trainer import build_trainer, optimizer_steps
@@ -75,12 +76,14 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     if launch.is_main:
         prepare_output_dir(cfg, data, fresh=(overwrite or resume is not None) and checkpoint is None)
     tracker = open_tracker(cfg) if launch.is_main else Tracker()
+    time_spent = TimeSpent()  # the summary's split of the wall time
     samples = SampleAnswers(sample_rows(cfg, data.heldout_rows), tokenizer, cfg.data.system_prompt, tracker,
                             cfg.output_dir, cfg.eval.max_new_tokens, cfg.train.batch_size, echo,
-                            every_rank=distributed.sharded(cfg))
+                            every_rank=distributed.sharded(cfg), time_spent=time_spent)
     watchers = [c for c in (tracker.callback(), samples) if c is not None]
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the step boundary, then Interrupted
-    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks))
+    trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks),
+                            time_spent)
     try:
         started = time.perf_counter()
         with stop:
@@ -90,7 +93,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
         save_run(cfg, trainer, tokenizer)
         if not launch.is_main:
             return RunResult(cfg.output_dir, trainer.state.global_step)
-        result = finish(cfg, trainer, device, wall_s, tracker.where, echo, decision)
+        result = finish(cfg, trainer, device, wall_s, time_spent, tracker.where, echo, decision)
         tracker.log_metrics({f"summary/{k}": v for k, v in result.summary.items() if isinstance(v, (int, float))},
                             trainer.state.global_step)
     finally:
@@ -185,8 +188,8 @@ def save_run(cfg: Config, trainer, tokenizer) -> None:
     run_dir.write_config(cfg.output_dir, cfg)
 
 
-def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_where: str | None, echo,
-           decision: memory.Decision) -> RunResult:
+def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent: TimeSpent,
+           tracker_where: str | None, echo, decision: memory.Decision) -> RunResult:
     """Write loss.png and train_summary.json, and print the summary."""
     from roletune.plot import loss_series, write_loss_png
 
@@ -196,6 +199,7 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, tracker_wh
     tokens = trainer.state.num_input_tokens_seen
     summary = {
         "wall_time_s": round(wall_s, 1),
+        **time_spent.summary(wall_s),  # how much of it the steps took, and what the rest went to
         "optimizer_steps": trainer.state.global_step,
         "real_tokens": tokens,
         "real_tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else None,

@@ -16,6 +16,7 @@ from roletune.config import Config
 from roletune.guard import NonFiniteGuard
 from roletune.loss import head_loss_for
 from roletune.model import resolve_dtype
+from roletune.time_spent import TimedWork, TimeSpent
 from roletune.tokenize import Example
 
 
@@ -178,7 +179,7 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
 
 
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
-                  device: torch.device, callbacks: tuple = ()) -> Trainer:
+                  device: torch.device, callbacks: tuple = (), time_spent: TimeSpent | None = None) -> Trainer:
     # Flash kernels take the packed examples' boundaries from the batch, and sdpa has no use for them.
     boundaries = attention.active(model) in ("flash_attention_2", attention.VARLEN)
     collator = with_reply_index(make_collator(tokenizer, cfg.train.packing, boundaries))
@@ -186,7 +187,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
     trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
     trainer_class = epoch_order.with_even_tail(trainer_class)
     trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
-    trainer_class = type(trainer_class.__name__, (StepBookkeeping, GraphedLengths, trainer_class), {})
+    trainer_class = type(trainer_class.__name__, (TimedWork, StepBookkeeping, GraphedLengths, trainer_class), {})
     guard = NonFiniteGuard(t.on_nonfinite, t.run_ahead and not distributed.sharded(cfg))  # untried on shards
     loss_args = {}
     if t.reply_logits_only:
@@ -197,6 +198,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
                             processing_class=tokenizer, data_collator=collator,
                             callbacks=[*callbacks, guard])  # the guard last: see NonFiniteGuard
     guard.step_grad_norm = trainer.take_step_grad_norm
+    trainer.time_spent = time_spent
     trainer.length_multiple = length_multiple(t)
     trainer.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The resolved config goes inside every checkpoint, under its manifest: any checkpoint is self-describing.
