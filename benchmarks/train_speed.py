@@ -167,14 +167,13 @@ def run(command: list[str], env: dict) -> None:
 
 def roletune_worker(args) -> None:
     """roletune's training path as `roletune train` runs it (memory decision, LoRA, Trainer), with the
-    base's weights drawn from its config instead of read from a checkpoint (and quantised as they would
-    be read, for model.quantization)."""
+    base's weights drawn from its config (random_base)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
 
     from roletune import attention, memory, train
     from roletune.config import config_from_dict
-    from roletune.model import load_tokenizer, quantization_config, resolve_dtype
+    from roletune.model import load_tokenizer, resolve_dtype
 
     shared = Path(args.shared)
     cuda = args.device == "cuda" and torch.cuda.is_available()
@@ -197,19 +196,6 @@ def roletune_worker(args) -> None:
         dtype = resolve_dtype(cfg.model.dtype, device)
         decision = memory.for_run(cfg, data.train, device, dtype)
         print(decision.line(), flush=True)
-
-        def random_base(model_cfg, where, dtype):  # stands in for from_pretrained: no weights to read
-            config = AutoConfig.from_pretrained(model_cfg.path)
-            with where:
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            if model_cfg.quantization == "none":
-                return model
-            # bitsandbytes quantises weights while from_pretrained loads them: hand it the random ones.
-            quantised = type(model).from_pretrained(
-                None, config=config, state_dict=model.state_dict(), dtype=dtype, device_map={"": str(where)},
-                quantization_config=quantization_config(model_cfg, dtype))
-            quantised.name_or_path = model_cfg.path  # as from_pretrained(path) would name it: peft reads it
-            return quantised
 
         started = time.time()
         train.load_base_model = random_base
@@ -275,6 +261,26 @@ def roletune_worker(args) -> None:
     print(json.dumps(row))
     with open(args.out, "a") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+def random_base(model_cfg, where, dtype):
+    """Stands in for roletune.model.load_base_model: the base's weights drawn from its config instead of read
+    from a checkpoint (none is on this machine), and quantised as they would be read, for model.quantization."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from roletune.model import quantization_config
+
+    config = AutoConfig.from_pretrained(model_cfg.path)
+    with where:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if model_cfg.quantization == "none":
+        return model
+    # bitsandbytes quantises weights while from_pretrained loads them: hand it the random ones.
+    quantised = type(model).from_pretrained(
+        None, config=config, state_dict=model.state_dict(), dtype=dtype, device_map={"": str(where)},
+        quantization_config=quantization_config(model_cfg, dtype))
+    quantised.name_or_path = model_cfg.path  # as from_pretrained(path) would name it: peft reads it
+    return quantised
 
 
 class StepProfiler:

@@ -82,7 +82,7 @@ def test_fast_config_keeps_the_seed_optimization():
 
     seed, fast = (load_config(ROOT / "configs" / name) for name in ("huanhuan-qwen2.5-7b.yaml",
                                                                      "huanhuan-qwen2.5-7b-fast.yaml"))
-    assert (fast.model, fast.data, fast.lora) == (seed.model, seed.data, seed.lora)
+    assert (fast.model, fast.data, fast.lora, fast.eval) == (seed.model, seed.data, seed.lora, seed.eval)
     same = ["epochs", "max_steps", "lr", "lr_scheduler", "warmup", "weight_decay", "max_grad_norm", "optim", "seed"]
     assert [getattr(fast.train, k) for k in same] == [getattr(seed.train, k) for k in same]
     for world in (1, 2, 4):  # however many GPUs share the micro-batches, a step takes 16 rows

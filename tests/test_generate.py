@@ -31,6 +31,19 @@ def test_session_reuses_what_training_used(session, trained_run):
     assert session.tokenizer.chat_template == (trained_run / "chat_template.jinja").read_text(encoding="utf-8")
 
 
+def test_a_session_answers_through_the_fused_adapter_and_as_pefts_forward_does(session, trained_run):
+    """load_session gives the adapter roletune's fused branches (decoding's cheaper forward); fused=False, as
+    merge asks, keeps peft's. The same greedy answers either way."""
+    def fused_layers(model) -> int:
+        return sum(type(m).__name__.startswith("Fused") for m in model.modules())
+
+    plain = generate.load_session(str(trained_run), device="cpu", fused=False)
+    assert fused_layers(session.model) == 14 and fused_layers(plain.model) == 0  # 2 layers x 7 projections
+    conversations = [[{"role": "user", "content": QUESTION}], [{"role": "user", "content": "你好"}]]
+    want = [r.text for r in generate.answer_all(plain, conversations, greedy(plain))]
+    assert [r.text for r in generate.answer_all(session, conversations, greedy(session))] == want
+
+
 def test_decoding_follows_the_generation_config_and_stops_at_end_of_turn(session):
     config = generate.decoding_config(session)
     assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == \

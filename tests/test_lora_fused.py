@@ -186,9 +186,11 @@ def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_sam
     model.train()
     assert fused()
     with torch.no_grad():
-        assert not fused()  # generation and eval loss
+        assert not fused()  # dropout without a backward
     model.eval()
-    assert not fused()
+    assert not fused()  # gradients through an eval-mode forward
+    with torch.no_grad():
+        assert fused()  # generation and eval loss
     model.train()
     with model.disable_adapter():  # compare's base column
         assert not fused()
@@ -211,3 +213,88 @@ def test_training_with_the_fused_branch_ends_with_the_adapter_pefts_branch_train
     assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def answers(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and the logits of an eval-mode forward without gradients (generation's)."""
+    model.eval()
+    with torch.inference_mode():
+        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=12, min_new_tokens=12, pad_token_id=0, eos_token_id=None)
+        return tokens, model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_eval_forwards_and_generation_give_pefts_answers(small_lora_model, base_dtype, adapter_dtype):
+    """Generation and the eval loss take the fused path's plainer form: peft's logits and greedy tokens, for an
+    fp32 base and a bf16 one, with adapters as training keeps them (bf16 on bf16) and as peft loads them for
+    inference (fp32, its input cast up)."""
+    if adapter_dtype == torch.bfloat16 and base_dtype == torch.float32:
+        pytest.skip("roletune refuses bf16 adapters on an fp32 base (model.check_lora_dtype)")
+
+    def build(fused: bool):
+        model = small_lora_model()
+        model.base_model.model.to(base_dtype)
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.to(adapter_dtype)
+        if fused:
+            fuse_lora_layers(model)
+        return model
+
+    ids = torch.arange(5, 17)[None]
+    want_tokens, want_logits = answers(build(False), ids)
+    calls = Calls()
+    with calls:
+        got_tokens, got_logits = answers(build(True), ids)
+    assert calls.count["_foreach_copy_"] > 0  # the fused path did run
+    if base_dtype == torch.float32:
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    else:  # bf16: the scaling is folded into lora_B's copy, rounded there instead of on the product
+        torch.testing.assert_close(got_logits.float(), want_logits.float(), rtol=0.02, atol=0.02)
+    assert torch.equal(got_tokens, want_tokens)
+
+
+def test_an_eval_forward_launches_three_kernels_per_adapted_projection(small_lora_model):
+    """Per adapted projection: the two r-wide matmuls and the add into the base's output, where peft runs its
+    two matmuls, the scaling and the add (and its dropout, where there is one); the copies cost three
+    multi-tensor kernels per forward."""
+    def measure(fused: bool):
+        model = small_lora_model().eval()
+        if fused:
+            fuse_lora_layers(model)
+        with torch.no_grad():
+            model(input_ids=torch.arange(3, 9)[None])  # the first forward also allocates the copies
+        calls = Calls()
+        with calls, torch.no_grad():
+            model(input_ids=torch.arange(3, 9)[None])
+        return calls.count
+
+    peft, fused = measure(False), measure(True)
+    branches = len(lora_layers(small_lora_model()))
+    assert fused["_foreach_copy_"] == 2 and fused["_foreach_mul"] == 1
+    assert sum(peft.values()) - sum(fused.values()) == branches - 3
+
+
+def test_generation_sees_the_adapter_as_it_is_now(small_lora_model):
+    """peft's generate calls the inner model, not the PeftModel, and an optimizer step changes the adapter in
+    place between forwards: the copies are refreshed as the decoder's forward starts, so generation after a
+    step answers with the stepped adapter. Made during generation (inference mode), they still serve training
+    forwards afterwards."""
+    model = small_lora_model()
+    fuse_lora_layers(model)
+    ids = torch.arange(5, 17)[None]
+    answers(model, ids)  # the copies are first made in inference mode, as sample answers before training do
+    step(model, autocast=False)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(parameter.grad, alpha=-50.0)  # an optimizer step, in place
+    got_tokens, got_logits = answers(model, ids)
+    reference = small_lora_model()  # the same adapter through peft's own forward
+    reference.load_state_dict(model.state_dict())
+    want_tokens, want_logits = answers(reference, ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    assert not torch.allclose(got_logits, answers(small_lora_model(), ids)[1], atol=1e-3)  # the step changed them

@@ -17,6 +17,7 @@ import torch
 
 from roletune.data.prompts import prompt_messages, read_prompts
 from roletune.errors import RunError
+from roletune.lora_fused import fuse_lora_layers
 from roletune.model import load_adapter, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from roletune.run_dir import open_run
 from roletune.tokenize import end_of_turn_ids
@@ -40,10 +41,13 @@ class Reply:
 
 
 def load_session(location: str, *, device: str = "auto", base_only: bool = False,
-                 system: str | None = None, dtype: str | None = None, quantization: str | None = None) -> Session:
+                 system: str | None = None, dtype: str | None = None, quantization: str | None = None,
+                 fused: bool = True) -> Session:
     """Load the base model once and the adapter on top (unless base_only).
 
     dtype and quantization default to the run's: a QLoRA run answers on the quantised base it trained on.
+    fused: the adapter's branches run as roletune.lora_fused computes them, which decodes about as fast as
+    the base model; False keeps peft's own forward (merge checks its result against peft's).
     """
     run = open_run(location)
     target = resolve_device(device)
@@ -54,6 +58,8 @@ def load_session(location: str, *, device: str = "auto", base_only: bool = False
     model = load_base_model(model_cfg, target, resolve_dtype(model_cfg.dtype, target))
     if run.adapter and not base_only:
         model = load_adapter(model, run.adapter, run.model_cfg.allow_pickle)
+        if fused:
+            fuse_lora_layers(model)
     model.eval()
     return Session(model, tokenizer, system if system is not None else run.system_prompt,
                    bool(run.adapter and not base_only), target)

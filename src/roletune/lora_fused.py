@@ -19,10 +19,16 @@ rounding of the fused add. peft has no such training path, and Unsloth's fused L
 with dropout 0 (with any other dropout it falls back to peft's path; the seed trains with 0.1), hence this
 module.
 
-The fused path runs only where it computes what peft would: a training forward with gradients, one
-active plain LoRA adapter without bias, its dropout redrawn (or none), and the input either in the
-adapter's dtype or under autocast (roletune.model.keep_lora_inputs_under_autocast). Anything else
-(eval and generation, adapters disabled or merged, lora.dtype=fp32's fp32 copies, peft's kept dropout,
+Forwards without gradients in eval mode (sample answers, the eval loss, `roletune generate`, `chat`,
+`compare`, `eval`) take a plainer path: no dropout and nothing kept, so the branch is two r-wide matmuls on
+the same copies and an add into the base's output, three kernels where peft runs four (its scaling apart).
+Decoding is a forward per token, and on a GPU a decoding step waits on the host launching it, so each
+kernel and call per projection counts 196 times a token for a 7B model (benchmarks/decode_time.py).
+
+The fused path runs only where it computes what peft would: a training forward with gradients or an eval
+forward without, one active plain LoRA adapter without bias, in training its dropout redrawn (or none) and
+the input either in the adapter's dtype or under autocast (roletune.model.keep_lora_inputs_under_autocast).
+Anything else (adapters disabled or merged, lora.dtype=fp32's fp32 copies in training, peft's kept dropout,
 torch.compile, which traces peft's own ops) runs peft's forward unchanged.
 """
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from roletune.forwards import replace_forward
@@ -50,10 +57,25 @@ def fuse_lora_layers(model) -> int:
         replace_forward(layer, _forward, "Fused")
     if layers:
         copies = AdapterCopies(layers)
-        model.register_forward_pre_hook(copies.refresh)
+        # On the innermost module every forward passes through, training's (through the PeftModel) and
+        # generation's (peft's generate calls the inner CausalLM), so no forward runs on stale copies.
+        _common_ancestor(model, layers).register_forward_pre_hook(copies.refresh)
         for layer in layers:
             _copies[layer] = copies
     return len(layers)
+
+
+def _common_ancestor(model, layers: list) -> nn.Module:
+    """The deepest module of `model` that holds every one of `layers` and is called (for a Qwen2 the decoder,
+    model.model, and not its list of layers, which is only iterated)."""
+    wanted = {id(layer) for layer in layers}
+    ancestor = model
+    while True:
+        holders = [child for child in ancestor.children() if type(child).forward is not nn.Module.forward
+                   and wanted <= {id(m) for m in child.modules()}]
+        if len(holders) != 1:
+            return ancestor
+        ancestor = holders[0]
 
 
 _copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fused layer -> its model's AdapterCopies
@@ -64,6 +86,9 @@ def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if branch is None:
         return layer.plain_forward(x, *args, **kwargs)
     name, lora_A, lora_B, scaling, p = branch
+    if not torch.is_grad_enabled():  # eval and generation: no dropout, nothing kept for a backward
+        return _add_branch(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling,
+                           _branch_dtype(layer, x, lora_A.weight), _copies.get(layer), (layer, name))
     return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p, _copies.get(layer),
                              (layer, name))
 
@@ -73,10 +98,10 @@ class AdapterCopies:
 
     Cast in each branch, they cost two kernels per adapted projection and forward (392 for a 7B model with
     the seed's seven projections a layer), for weights that change only at the optimizer step. Here a
-    forward pre-hook on the model refreshes every layer's copies at the start of each training forward
-    with multi-tensor kernels (a handful of launches in all), then the branches take theirs. Refreshed every
+    forward pre-hook refreshes every layer's copies as each forward the fused branch runs in starts, with
+    multi-tensor kernels (a handful of launches in all), then the branches take theirs. Refreshed every
     forward, not tracked: a weight's version counter does not tell (the fused optimizer updates the weights
-    in place without bumping it). The same values as casting in the branch: lora_A cast, B times scaling
+    in place without bumping it), and a decoding step's refresh costs far less than the casts it spares. The same values as casting in the branch: lora_A cast, B times scaling
     in the weights' precision then rounded once. A branch whose copy does not match (another dtype, a
     changed scaling or weight, an adapter added later) casts its own, as before.
     """
@@ -90,18 +115,25 @@ class AdapterCopies:
         self.dtype, self.a, self.b, self.scalings = None, [], [], []
 
     def refresh(self, module, args) -> None:
-        if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-            return  # the fused branch runs in training forwards only (and not in compiled code)
+        if module.training != torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return  # forwards the fused branch leaves to peft (nor does it run in compiled code)
         device = self.sources_a[0].device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.input_dtype
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        else:  # peft casts the input to the adapter's dtype, unless told not to
+            dtype = self.sources_a[0].dtype if self.layers_cast_inputs() else self.input_dtype
         if dtype != self.dtype:
-            self.a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
-            self.b = [torch.empty_like(w, dtype=dtype) for w in self.sources_b]
+            with torch.inference_mode(False):  # made during generation, still written by training forwards
+                self.a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
+                self.b = [torch.empty_like(w, dtype=dtype) for w in self.sources_b]
             self.dtype = dtype
         self.scalings = [layer.scaling[name] for layer, name in self.entries]
         with torch.no_grad():
             torch._foreach_copy_(self.a, self.sources_a)
             torch._foreach_copy_(self.b, torch._foreach_mul(self.sources_b, self.scalings))
+
+    def layers_cast_inputs(self) -> bool:
+        return self.entries[0][0].cast_input_dtype_enabled
 
     def get(self, layer, name: str, weight_a, weight_b, scaling: float, dtype: torch.dtype):
         """(lora_A, scaling * lora_B) in `dtype` for this branch, or None where its copies do not match."""
@@ -118,7 +150,8 @@ def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     would, else None."""
     if args or kwargs or layer.disable_adapters or layer.merged or torch.compiler.is_compiling():
         return None
-    if not (layer.training and torch.is_grad_enabled()):
+    training, grad = layer.training, torch.is_grad_enabled()
+    if training != grad:  # dropout without a backward, or gradients through an eval-mode forward: peft's
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or active[0] in layer.lora_variant:  # several adapters, DoRA and other variants
@@ -127,6 +160,8 @@ def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if lora_A.bias is not None or lora_B.bias is not None:
         return None
+    if not training:  # dropout is off in eval mode, whatever module stands for it
+        return name, lora_A, lora_B, layer.scaling[name], 0.0
     if isinstance(dropout, DeferredDropout):
         p = dropout.p
     elif isinstance(dropout, nn.Identity):  # peft's stand-in for dropout 0
@@ -136,6 +171,26 @@ def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     if layer.cast_input_dtype_enabled and x.dtype != lora_A.weight.dtype:
         return None  # peft copies x to the adapter's dtype first (lora.dtype=fp32): its path, its cost
     return name, lora_A, lora_B, layer.scaling[name], p
+
+
+def _branch_dtype(layer, x: torch.Tensor, weight_a: torch.Tensor) -> torch.dtype:
+    """What peft multiplies the branch in: autocast's dtype where it is on, else the adapter's (peft casts x to
+    it), else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight_a.dtype if layer.cast_input_dtype_enabled else x.dtype
+
+
+def _add_branch(result, x, weight_a, weight_b, scaling: float, dtype: torch.dtype, copies, where) -> torch.Tensor:
+    """result + scaling * lora_B(lora_A(x)) without autograd (eval mode: no dropout), added into `result` in
+    place (the base layer's fresh output, which nothing else holds) as peft adds it: in the wider dtype, then
+    rounded to result's. Three kernels where the copies match, and no other call: a decoding step runs this
+    for every adapted projection."""
+    pair = copies.get(*where, weight_a, weight_b, scaling, dtype) if copies is not None else None
+    a, b = pair if pair is not None else (weight_a.to(dtype), _scaled(weight_b, scaling, dtype))
+    branch = F.linear(F.linear(x if x.dtype == dtype else x.to(dtype), a), b)
+    return result.add_(branch)  # in result's dtype, computed in the wider of the two: peft's sum, then cast
 
 
 class _LoraBranch(torch.autograd.Function):

@@ -34,7 +34,7 @@ def merge(location: str, out: str, *, dtype: str = "bf16", device: str = "auto",
         raise RunError(f"{location}: a plain model has no adapter to merge")
     # Always the unquantised base: folding the adapter into 4-bit weights would round it away, and a
     # QLoRA adapter is meant to be merged into the full-precision model it was quantised from.
-    session = load_session(location, device=device, dtype=dtype, quantization="none")
+    session = load_session(location, device=device, dtype=dtype, quantization="none", fused=False)
     if run.model_cfg.quantization != "none":
         echo(f"the adapter trained on a {run.model_cfg.quantization} base; "
              f"merging it into the unquantised {dtype} base")
