@@ -92,3 +92,30 @@ def test_publishing_replaces_an_older_folder_of_the_same_step(tmp_path):
     checkpoints.publish(staging, old)
     assert not staging.exists() and not (old / "stale.txt").exists()
     assert checkpoints.problem(old) is None
+
+
+def test_the_tokenizer_is_serialised_once_and_every_checkpoint_holds_its_files(config_file, monkeypatch):
+    """Trainer saves the tokenizer into each checkpoint; roletune serialises it once and writes the same bytes
+    after: each checkpoint's tokenizer files are what save_pretrained writes, and their manifests verify."""
+    import filecmp
+
+    from transformers import AutoTokenizer
+
+    from roletune import train
+    from roletune.config import load_config
+
+    calls = []
+    tokenizer_class = type(AutoTokenizer.from_pretrained(str(load_config(config_file()).model.path)))
+    save = tokenizer_class.save_pretrained
+    monkeypatch.setattr(tokenizer_class, "save_pretrained",
+                        lambda self, folder, **kwargs: calls.append(folder) or save(self, folder, **kwargs))
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2}))
+    train.run(cfg, echo=lambda *_: None)
+    out = Path(cfg.output_dir)
+    saved = [c for c in calls if "checkpoint-" in str(c)]
+    assert len(saved) == 1  # the first of three checkpoints; the run's own folder is saved as before
+    for step in (2, 4, 6):
+        folder = out / f"checkpoint-{step}"
+        assert checkpoints.problem(folder) is None
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            assert filecmp.cmp(folder / name, out / name, shallow=False), (step, name)

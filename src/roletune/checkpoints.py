@@ -28,7 +28,21 @@ class AtomicCheckpoints:
     """Trainer mixin: each checkpoint is written aside, sealed with its manifest, then renamed into place."""
 
     _staging_root: str | None = None
+    _tokenizer_files = None  # TokenizerFiles of processing_class, once a save has written it
     checkpoint_extras = None  # folder -> None: files of roletune's own, written before the manifest seals it
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Trainer writes the tokenizer into every checkpoint: serialised once, its files written again after.
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            return super()._save(output_dir, state_dict)
+        if self._tokenizer_files is None or self._tokenizer_files.tokenizer is not tokenizer:
+            self._tokenizer_files = TokenizerFiles(tokenizer)
+        self.processing_class = self._tokenizer_files
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.processing_class = tokenizer
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
@@ -60,6 +74,31 @@ class AtomicCheckpoints:
             rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+
+class TokenizerFiles:
+    """Stands in for a tokenizer whose save_pretrained Trainer calls for each checkpoint: the first call
+    saves it, later ones write the same files' bytes again.
+
+    Serialising Qwen2.5's tokenizer (a 7 MB tokenizer.json of 151k tokens and their merges) took 0.16 s a
+    checkpoint on the 2-core CPU, most of a small adapter's checkpoint, for files that do not change while
+    training. A save_pretrained that does not list what it wrote is called every time, as before.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.files = tokenizer, None
+
+    def save_pretrained(self, folder, **kwargs):
+        folder = Path(folder)
+        if self.files is not None and not kwargs:
+            for name, data in self.files.items():
+                (folder / name).write_bytes(data)
+            return tuple(str(folder / name) for name in self.files)
+        written = self.tokenizer.save_pretrained(folder, **kwargs)
+        paths = [Path(path) for path in written] if isinstance(written, (list, tuple)) else []
+        if not kwargs and paths and all(path.parent == folder and path.is_file() for path in paths):
+            self.files = {path.name: path.read_bytes() for path in paths}
+        return written
 
 
 @functools.cache
