@@ -101,9 +101,10 @@ class AdapterCopies:
     forward pre-hook refreshes every layer's copies as each forward the fused branch runs in starts, with
     multi-tensor kernels (a handful of launches in all), then the branches take theirs. Refreshed every
     forward, not tracked: a weight's version counter does not tell (the fused optimizer updates the weights
-    in place without bumping it), and a decoding step's refresh costs far less than the casts it spares. The same values as casting in the branch: lora_A cast, B times scaling
-    in the weights' precision then rounded once. A branch whose copy does not match (another dtype, a
-    changed scaling or weight, an adapter added later) casts its own, as before.
+    in place without bumping it), and a decoding step's refresh costs far less than the casts it spares.
+    The same values as casting in the branch: lora_A cast, B times scaling in the weights' precision then
+    rounded once. A branch whose copy does not match (another dtype, a changed scaling or weight, an
+    adapter added later) casts its own, as before.
     """
 
     def __init__(self, layers: list):
