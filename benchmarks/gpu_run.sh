@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
-# against the seed recipe (roletune's run and with its decoder layers compiled, profiled at their end, and
-# with CUDA graphs), a whole 3-epoch run of the fast config timed end to end (benchmarks/run_time.py),
-# roletune with levers turned back in turn, the memory estimate next to the measured peaks, then, with
-# whatever time is left, decoding with the adapter (benchmarks/decode_time.py), the host time of a step's
-# operators per lever (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py), roletune on a
-# 4-bit base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with the whole model compiled.
-# Each run's figures are appended to OUT_DIR/train_speed*.jsonl as soon as it ends, so a run cut short
-# by the budget keeps what it measured.
+# against the seed recipe (roletune's default path, profiled at its end), a whole 3-epoch run of the fast
+# config timed end to end (benchmarks/run_time.py), roletune with its decoder layers compiled (profiled)
+# and with CUDA graphs, roletune with levers turned back in turn, the memory estimate next to the measured
+# peaks, then, with whatever time is left, decoding with the adapter (benchmarks/decode_time.py), the host
+# time of a step's operators per lever (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py),
+# roletune on a 4-bit base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with the whole model
+# compiled. Each run's figures are appended to OUT_DIR/train_speed*.jsonl (run_time.jsonl for the whole
+# run) as soon as it ends, so a run cut short by the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
 # from src/ without installing, so a machine with torch, transformers, peft and accelerate suffices.
 # Optional packages for a machine without a package index: put their wheels in .whl/, e.g.
@@ -45,15 +45,19 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
-  # The seed recipe, roletune and roletune with compiled layers (both profiled), the same with CUDA graphs.
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile --compile=layers,graphs \
+  # The seed recipe and roletune's default path (profiled).
+  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
-  # The figure itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included.
+  # The target itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included.
   if [ "$(left)" -gt 150 ]; then
     timeout "$(($(left) - 60))" "$py" "$here/benchmarks/run_time.py" --peer-steps 0 --shared "$shared" \
         --out "$out/run_time.jsonl" 2>&1 | tail -40 || echo "the whole run failed or ran out of time"
   fi
+  # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again.
+  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --profile --compile=layers,graphs \
+      --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
+      || echo "stopped by the time budget; rows so far are kept"
   # What each lever buys, against roletune measured again in the same launch.
   timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --levers="$levers" \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
