@@ -79,7 +79,7 @@ def whole_run(args, config_dir: Path, output_dir: Path) -> dict:
     summary = train.run(cfg).summary
     return {"config": CONFIG.name, "model": config_dir.name, "overrides": args.overrides,
             "torch": torch.__version__, **{k: summary.get(k) for k in (
-                "device", "optimizer_steps", *TIMES, "real_tokens_per_s", "peak_memory_gib", "peak_memory_kind",
+                "device", "optimizer_steps", "setup_s", *TIMES, "real_tokens_per_s", "peak_memory_gib", "peak_memory_kind",
                 "gradient_checkpointing", "checkpointed_layers", "final_train_loss", "final_eval_loss")}}
 
 
@@ -88,7 +88,8 @@ def report(row: dict) -> None:
     wall = row["wall_time_s"]
     print(f"\nwhole run on {row['device']}: {row['optimizer_steps']} optimizer steps in {wall} s; "
           + ", ".join(f"{k[:-2].replace('_', ' ')} {row[k]} s" for k in TIMES[1:])
-          + f"; peak {row['peak_memory_gib']} GiB ({row['peak_memory_kind']})")
+          + f"; peak {row['peak_memory_gib']} GiB ({row['peak_memory_kind']}); before it, {row['setup_s']} s of "
+          "setup (tokenizing, and the weights drawn at random where a run reads them)")
     if wall:
         print(f"steps_share={row['steps_s'] / wall:.2f}")
     if row.get("seed_s_projected") and wall:

@@ -22,6 +22,7 @@ def test_time_spent_adds_up_per_kind_and_the_steps_get_the_rest():
     assert 0.1 <= figures["checkpoints_s"] <= 0.2 and 0.05 <= figures["evaluation_s"] <= 0.1
     assert figures["sample_answers_s"] == 0
     assert figures["steps_s"] == pytest.approx(1.0 - figures["checkpoints_s"] - figures["evaluation_s"], abs=0.11)
+    assert "setup_s" not in figures  # setup_done() was never called
     with pytest.raises(ValueError, match="unknown kind"):
         spent.on("logging").__enter__()
 
@@ -50,6 +51,7 @@ def test_the_summary_says_how_long_samples_evaluation_and_checkpoints_took(confi
     assert parts == pytest.approx(summary["wall_time_s"], abs=0.25)
     # The steps' share leaves out every pause: 8 of them, 2 s in all.
     assert summary["steps_s"] <= summary["wall_time_s"] - 8 * PAUSE + 0.1
+    assert 0 < summary["setup_s"] < 60  # loading the tiny model and tokenizing, before train(): not in wall_time_s
     saved = json.loads((Path(cfg.output_dir) / run_dir.SUMMARY_NAME).read_text())
     assert {k: saved[k] for k in ("steps_s", "sample_answers_s", "evaluation_s", "checkpoints_s")} == \
         {k: summary[k] for k in ("steps_s", "sample_answers_s", "evaluation_s", "checkpoints_s")}

@@ -1,4 +1,4 @@
-"""Where a run's wall time went: optimizer steps, or the work around them.
+"""Where a run's wall time went: optimizer steps, or the work around them (and, apart, the setup before).
 
 On short role-play lines a 7B optimizer step is a fraction of a second, so the sample answers before
 training and after each epoch, the evaluation passes and the checkpoints can take a large share of a
@@ -21,6 +21,11 @@ KINDS = ("sample_answers", "evaluation", "checkpoints")
 class TimeSpent:
     def __init__(self):
         self.seconds = collections.Counter()
+        self.began = time.perf_counter()  # the run's start: loading the tokenizer, data and model come first
+        self.setup_s = None  # the time from `began` until training starts (setup_done)
+
+    def setup_done(self) -> None:
+        self.setup_s = time.perf_counter() - self.began
 
     @contextlib.contextmanager
     def on(self, kind: str):
@@ -37,7 +42,8 @@ class TimeSpent:
     def summary(self, wall_s: float) -> dict:
         """Seconds per kind for train_summary.json; the steps get what the rest leaves of wall_s."""
         spent = {f"{kind}_s": round(self.seconds[kind], 1) for kind in KINDS}
-        return {"steps_s": round(max(wall_s - sum(self.seconds.values()), 0.0), 1), **spent}
+        setup = {"setup_s": round(self.setup_s, 1)} if self.setup_s is not None else {}
+        return {**setup, "steps_s": round(max(wall_s - sum(self.seconds.values()), 0.0), 1), **spent}
 
 
 def _settle_gpu() -> None:

@@ -51,6 +51,7 @@ class RunResult:
 
 def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_run: bool = False,
         callbacks: tuple = (), echo=print) -> RunResult:
+    time_spent = TimeSpent()  # the summary's split of the time: setup, then the steps and the work around them
     launch = distributed.current()  # one process, or one rank of torchrun / accelerate launch
     device = distributed.device_for(cfg.model.device, launch)
     cfg = distributed.resolve(cfg, launch, device)  # train.distributed checked; grad_accum from train.effective_batch
@@ -76,7 +77,6 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     if launch.is_main:
         prepare_output_dir(cfg, data, fresh=(overwrite or resume is not None) and checkpoint is None)
     tracker = open_tracker(cfg) if launch.is_main else Tracker()
-    time_spent = TimeSpent()  # the summary's split of the wall time
     samples = SampleAnswers(sample_rows(cfg, data.heldout_rows), tokenizer, cfg.data.system_prompt, tracker,
                             cfg.output_dir, cfg.eval.max_new_tokens, cfg.train.batch_size, echo,
                             every_rank=distributed.sharded(cfg), time_spent=time_spent)
@@ -85,6 +85,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks),
                             time_spent)
     try:
+        time_spent.setup_done()
         started = time.perf_counter()
         with stop:
             trainer.train(resume_from_checkpoint=checkpoint)
@@ -198,7 +199,7 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent
     picture = write_loss_png(out) if series["train"] or series["eval"] else None
     tokens = trainer.state.num_input_tokens_seen
     summary = {
-        "wall_time_s": round(wall_s, 1),
+        "wall_time_s": round(wall_s, 1),  # of train(); setup_s, before it, apart
         **time_spent.summary(wall_s),  # how much of it the steps took, and what the rest went to
         "optimizer_steps": trainer.state.global_step,
         "real_tokens": tokens,
