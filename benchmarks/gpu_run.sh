@@ -21,7 +21,7 @@ out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS] [STEPS]}
 deadline=$((SECONDS + ${2:-540}))
 steps=${3:-20}
 py=${PYTHON:-python3}  # PYTHON=... picks another interpreter
-left() { echo $((deadline - SECONDS)); }
+left() { local s=$((deadline - SECONDS)); echo $((s > 1 ? s : 1)); }  # at least 1: `timeout 0` never times out
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=$here/.shared
 [ -d "$shared" ] || shared=$here/../shared
