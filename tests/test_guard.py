@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from roletune import checkpoints, train
+from roletune import checkpoints, guard, train
 from roletune.cli import main, resume_command
 from roletune.config import load_config
 from roletune.errors import Interrupted, NonFiniteError
@@ -43,6 +44,11 @@ class SendSignal(TrainerCallback):
         if state.global_step == self.step:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
+                # The kernel may hand the signal to another thread (tqdm's monitor, say), so Python's handler can
+                # run a moment later; a second signal sent before it ran would merge with the first.
+                deadline = time.monotonic() + 10
+                while not guard._signalled and time.monotonic() < deadline:
+                    time.sleep(0.001)
 
 
 def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(config_file):
