@@ -4,7 +4,6 @@ import logging
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from roletune import checkpoints, guard, train
+from roletune import checkpoints, train
 from roletune.cli import main, resume_command
 from roletune.config import load_config
 from roletune.errors import Interrupted, NonFiniteError
@@ -43,12 +42,9 @@ class SendSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             for _ in range(self.times):
-                os.kill(os.getpid(), self.signum)
-                # The kernel may hand the signal to another thread (tqdm's monitor, say), so Python's handler can
-                # run a moment later; a second signal sent before it ran would merge with the first.
-                deadline = time.monotonic() + 10
-                while not guard._signalled and time.monotonic() < deadline:
-                    time.sleep(0.001)
+                # To this thread, whose handler runs before raise_signal returns: a signal to the process may go to
+                # another thread (tqdm's monitor, say) and be handled a moment later, and two pending ones merge.
+                signal.raise_signal(self.signum)
 
 
 def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(config_file):
