@@ -19,6 +19,16 @@ from roletune.config import load_config
 from roletune.errors import Interrupted, NonFiniteError
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT as a terminal-started Python has it (KeyboardInterrupt). A test run started in the background by a
+    non-interactive shell inherits SIGINT ignored, and a second Ctrl-C then does what the ignored signal does:
+    nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 class PoisonStep(TrainerCallback):
     """Make every activation NaN during optimizer step `step` (so its loss and gradients are NaN)."""
 
