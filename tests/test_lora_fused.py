@@ -82,7 +82,7 @@ def test_on_a_gpu_the_dropout_kernel_is_f_dropouts_own_and_its_gradient_is_its_m
     a, b = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
 
     torch.manual_seed(7)
-    got = lora_fused._LoraBranch.apply(result, x, a, b, 2.0, 0.25)
+    got = lora_fused._LoraBranch.apply(result, x, a, b, 2.0, 0.25, torch.float32)
     torch.manual_seed(7)
     dropped, _ = torch.native_dropout(x, 0.25, True)
     want = result + (dropped @ a.t() @ b.t()) * 2.0

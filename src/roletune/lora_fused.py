@@ -86,11 +86,12 @@ def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if branch is None:
         return layer.plain_forward(x, *args, **kwargs)
     name, lora_A, lora_B, scaling, p = branch
+    dtype = _branch_dtype(x.device.type, layer.cast_input_dtype_enabled, lora_A.weight.dtype, x.dtype)
     if not torch.is_grad_enabled():  # eval and generation: no dropout, nothing kept for a backward
-        return _add_branch(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling,
-                           _branch_dtype(layer, x, lora_A.weight), _copies.get(layer), (layer, name))
-    return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p, _copies.get(layer),
-                             (layer, name))
+        return _add_branch(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, dtype, _copies.get(layer),
+                           (layer, name))
+    return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p, dtype,
+                             _copies.get(layer), (layer, name))
 
 
 class AdapterCopies:
@@ -118,11 +119,9 @@ class AdapterCopies:
     def refresh(self, module, args) -> None:
         if module.training != torch.is_grad_enabled() or torch.compiler.is_compiling():
             return  # forwards the fused branch leaves to peft (nor does it run in compiled code)
-        device = self.sources_a[0].device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-        else:  # peft casts the input to the adapter's dtype, unless told not to
-            dtype = self.sources_a[0].dtype if self.layers_cast_inputs() else self.input_dtype
+        # The branches' own rule, for the input the model's hidden states come in as.
+        dtype = _branch_dtype(self.sources_a[0].device.type, self.entries[0][0].cast_input_dtype_enabled,
+                              self.sources_a[0].dtype, self.input_dtype)
         if dtype != self.dtype:
             with torch.inference_mode(False):  # made during generation, still written by training forwards
                 self.a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
@@ -132,9 +131,6 @@ class AdapterCopies:
         with torch.no_grad():
             torch._foreach_copy_(self.a, self.sources_a)
             torch._foreach_copy_(self.b, torch._foreach_mul(self.sources_b, self.scalings))
-
-    def layers_cast_inputs(self) -> bool:
-        return self.entries[0][0].cast_input_dtype_enabled
 
     def get(self, layer, name: str, weight_a, weight_b, scaling: float, dtype: torch.dtype):
         """(lora_A, scaling * lora_B) in `dtype` for this branch, or None where its copies do not match."""
@@ -174,13 +170,18 @@ def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     return name, lora_A, lora_B, layer.scaling[name], p
 
 
-def _branch_dtype(layer, x: torch.Tensor, weight_a: torch.Tensor) -> torch.dtype:
-    """What peft multiplies the branch in: autocast's dtype where it is on, else the adapter's (peft casts x to
-    it), else x's."""
-    device = x.device.type
+def _branch_dtype(device: str, casts_input: bool, adapter_dtype: torch.dtype, input_dtype: torch.dtype):
+    """What peft multiplies the branch in: autocast's dtype where it is on, else the adapter's where the layer
+    casts its input to it (peft's default), else the input's."""
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return weight_a.dtype if layer.cast_input_dtype_enabled else x.dtype
+    return adapter_dtype if casts_input else input_dtype
+
+
+def _adapter_pair(copies, where, weight_a, weight_b, scaling: float, dtype: torch.dtype):
+    """(lora_A, scaling * lora_B) in `dtype`: the model's copies where they match, else cast here."""
+    pair = copies.get(*where, weight_a, weight_b, scaling, dtype) if copies is not None else None
+    return pair if pair is not None else (weight_a.to(dtype), _scaled(weight_b, scaling, dtype))
 
 
 def _add_branch(result, x, weight_a, weight_b, scaling: float, dtype: torch.dtype, copies, where) -> torch.Tensor:
@@ -188,8 +189,7 @@ def _add_branch(result, x, weight_a, weight_b, scaling: float, dtype: torch.dtyp
     place (the base layer's fresh output, which nothing else holds) as peft adds it: in the wider dtype, then
     rounded to result's. Three kernels where the copies match, and no other call: a decoding step runs this
     for every adapted projection."""
-    pair = copies.get(*where, weight_a, weight_b, scaling, dtype) if copies is not None else None
-    a, b = pair if pair is not None else (weight_a.to(dtype), _scaled(weight_b, scaling, dtype))
+    a, b = _adapter_pair(copies, where, weight_a, weight_b, scaling, dtype)
     branch = F.linear(F.linear(x if x.dtype == dtype else x.to(dtype), a), b)
     return result.add_(branch)  # in result's dtype, computed in the wider of the two: peft's sum, then cast
 
@@ -199,18 +199,16 @@ class _LoraBranch(torch.autograd.Function):
     Written for little Python per call: it runs twice per adapted projection and step."""
 
     @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float, copies=None, where=None):
-        # What peft's F.linear computes in: autocast's dtype when it is on, else the (common) input dtype.
-        # Every operand is cast to it here, so autocast, where it is on, has nothing left to cast.
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float, dtype: torch.dtype, copies=None,
+                where=None):
+        # dtype: what peft's F.linear computes in (_branch_dtype). Every operand is cast to it here, so autocast,
+        # where it is on, has nothing left to cast.
         rows = x.reshape(-1, x.shape[-1])
         if p:
             ctx.rng = rng_state(x.device)
             rows = _dropout(rows, p)[0]
         # scaling * B: no separate multiply, forward or backward. From the model's copies where they match.
-        pair = copies.get(*where, weight_a, weight_b, scaling, dtype) if copies is not None else None
-        a, b = pair if pair is not None else (weight_a.to(dtype), _scaled(weight_b, scaling, dtype))
+        a, b = _adapter_pair(copies, where, weight_a, weight_b, scaling, dtype)
         h = torch.mm(rows.to(dtype), a.t())
         out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
         ctx.save_for_backward(x, a, b, h)
@@ -235,7 +233,7 @@ class _LoraBranch(torch.autograd.Function):
                 if mask is not None:
                     grad_x = _through_dropout(grad_x, mask, ctx.p)
                 grad_x = grad_x.view(x.shape)
-        return grad, grad_x, grad_a, grad_b, None, None, None, None
+        return grad, grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
