@@ -5,6 +5,7 @@
 # and with CUDA graphs, roletune with levers turned back in turn, the memory estimate next to the measured
 # peaks, then, with whatever time is left, decoding with the adapter (benchmarks/decode_time.py), the host
 # time of a step's operators per lever (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py),
+# what a checkpoint of the 7B adapter costs this host (benchmarks/checkpoint_time.py),
 # roletune on a 4-bit base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with the whole model
 # compiled. Each run's figures are appended to OUT_DIR/train_speed*.jsonl (run_time.jsonl for the whole
 # run) as soon as it ends, so a run cut short by the budget keeps what it measured.
@@ -74,6 +75,10 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   if [ "$(left)" -gt 60 ]; then  # the host's time between steps, roletune's bookkeeping against Trainer's
     timeout 60 "$py" "$here/benchmarks/step_gap.py" --steps 20 --rounds 1 | tail -5 | tee "$out/step_gap.txt" \
         || echo "the step-gap run failed"
+  fi
+  if [ "$(left)" -gt 60 ]; then  # a checkpoint of the 7B adapter on this host: on the training thread, and sealed beside
+    timeout 60 "$py" "$here/benchmarks/checkpoint_time.py" --rounds 3 --shared "$shared" 2>&1 | tail -12 \
+        | tee "$out/checkpoint_time.txt" || echo "the checkpoint-time run failed"
   fi
   # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
   if [ "$(left)" -gt 90 ]; then

@@ -119,3 +119,64 @@ def test_the_tokenizer_is_serialised_once_and_every_checkpoint_holds_its_files(c
         assert checkpoints.problem(folder) is None
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             assert filecmp.cmp(folder / name, out / name, shallow=False), (step, name)
+
+
+def test_a_checkpoint_is_sealed_while_the_next_steps_train(config_file, monkeypatch):
+    """Hashing, fsync and the rename run beside training: checkpoint-2's seal holds until step 3 has trained,
+    which a seal on the training thread would never see. Every checkpoint is in place when the run ends."""
+    import threading
+
+    from transformers import Trainer
+
+    from roletune import train
+    from roletune.config import load_config
+
+    steps_while_sealing, sealed_by = threading.Event(), {}
+    sealing = threading.Event()
+    train_step, publish = Trainer.training_step, checkpoints.publish
+
+    def training_step(self, *args, **kwargs):
+        if sealing.is_set():
+            steps_while_sealing.set()
+        return train_step(self, *args, **kwargs)
+
+    def slow_publish(staging, final):
+        sealed_by[final.name] = threading.current_thread()
+        if final.name == "checkpoint-2":
+            sealing.set()
+            sealed_by["stepped"] = steps_while_sealing.wait(timeout=30)
+            sealing.clear()
+        publish(staging, final)
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    monkeypatch.setattr(checkpoints, "publish", slow_publish)
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2}))
+    train.run(cfg, echo=lambda *_: None)
+
+    assert sealed_by.pop("stepped") is True  # step 3 trained while checkpoint-2 was being sealed
+    assert sorted(sealed_by) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert threading.main_thread() not in sealed_by.values()
+    out = Path(cfg.output_dir)
+    assert all(checkpoints.problem(out / name) is None for name in sealed_by)
+    assert not (out / checkpoints.STAGING).exists() and checkpoints.Sealing.running == set()
+
+
+def test_a_seal_that_fails_stops_the_run_naming_the_checkpoint(config_file, monkeypatch):
+    from roletune import train
+    from roletune.config import load_config
+
+    publish = checkpoints.publish
+
+    def full_disk(staging, final):
+        if final.name == "checkpoint-4":
+            raise OSError(28, "No space left on device")
+        publish(staging, final)
+
+    monkeypatch.setattr(checkpoints, "publish", full_disk)
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2}))
+    with pytest.raises(RunError, match=r"^checkpoint-4 could not be saved: \[Errno 28\] No space left on device$"):
+        train.run(cfg, echo=lambda *_: None)
+    out = Path(cfg.output_dir)
+    assert checkpoints.problem(out / "checkpoint-2") is None  # the good one before it is kept
+    assert not (out / "checkpoint-4").exists() and not (out / "checkpoint-6").exists()
+    assert not (out / "adapter_model.safetensors").exists()  # never saved as finished

@@ -5,18 +5,31 @@ Trainer writes checkpoint-N in place. AtomicCheckpoints redirects that write int
 output_dir/.partial/checkpoint-N, adds roletune_checkpoint.json (every file's size and sha256)
 last, and renames the finished folder into place in one step. A save killed half-way stays under
 .partial, which nothing reads and the next save clears.
+
+Sealing (each file's fsync and sha256, the manifest, the rename, rotating old checkpoints) runs on a
+thread of its own while training goes on: for Qwen2.5-7B's adapter and its AdamW moments (about 240 MB a
+checkpoint) it took 0.5 s of the 0.8 s a checkpoint cost on the 2-core CPU, seven times a run of the
+huanhuan recipe. Hashing and fsync release the GIL, so the steps barely notice. Trainer writes the files
+first, on the training thread, from the live weights and optimizer; the next checkpoint, and the end of
+train(), wait for the seal, and a seal that failed is raised there, naming its checkpoint.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from roletune.errors import RunError
+
+log = logging.getLogger(__name__)
 
 STAGING = ".partial"
 MANIFEST = "roletune_checkpoint.json"
@@ -28,6 +41,7 @@ class AtomicCheckpoints:
     """Trainer mixin: each checkpoint is written aside, sealed with its manifest, then renamed into place."""
 
     _staging_root: str | None = None
+    _sealing = None  # Sealing of the newest checkpoint, until waited for
     _tokenizer_files = None  # TokenizerFiles of processing_class, once a save has written it
     checkpoint_extras = None  # folder -> None: files of roletune's own, written before the manifest seals it
 
@@ -52,9 +66,11 @@ class AtomicCheckpoints:
             return super()._save_checkpoint(model, trial)
         from roletune.guard import hold_for_tests
 
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        step = self.state.global_step
+        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
         root = Path(self.args.output_dir)
         staging = root / STAGING
+        self.wait_for_checkpoints()  # the previous one is sealed and out of .partial
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # what a save killed half-way left behind
         self.accelerator.wait_for_everyone()
@@ -64,16 +80,74 @@ class AtomicCheckpoints:
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_K.pth) are in
-        hold_for_tests("write", self.state.global_step)
         if self.args.should_save:
             if self.checkpoint_extras is not None:
                 self.checkpoint_extras(staging / name)
-            publish(staging / name, root / name)
-            shutil.rmtree(staging, ignore_errors=True)
-            # Rotation only after the new checkpoint is in place: an older good one is never deleted first.
-            rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
+            limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
+
+            def seal():
+                hold_for_tests("write", step)  # written aside, not yet sealed
+                publish(staging / name, root / name)
+                shutil.rmtree(staging, ignore_errors=True)
+                # Rotation only after the new checkpoint is in place: an older good one is never deleted first.
+                rotate_checkpoints(output_dir=str(root), save_total_limit=limit, best_model_checkpoint=best,
+                                   use_mtime=True)
+
+            self._sealing = Sealing(name, seal)
+
+    def wait_for_checkpoints(self) -> None:
+        """Return once the checkpoint being sealed, if any, is in place; raise RunError if its seal failed."""
+        sealing, self._sealing = self._sealing, None
+        if sealing is not None:
+            sealing.wait()
+
+    def train(self, *args, **kwargs):
+        try:
+            result = super().train(*args, **kwargs)
+        except BaseException:
+            if self._sealing is not None:  # a complete checkpoint is still worth sealing; this error comes first
+                self._sealing.wait(quiet=True)
+            raise
+        self.wait_for_checkpoints()
+        return result
+
+
+class Sealing:
+    """One checkpoint's seal, running on a thread of its own from construction until `wait`."""
+
+    running: set = set()  # the threads sealing now, in this process (test holds wait for them)
+
+    def __init__(self, name: str, seal):
+        self.name, self.error = name, None
+        self.thread = threading.Thread(target=self._run, args=(seal,), name=f"roletune-seal-{name}")
+        Sealing.running.add(self.thread)
+        self.thread.start()
+
+    def _run(self, seal) -> None:
+        try:
+            seal()
+        except BaseException as error:  # raised again on the training thread, by wait()
+            self.error = error
+        finally:
+            Sealing.running.discard(self.thread)
+
+    def wait(self, quiet: bool = False) -> None:
+        """Join the seal; a failed one raises RunError, or with `quiet` (another error is on its way) logs it."""
+        self.thread.join()
+        if self.error is None:
+            return
+        if quiet:
+            log.error("%s could not be saved: %s", self.name, self.error)
+        else:
+            raise RunError(f"{self.name} could not be saved: {self.error}") from self.error
+
+
+def settle() -> None:
+    """Wait for every checkpoint being sealed (test holds: what a test finds on disk must not depend on
+    thread timing)."""
+    for thread in list(Sealing.running):
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 class TokenizerFiles:

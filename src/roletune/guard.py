@@ -233,12 +233,15 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def hold_for_tests(point: str, step: int) -> None:
     """Test-only kill point; without ROLETUNE_TEST_HOLD (always, outside tests) it does nothing.
 
-    With ROLETUNE_TEST_HOLD=POINT:STEP (`substep:3` mid-step 3, `write:4` inside the write of
-    checkpoint-4) the process says so on stderr and waits there until a signal arrives, so a test
-    can SIGKILL or SIGTERM it at that exact moment.
+    With ROLETUNE_TEST_HOLD=POINT:STEP (`substep:3` mid-step 3, `write:4` with checkpoint-4's files
+    written aside, on the thread about to seal them) the process says so on stderr and waits there until
+    a signal arrives, so a test can SIGKILL or SIGTERM it at that exact moment.
     """
     if os.environ.get(HOLD_ENV) != f"{point}:{step}":
         return
+    from roletune.checkpoints import settle
+
+    settle()  # a checkpoint sealed in the background is in place (or, holding inside its seal, left aside)
     print(f"roletune-test: holding at {point}:{step}", file=sys.stderr, flush=True)
     deadline = time.monotonic() + 120
     while not _signalled and time.monotonic() < deadline:

@@ -23,6 +23,7 @@ class TimeSpent:
         self.seconds = collections.Counter()
         self.began = time.perf_counter()  # the run's start: loading the tokenizer, data and model come first
         self.setup_s = None  # the time from `began` until training starts (setup_done)
+        self.inside = collections.Counter()  # kind -> depth: work of a kind within the same kind counts once
 
     def setup_done(self) -> None:
         self.setup_s = time.perf_counter() - self.began
@@ -31,11 +32,16 @@ class TimeSpent:
     def on(self, kind: str):
         if kind not in KINDS:
             raise ValueError(f"unknown kind of work {kind!r}; known: {', '.join(KINDS)}")
+        if self.inside[kind]:
+            yield
+            return
         _settle_gpu()
         started = time.perf_counter()
+        self.inside[kind] += 1
         try:
             yield
         finally:
+            self.inside[kind] -= 1
             _settle_gpu()
             self.seconds[kind] += time.perf_counter() - started
 
@@ -53,13 +59,19 @@ def _settle_gpu() -> None:
 
 
 class TimedWork:
-    """Trainer mixin: checkpoints and evaluation passes timed into `time_spent` (when one is set)."""
+    """Trainer mixin: checkpoints and evaluation passes timed into `time_spent` (when one is set). A checkpoint
+    counts the time the training thread spent on it: writing its files, and waiting for its seal
+    (checkpoints.Sealing) only where the seal had not finished when the next checkpoint or the end came."""
 
     time_spent: TimeSpent | None = None
 
     def _save_checkpoint(self, model, trial) -> None:
         with self._timed("checkpoints"):
             return super()._save_checkpoint(model, trial)
+
+    def wait_for_checkpoints(self) -> None:  # the seal of the newest checkpoint, on its own thread till now
+        with self._timed("checkpoints"):
+            return super().wait_for_checkpoints()
 
     def evaluate(self, *args, **kwargs):
         with self._timed("evaluation"):
