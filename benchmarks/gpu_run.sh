@@ -17,11 +17,18 @@
 # Each is installed into a folder of its own and used only by the run that needs it, after the main
 # comparison, so a package that fails there costs that run alone.
 # usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS (default 540)] [STEPS (default 20)]
+# REHEARSAL=1 runs every step on this machine's CPU with the tiny demo model instead (a few steps each, a
+# short whole run), to check the script end to end before a GPU's minutes are spent on it.
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [SECONDS] [STEPS]}
 deadline=$((SECONDS + ${2:-540}))
 steps=${3:-20}
 py=${PYTHON:-python3}  # PYTHON=... picks another interpreter
+if [ -n "${REHEARSAL:-}" ]; then
+  dev=cpu; on=(--device cpu --tiny); whole=(train.max_steps=12 train.save_steps=5)
+else
+  dev=cuda; on=(); whole=()
+fi
 left() { local s=$((deadline - SECONDS)); echo $((s > 1 ? s : 1)); }  # at least 1: `timeout 0` never times out
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=$here/.shared
@@ -47,29 +54,29 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
   # The seed recipe and roletune's default path (profiled).
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --profile \
+  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --profile \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
   # The target itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included.
   if [ "$(left)" -gt 150 ]; then
-    timeout "$(($(left) - 60))" "$py" "$here/benchmarks/run_time.py" --peer-steps 0 --shared "$shared" \
-        --out "$out/run_time.jsonl" 2>&1 | tail -40 || echo "the whole run failed or ran out of time"
+    timeout "$(($(left) - 60))" "$py" "$here/benchmarks/run_time.py" ${on[@]+"${on[@]}"} --peer-steps 0 --shared "$shared" \
+        --out "$out/run_time.jsonl" ${whole[@]+"${whole[@]}"} 2>&1 | tail -40 || echo "the whole run failed or ran out of time"
   fi
   # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again.
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --profile --compile=layers,graphs \
+  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
   # What each lever buys, against roletune measured again in the same launch.
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --levers="$levers" \
+  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
   if [ "$(left)" -gt 60 ]; then  # what a tuned model's decoding costs beyond its base's, peft's forward and ours
-    timeout 60 "$py" "$here/benchmarks/decode_time.py" --device cuda | tee "$out/decode_time.txt" \
+    timeout 60 "$py" "$here/benchmarks/decode_time.py" --device "$dev" | tee "$out/decode_time.txt" \
         || echo "the decoding-time run failed"
   fi
   # What launching a step's operators costs this machine's host, per lever (under a minute).
   if [ "$(left)" -gt 60 ]; then
-    timeout 60 "$py" "$here/benchmarks/host_time.py" --device cuda | tee "$out/host_time.txt" \
+    timeout 60 "$py" "$here/benchmarks/host_time.py" --device "$dev" | tee "$out/host_time.txt" \
         || echo "the host-time run failed"
   fi
   if [ "$(left)" -gt 60 ]; then  # the host's time between steps, roletune's bookkeeping against Trainer's
@@ -82,18 +89,18 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   fi
   # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
   if [ "$(left)" -gt 90 ]; then
-    PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer \
+    PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
         --qlora --steps "$steps" --shared "$shared" --out "$out/train_speed_qlora.jsonl" \
         || echo "the QLoRA run failed or ran out of time"
   fi
   if [ -d "$site/liger_kernel" ] && [ "$(left)" -gt 120 ]; then  # lm_head_loss=auto takes Liger when importable
-    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer \
+    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
         --levers=chunked-head --steps "$steps" --shared "$shared" --out "$out/train_speed_liger.jsonl" \
         || echo "the Liger run failed or ran out of time"
   fi
   # The whole model compiled can take minutes: last, with what is left, so the figures above are kept either way.
   if [ "$(left)" -gt 120 ]; then
-    timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" --no-peer --compile=true --steps 40 --shared "$shared" \
+    timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --compile=true --steps 40 --shared "$shared" \
         --out "$out/train_speed_compile.jsonl" || echo "compile run did not finish in the time left"
   else
     echo "no time left for the whole-model compile run"

@@ -181,7 +181,7 @@ def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_sam
     x = torch.randn(1, 6, layer.in_features)
 
     def fused(**kwargs) -> bool:
-        return lora_fused._fusable_branch(layer, x, (), kwargs) is not None
+        return lora_fused._plan(layer, x.dtype, x.device.type, (), kwargs, None) is not None
 
     model.train()
     assert fused()
@@ -195,7 +195,7 @@ def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_sam
     with model.disable_adapter():  # compare's base column
         assert not fused()
     layer.cast_input_dtype_enabled = True  # lora.dtype=fp32 copies a bf16 input to fp32 first
-    assert not lora_fused._fusable_branch(layer, x.bfloat16(), (), {})
+    assert not lora_fused._plan(layer, torch.bfloat16, "cpu", (), {}, None)
     layer.lora_dropout["default"] = torch.nn.Dropout(0.1)  # peft's dropout keeps its mask
     assert not fused()
 
@@ -298,3 +298,61 @@ def test_generation_sees_the_adapter_as_it_is_now(small_lora_model):
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_tokens, want_tokens)
     assert not torch.allclose(got_logits, answers(small_lora_model(), ids)[1], atol=1e-3)  # the step changed them
+
+
+def test_every_layer_is_planned_as_the_forward_starts_and_forgets_it_when_it_ends(small_lora_model):
+    """The per-call checks run once a forward for all layers (lora_fused._Plan); nothing of a plan outlives its
+    forward, even one that raised, so a layer called on its own, or recomputed in a backward, checks in full."""
+    model = small_lora_model().eval()
+    fuse_lora_layers(model)
+    layers = lora_layers(model)
+    seen = []
+    hook = layers[3].register_forward_pre_hook(lambda module, args: seen.append(
+        [layer.__dict__[lora_fused.PLAN] is not None for layer in layers]))
+    with torch.no_grad():
+        model(input_ids=torch.arange(3, 9)[None])
+    assert seen == [[True] * len(layers)]
+    assert all(layer.__dict__[lora_fused.PLAN] is None for layer in layers)
+    hook.remove()
+
+    def fail(module, args):
+        raise RuntimeError("a forward that fails half-way")
+
+    hook = layers[3].register_forward_pre_hook(fail)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="half-way"):
+        model(input_ids=torch.arange(3, 9)[None])
+    hook.remove()
+    assert all(layer.__dict__[lora_fused.PLAN] is None for layer in layers)
+
+
+def test_switching_the_adapter_off_and_on_between_forwards_is_seen_by_the_next_one(small_lora_model):
+    """compare's base column turns the adapter off around a generation: each forward plans anew."""
+    base = small_lora_model()
+    ids = torch.arange(5, 17)[None]
+    with base.disable_adapter():
+        want_base = answers(base, ids)[1]
+    want_tuned = answers(base, ids)[1]
+    model = small_lora_model()
+    fuse_lora_layers(model)
+    torch.testing.assert_close(answers(model, ids)[1], want_tuned, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(answers(model, ids)[1], want_base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(answers(model, ids)[1], want_tuned, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want_base, want_tuned, atol=1e-3)
+
+
+def test_a_base_projection_with_a_hook_is_still_called_as_a_module(small_lora_model):
+    """The plan calls F.linear for a plain base nn.Linear; one that a hook watches (or whose forward was
+    replaced, as accelerate's offloading does) is called as before, hook and all."""
+    model = small_lora_model().eval()
+    fuse_lora_layers(model)
+    layers = lora_layers(model)
+    calls = []
+    layers[0].base_layer.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(input_ids=torch.arange(3, 9)[None])
+        model(input_ids=torch.arange(3, 9)[None])
+    assert calls == [1, 1]
+    with torch.no_grad():
+        plans = [lora_fused._plan(layer, torch.float32, "cpu", (), {}, None) for layer in layers]
+    assert plans[0].base is None and all(plan.base is not None for plan in plans[1:])

@@ -23,7 +23,10 @@ Forwards without gradients in eval mode (sample answers, the eval loss, `roletun
 `compare`, `eval`) take a plainer path: no dropout and nothing kept, so the branch is two r-wide matmuls on
 the same copies and an add into the base's output, three kernels where peft runs four (its scaling apart).
 Decoding is a forward per token, and on a GPU a decoding step waits on the host launching it, so each
-kernel and call per projection counts 196 times a token for a 7B model (benchmarks/decode_time.py).
+kernel and call per projection counts 196 times a token for a 7B model (benchmarks/decode_time.py). So
+what a call would work out before its kernels (may it fuse, in which dtype, with which copies) is worked
+out for every layer once as the model's forward starts (_Plan), and a plain base nn.Linear is called as
+F.linear rather than as a module.
 
 The fused path runs only where it computes what peft would: a training forward with gradients or an eval
 forward without, one active plain LoRA adapter without bias, in training its dropout redrawn (or none) and
@@ -34,6 +37,7 @@ torch.compile, which traces peft's own ops) runs peft's forward unchanged.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +59,14 @@ def fuse_lora_layers(model) -> int:
     layers = [module for module in model.modules() if type(module) is Linear]
     for layer in layers:
         replace_forward(layer, _forward, "Fused")
+        layer.__dict__[PLAN] = None
     if layers:
         copies = AdapterCopies(layers)
         # On the innermost module every forward passes through, training's (through the PeftModel) and
-        # generation's (peft's generate calls the inner CausalLM), so no forward runs on stale copies.
-        _common_ancestor(model, layers).register_forward_pre_hook(copies.refresh)
+        # generation's (peft's generate calls the inner CausalLM), so no forward runs on stale copies or plans.
+        ancestor = _common_ancestor(model, layers)
+        ancestor.register_forward_pre_hook(copies.refresh)
+        ancestor.register_forward_hook(copies.forget, always_call=True)  # even when the forward raised
         for layer in layers:
             _copies[layer] = copies
     return len(layers)
@@ -79,19 +86,87 @@ def _common_ancestor(model, layers: list) -> nn.Module:
 
 
 _copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fused layer -> its model's AdapterCopies
+PLAN = "_fused_plan"  # a fused layer's _Plan for the model forward under way, in its __dict__ (read without
+# nn.Module.__getattr__), else None
+
+
+class _Plan(NamedTuple):
+    """How a fused layer's forward runs, worked out for every layer at once as the model's forward starts
+    (AdapterCopies.refresh) instead of in each of its 196 calls: the checks of _fusable_branch, the branch's
+    dtype, the adapter's copies. Those calls are a decoding step's host time, which is what a GPU decoding
+    a few prompts waits on. Valid for inputs of `input_dtype` in the grad and autocast state it was made in."""
+    grad: bool
+    input_dtype: torch.dtype
+    device_type: str
+    autocast: torch.dtype | None  # _autocast
+    base: tuple | None  # (weight, bias) of a plain nn.Linear base without hooks, for F.linear; else None
+    weight_a: torch.Tensor
+    weight_b: torch.Tensor
+    scaling: float
+    p: float  # dropout
+    dtype: torch.dtype  # what the branch multiplies in (_branch_dtype)
+    pair: tuple  # (lora_A, scaling * lora_B) in dtype (_adapter_pair)
 
 
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    branch = _fusable_branch(layer, x, args, kwargs)
-    if branch is None:
+    if torch.compiler.is_compiling():  # first, so compiled code neither runs nor guards on what follows
         return layer.plain_forward(x, *args, **kwargs)
-    name, lora_A, lora_B, scaling, p = branch
-    dtype = _branch_dtype(x.device.type, layer.cast_input_dtype_enabled, lora_A.weight.dtype, x.dtype)
-    if not torch.is_grad_enabled():  # eval and generation: no dropout, nothing kept for a backward
-        return _add_branch(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, dtype, _copies.get(layer),
-                           (layer, name))
-    return _LoraBranch.apply(layer.base_layer(x), x, lora_A.weight, lora_B.weight, scaling, p, dtype,
-                             _copies.get(layer), (layer, name))
+    plan = layer.__dict__[PLAN]
+    if (plan is None or args or kwargs or x.dtype != plan.input_dtype or torch.is_grad_enabled() != plan.grad
+            or _autocast(plan.device_type) != plan.autocast):
+        plan = _plan(layer, x.dtype, x.device.type, args, kwargs, _copies.get(layer))
+        if plan is None:
+            return layer.plain_forward(x, *args, **kwargs)
+    result = layer.base_layer(x) if plan.base is None else F.linear(x, *plan.base)
+    if not plan.grad:  # eval and generation: no dropout, nothing kept for a backward
+        return _add_branch(result, x, plan.dtype, *plan.pair)
+    return _LoraBranch.apply(result, x, plan.weight_a, plan.weight_b, plan.scaling, plan.p, plan.dtype, plan.pair)
+
+
+def _plan(layer, input_dtype: torch.dtype, device_type: str, args: tuple, kwargs: dict, copies,
+          hooked: bool | None = None) -> _Plan | None:
+    """The layer's _Plan for inputs of `input_dtype` now, or None where peft's forward must run. `hooked`:
+    whether global module hooks are set (_global_hooks), where the caller has looked already."""
+    if args or kwargs:
+        return None
+    branch = _fusable_branch(layer, input_dtype)
+    if branch is None:
+        return None
+    name, weight_a, weight_b, scaling, p = branch
+    dtype = _branch_dtype(device_type, layer.cast_input_dtype_enabled, weight_a.dtype, input_dtype)
+    grad = torch.is_grad_enabled()
+    if grad:
+        with torch.no_grad():  # the branch's operands; its gradients are _LoraBranch's to compute
+            pair = _adapter_pair(copies, (layer, name), weight_a, weight_b, scaling, dtype)
+    else:
+        pair = _adapter_pair(copies, (layer, name), weight_a, weight_b, scaling, dtype)
+    base = layer._modules["base_layer"]
+    plain = not (_global_hooks() if hooked is None else hooked)
+    return _Plan(grad, input_dtype, device_type, _autocast(device_type),
+                 _plain_linear(base) if plain else None, weight_a, weight_b, scaling, p, dtype, pair)
+
+
+def _plain_linear(module) -> tuple | None:
+    """(weight, bias) where calling `module` is exactly F.linear(x, weight, bias): an nn.Linear whose forward
+    nothing replaced (accelerate's offload hooks do) and that no hook of its own watches. Calling F.linear
+    spares the module call's own host time, 196 times a forward."""
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return None
+    return module._parameters["weight"], module._parameters["bias"]
+
+
+def _autocast(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype on this device where it is on, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _global_hooks() -> bool:
+    """Whether hooks on every module's calls are set (torch.nn.modules.module.register_module_forward_hook
+    and its kin): then each base layer is called as a module, for them to see."""
+    return any(getattr(torch.nn.modules.module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 class AdapterCopies:
@@ -109,6 +184,7 @@ class AdapterCopies:
     """
 
     def __init__(self, layers: list):
+        self.layers = layers
         self.entries = [(layer, name) for layer in layers for name in layer.lora_A]
         self.index = {(id(layer), name): i for i, (layer, name) in enumerate(self.entries)}
         self.sources_a = [layer.lora_A[name].weight for layer, name in self.entries]
@@ -117,11 +193,15 @@ class AdapterCopies:
         self.dtype, self.a, self.b, self.scalings = None, [], [], []
 
     def refresh(self, module, args) -> None:
-        if module.training != torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return  # forwards the fused branch leaves to peft (nor does it run in compiled code)
+        if torch.compiler.is_compiling():
+            return  # compiled code runs peft's forward
+        self.forget()
+        if module.training != torch.is_grad_enabled():
+            return  # forwards the fused branch leaves to peft
         # The branches' own rule, for the input the model's hidden states come in as.
-        dtype = _branch_dtype(self.sources_a[0].device.type, self.entries[0][0].cast_input_dtype_enabled,
-                              self.sources_a[0].dtype, self.input_dtype)
+        device_type = self.sources_a[0].device.type
+        dtype = _branch_dtype(device_type, self.entries[0][0].cast_input_dtype_enabled, self.sources_a[0].dtype,
+                              self.input_dtype)
         if dtype != self.dtype:
             with torch.inference_mode(False):  # made during generation, still written by training forwards
                 self.a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
@@ -131,6 +211,17 @@ class AdapterCopies:
         with torch.no_grad():
             torch._foreach_copy_(self.a, self.sources_a)
             torch._foreach_copy_(self.b, torch._foreach_mul(self.sources_b, self.scalings))
+        hooked = _global_hooks()
+        for layer in self.layers:
+            layer.__dict__[PLAN] = _plan(layer, self.input_dtype, device_type, (), {}, self, hooked)
+
+    def forget(self, *hook_args) -> None:
+        """Drop the plans as a forward ends: a layer called outside one (a checkpointed layer recomputed in
+        the backward, a test calling it) works its way out in full."""
+        if torch.compiler.is_compiling():
+            return
+        for layer in self.layers:
+            layer.__dict__[PLAN] = None
 
     def get(self, layer, name: str, weight_a, weight_b, scaling: float, dtype: torch.dtype):
         """(lora_A, scaling * lora_B) in `dtype` for this branch, or None where its copies do not match."""
@@ -142,32 +233,37 @@ class AdapterCopies:
         return self.a[i], self.b[i]
 
 
-def _fusable_branch(layer, x: torch.Tensor, args: tuple, kwargs: dict):
-    """(adapter name, lora_A, lora_B, scaling, dropout p) when the fused branch computes what peft's forward
-    would, else None."""
-    if args or kwargs or layer.disable_adapters or layer.merged or torch.compiler.is_compiling():
+def _fusable_branch(layer, input_dtype: torch.dtype):
+    """(adapter name, lora_A's weight, lora_B's, scaling, dropout p) when the fused branch computes what peft's
+    forward would for an input of `input_dtype` (and no other arguments), else None. Submodules and weights
+    are read from their dicts, not through nn.Module.__getattr__ (about half a microsecond each, and this runs
+    for 196 layers a forward)."""
+    if layer.disable_adapters or layer.merged:
         return None
     training, grad = layer.training, torch.is_grad_enabled()
     if training != grad:  # dropout without a backward, or gradients through an eval-mode forward: peft's
         return None
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    adapters = layer._modules
+    active = [name for name in layer.active_adapters if name in adapters["lora_A"]]
     if len(active) != 1 or active[0] in layer.lora_variant:  # several adapters, DoRA and other variants
         return None
     name = active[0]
-    lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if lora_A.bias is not None or lora_B.bias is not None:
+    lora_A, lora_B = adapters["lora_A"][name]._parameters, adapters["lora_B"][name]._parameters
+    if lora_A.get("bias") is not None or lora_B.get("bias") is not None:
         return None
+    weight_a, weight_b = lora_A["weight"], lora_B["weight"]
     if not training:  # dropout is off in eval mode, whatever module stands for it
-        return name, lora_A, lora_B, layer.scaling[name], 0.0
+        return name, weight_a, weight_b, layer.scaling[name], 0.0
+    dropout = adapters["lora_dropout"][name]
     if isinstance(dropout, DeferredDropout):
         p = dropout.p
     elif isinstance(dropout, nn.Identity):  # peft's stand-in for dropout 0
         p = 0.0
     else:
         return None  # peft's own dropout, keeping its dropped-out copy (lora.recompute_dropout=false)
-    if layer.cast_input_dtype_enabled and x.dtype != lora_A.weight.dtype:
+    if layer.cast_input_dtype_enabled and input_dtype != weight_a.dtype:
         return None  # peft copies x to the adapter's dtype first (lora.dtype=fp32): its path, its cost
-    return name, lora_A, lora_B, layer.scaling[name], p
+    return name, weight_a, weight_b, layer.scaling[name], p
 
 
 def _branch_dtype(device: str, casts_input: bool, adapter_dtype: torch.dtype, input_dtype: torch.dtype):
@@ -184,12 +280,11 @@ def _adapter_pair(copies, where, weight_a, weight_b, scaling: float, dtype: torc
     return pair if pair is not None else (weight_a.to(dtype), _scaled(weight_b, scaling, dtype))
 
 
-def _add_branch(result, x, weight_a, weight_b, scaling: float, dtype: torch.dtype, copies, where) -> torch.Tensor:
-    """result + scaling * lora_B(lora_A(x)) without autograd (eval mode: no dropout), added into `result` in
-    place (the base layer's fresh output, which nothing else holds) as peft adds it: in the wider dtype, then
-    rounded to result's. Three kernels where the copies match, and no other call: a decoding step runs this
+def _add_branch(result, x, dtype: torch.dtype, a, b) -> torch.Tensor:
+    """result + scaling * lora_B(lora_A(x)) without autograd (eval mode: no dropout), `b` holding the scaling,
+    added into `result` in place (the base layer's fresh output, which nothing else holds) as peft adds it: in
+    the wider dtype, then rounded to result's. Three kernels, and no other call: a decoding step runs this
     for every adapted projection."""
-    a, b = _adapter_pair(copies, where, weight_a, weight_b, scaling, dtype)
     branch = F.linear(F.linear(x if x.dtype == dtype else x.to(dtype), a), b)
     return result.add_(branch)  # in result's dtype, computed in the wider of the two: peft's sum, then cast
 
@@ -199,16 +294,15 @@ class _LoraBranch(torch.autograd.Function):
     Written for little Python per call: it runs twice per adapted projection and step."""
 
     @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float, dtype: torch.dtype, copies=None,
-                where=None):
+    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float, dtype: torch.dtype, pair=None):
         # dtype: what peft's F.linear computes in (_branch_dtype). Every operand is cast to it here, so autocast,
         # where it is on, has nothing left to cast.
         rows = x.reshape(-1, x.shape[-1])
         if p:
             ctx.rng = rng_state(x.device)
             rows = _dropout(rows, p)[0]
-        # scaling * B: no separate multiply, forward or backward. From the model's copies where they match.
-        a, b = _adapter_pair(copies, where, weight_a, weight_b, scaling, dtype)
+        # scaling * B: no separate multiply, forward or backward. `pair`: the plan's (_adapter_pair), else cast here.
+        a, b = pair if pair is not None else _adapter_pair(None, None, weight_a, weight_b, scaling, dtype)
         h = torch.mm(rows.to(dtype), a.t())
         out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
         ctx.save_for_backward(x, a, b, h)
@@ -233,7 +327,7 @@ class _LoraBranch(torch.autograd.Function):
                 if mask is not None:
                     grad_x = _through_dropout(grad_x, mask, ctx.p)
                 grad_x = grad_x.view(x.shape)
-        return grad, grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad, grad_x, grad_a, grad_b, None, None, None, None
 
 
 def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
