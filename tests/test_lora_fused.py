@@ -356,3 +356,25 @@ def test_a_base_projection_with_a_hook_is_still_called_as_a_module(small_lora_mo
     with torch.no_grad():
         plans = [lora_fused._plan(layer, torch.float32, "cpu", (), {}, None) for layer in layers]
     assert plans[0].base is None and all(plan.base is not None for plan in plans[1:])
+
+
+def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_again(small_lora_model):
+    """The adapter does not change within one generate call: its first forward makes the copies and the
+    later steps, decoding on from the KV cache, keep them; the next call (after an optimizer step, say) makes
+    them anew, and answers as peft does with the stepped adapter."""
+    model = small_lora_model()
+    fuse_lora_layers(model)
+    ids = torch.arange(5, 17)[None]
+    calls = Calls()
+    with calls:
+        answers(model, ids)  # 12 tokens, then one more forward for the logits
+    assert calls.count["_foreach_mul"] == 2  # the generate call's first forward, and the plain forward
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(3.0)  # changed in place between calls, as an optimizer step does
+    reference = small_lora_model()
+    reference.load_state_dict(model.state_dict())
+    got, want = answers(model, ids), answers(reference, ids)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)

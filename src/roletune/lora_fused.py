@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from roletune.forwards import replace_forward
 from roletune.lora_dropout import DeferredDropout, rng_state, set_rng_state
@@ -65,7 +66,7 @@ def fuse_lora_layers(model) -> int:
         # On the innermost module every forward passes through, training's (through the PeftModel) and
         # generation's (peft's generate calls the inner CausalLM), so no forward runs on stale copies or plans.
         ancestor = _common_ancestor(model, layers)
-        ancestor.register_forward_pre_hook(copies.refresh)
+        ancestor.register_forward_pre_hook(copies.refresh, with_kwargs=True)
         ancestor.register_forward_hook(copies.forget, always_call=True)  # even when the forward raised
         for layer in layers:
             _copies[layer] = copies
@@ -162,6 +163,14 @@ def _autocast(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def _continues_generation(kwargs: dict) -> bool:
+    """Whether this forward decodes on from a KV cache that holds tokens already: a later step of one generate
+    call, in which the adapter does not change, so the copies its first step made still hold. (Only a
+    DynamicCache, generate's default, tells its length without reading it back from the GPU.)"""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name since transformers 5.2x, and before
+    return isinstance(cache, DynamicCache) and cache.get_seq_length() > 0
+
+
 def _global_hooks() -> bool:
     """Whether hooks on every module's calls are set (torch.nn.modules.module.register_module_forward_hook
     and its kin): then each base layer is called as a module, for them to see."""
@@ -177,7 +186,8 @@ class AdapterCopies:
     forward pre-hook refreshes every layer's copies as each forward the fused branch runs in starts, with
     multi-tensor kernels (a handful of launches in all), then the branches take theirs. Refreshed every
     forward, not tracked: a weight's version counter does not tell (the fused optimizer updates the weights
-    in place without bumping it), and a decoding step's refresh costs far less than the casts it spares.
+    in place without bumping it). Only a generate call's later steps, which decode on from its KV cache,
+    keep the copies its first step made (_continues_generation): nothing changes the adapter within a call.
     The same values as casting in the branch: lora_A cast, B times scaling in the weights' precision then
     rounded once. A branch whose copy does not match (another dtype, a changed scaling or weight, an
     adapter added later) casts its own, as before.
@@ -192,7 +202,7 @@ class AdapterCopies:
         self.input_dtype = layers[0].base_layer.weight.dtype  # what hidden states come in as without autocast
         self.dtype, self.a, self.b, self.scalings = None, [], [], []
 
-    def refresh(self, module, args) -> None:
+    def refresh(self, module, args, kwargs) -> None:
         if torch.compiler.is_compiling():
             return  # compiled code runs peft's forward
         self.forget()
@@ -202,6 +212,13 @@ class AdapterCopies:
         device_type = self.sources_a[0].device.type
         dtype = _branch_dtype(device_type, self.entries[0][0].cast_input_dtype_enabled, self.sources_a[0].dtype,
                               self.input_dtype)
+        if dtype != self.dtype or not _continues_generation(kwargs):
+            self._copy(dtype)
+        hooked = _global_hooks()
+        for layer in self.layers:
+            layer.__dict__[PLAN] = _plan(layer, self.input_dtype, device_type, (), {}, self, hooked)
+
+    def _copy(self, dtype: torch.dtype) -> None:
         if dtype != self.dtype:
             with torch.inference_mode(False):  # made during generation, still written by training forwards
                 self.a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
@@ -211,9 +228,6 @@ class AdapterCopies:
         with torch.no_grad():
             torch._foreach_copy_(self.a, self.sources_a)
             torch._foreach_copy_(self.b, torch._foreach_mul(self.sources_b, self.scalings))
-        hooked = _global_hooks()
-        for layer in self.layers:
-            layer.__dict__[PLAN] = _plan(layer, self.input_dtype, device_type, (), {}, self, hooked)
 
     def forget(self, *hook_args) -> None:
         """Drop the plans as a forward ends: a layer called outside one (a checkpointed layer recomputed in
