@@ -4,6 +4,7 @@ import collections
 
 import pytest
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from roletune import lora_fused
@@ -358,17 +359,20 @@ def test_a_base_projection_with_a_hook_is_still_called_as_a_module(small_lora_mo
     assert plans[0].base is None and all(plan.base is not None for plan in plans[1:])
 
 
-def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_again(small_lora_model):
-    """The adapter does not change within one generate call: its first forward makes the copies and the
-    later steps, decoding on from the KV cache, keep them; the next call (after an optimizer step, say) makes
-    them anew, and answers as peft does with the stepped adapter."""
+def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_again(small_lora_model, monkeypatch):
+    """The adapter does not change within one generate call: its first forward makes the copies and plans and
+    the later steps, decoding on from the KV cache, keep them; the next call (after an optimizer step, say)
+    makes them anew, and answers as peft does with the stepped adapter."""
     model = small_lora_model()
     fuse_lora_layers(model)
     ids = torch.arange(5, 17)[None]
+    plans, plan = [], lora_fused._plan
+    monkeypatch.setattr(lora_fused, "_plan", lambda *args: plans.append(1) or plan(*args))
     calls = Calls()
     with calls:
         answers(model, ids)  # 12 tokens, then one more forward for the logits
     assert calls.count["_foreach_mul"] == 2  # the generate call's first forward, and the plain forward
+    assert len(plans) == 2 * len(lora_layers(model))  # the same two forwards plan; every layer in each
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -378,3 +382,22 @@ def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_aga
     got, want = answers(model, ids), answers(reference, ids)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_kept_plan_is_not_used_once_the_adapter_is_switched_off(small_lora_model):
+    """A KV cache carried from one generate call into the next (which roletune does not do, a caller might)
+    continues a generation: its plans are kept only while the adapter is still on, as it was."""
+    model = small_lora_model().eval()
+    fuse_lora_layers(model)
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.arange(5, 17)[None], past_key_values=cache, use_cache=True)
+        with model.disable_adapter():
+            got = model(input_ids=torch.tensor([[17]]), past_key_values=cache, use_cache=True).logits
+    reference = small_lora_model().eval()
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        reference(input_ids=torch.arange(5, 17)[None], past_key_values=cache, use_cache=True)
+        with reference.disable_adapter():
+            want = reference(input_ids=torch.tensor([[17]]), past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -201,6 +201,7 @@ class AdapterCopies:
         self.sources_b = [layer.lora_B[name].weight for layer, name in self.entries]
         self.input_dtype = layers[0].base_layer.weight.dtype  # what hidden states come in as without autocast
         self.dtype, self.a, self.b, self.scalings = None, [], [], []
+        self.plans = None  # (the state they hold for, every layer's _Plan), as the last forward made them
 
     def refresh(self, module, args, kwargs) -> None:
         if torch.compiler.is_compiling():
@@ -212,11 +213,20 @@ class AdapterCopies:
         device_type = self.sources_a[0].device.type
         dtype = _branch_dtype(device_type, self.entries[0][0].cast_input_dtype_enabled, self.sources_a[0].dtype,
                               self.input_dtype)
-        if dtype != self.dtype or not _continues_generation(kwargs):
+        # A generate call's later steps keep the copies and plans of its first: nothing changes the adapter,
+        # nor whether it is on, within a call.
+        continues = dtype == self.dtype and _continues_generation(kwargs)
+        if not continues:
             self._copy(dtype)
-        hooked = _global_hooks()
-        for layer in self.layers:
-            layer.__dict__[PLAN] = _plan(layer, self.input_dtype, device_type, (), {}, self, hooked)
+        first = self.layers[0]  # peft switches adapters on and off, merges and picks them for all layers at once
+        state = (torch.is_grad_enabled(), _autocast(device_type), first.disable_adapters, first.merged,
+                 tuple(first.active_adapters))
+        if not continues or self.plans is None or self.plans[0] != state:
+            hooked = _global_hooks()
+            self.plans = state, [_plan(layer, self.input_dtype, device_type, (), {}, self, hooked)
+                                 for layer in self.layers]
+        for layer, plan in zip(self.layers, self.plans[1]):
+            layer.__dict__[PLAN] = plan
 
     def _copy(self, dtype: torch.dtype) -> None:
         if dtype != self.dtype:
@@ -230,8 +240,9 @@ class AdapterCopies:
             torch._foreach_copy_(self.b, torch._foreach_mul(self.sources_b, self.scalings))
 
     def forget(self, *hook_args) -> None:
-        """Drop the plans as a forward ends: a layer called outside one (a checkpointed layer recomputed in
-        the backward, a test calling it) works its way out in full."""
+        """Take the plans from the layers as a forward ends (self.plans keeps them for a generate call's next
+        step): a layer called outside a forward (a checkpointed layer recomputed in the backward, a test
+        calling it) works its way out in full."""
         if torch.compiler.is_compiling():
             return
         for layer in self.layers:
