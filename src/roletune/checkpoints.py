@@ -7,11 +7,14 @@ last, and renames the finished folder into place in one step. A save killed half
 .partial, which nothing reads and the next save clears.
 
 Sealing (each file's fsync and sha256, the manifest, the rename, rotating old checkpoints) runs on a
-thread of its own while training goes on: for Qwen2.5-7B's adapter and its AdamW moments (about 240 MB a
-checkpoint) it took 0.5 s of the 0.8 s a checkpoint cost on the 2-core CPU, seven times a run of the
-huanhuan recipe. Hashing and fsync release the GIL, so the steps barely notice. Trainer writes the files
-first, on the training thread, from the live weights and optimizer; the next checkpoint, and the end of
-train(), wait for the seal, and a seal that failed is raised there, naming its checkpoint.
+thread of its own while training goes on: for Qwen2.5-7B's adapter and its AdamW moments (249 MiB a
+checkpoint) it took about 0.4 s of the 0.7-0.8 s a checkpoint cost the training thread on the 2-core CPU,
+seven times a run of the huanhuan recipe (benchmarks/checkpoint_time.py). Hashing and fsync release the
+GIL; on a GPU machine the training thread launches kernels from one core and the seal takes another (a CPU
+run whose steps use every core shares them with it). Trainer writes the files first, on the training
+thread, from the live weights and optimizer; the next checkpoint, and the end of train(), wait for the
+seal, and a seal that failed is raised there, naming its checkpoint. So a callback's on_save may come
+before the folder is in place.
 """
 from __future__ import annotations
 
