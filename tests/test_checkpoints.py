@@ -180,3 +180,44 @@ def test_a_seal_that_fails_stops_the_run_naming_the_checkpoint(config_file, monk
     assert checkpoints.problem(out / "checkpoint-2") is None  # the good one before it is kept
     assert not (out / "checkpoint-4").exists() and not (out / "checkpoint-6").exists()
     assert not (out / "adapter_model.safetensors").exists()  # never saved as finished
+
+
+def test_the_optimizer_state_a_seal_writes_is_the_one_at_its_step(config_file, monkeypatch):
+    """AdamW's moments are copied on the training thread and written by the seal: checkpoint-2's optimizer.pt
+    holds step 2's moments although, held here until step 3 has trained, the live ones have moved on."""
+    import copy
+    import threading
+
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from roletune import guard, train
+    from roletune.config import load_config
+
+    at_step_2, step_3_trained = {}, threading.Event()
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step == 2:
+                at_step_2.update(copy.deepcopy(optimizer.state_dict()))
+            if state.global_step == 3:
+                step_3_trained.set()
+
+    def hold(point, step):  # the seal's first moment, before it writes anything
+        if (point, step) == ("write", 2):
+            assert step_3_trained.wait(timeout=30)
+
+    monkeypatch.setattr(guard, "hold_for_tests", hold)
+    writes, save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path, *a, **k: writes.append(
+        (threading.current_thread() is threading.main_thread(), Path(path).name)) or save(obj, path, *a, **k))
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2}))
+    train.run(cfg, callbacks=(Watch(),), echo=lambda *_: None)
+
+    assert (False, "optimizer.pt") in writes and (True, "optimizer.pt") not in writes  # written by the seals
+    saved = torch.load(Path(cfg.output_dir) / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    moments = [(i, key) for i, entry in at_step_2["state"].items() for key in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(saved["state"][i][key].device.type == "cpu" for i, key in moments)
+    assert all(torch.equal(saved["state"][i][key], at_step_2["state"][i][key]) for i, key in moments)
+    assert saved["param_groups"] == at_step_2["param_groups"]
+    assert checkpoints.problem(Path(cfg.output_dir) / "checkpoint-2") is None

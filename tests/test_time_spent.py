@@ -43,8 +43,7 @@ def test_the_summary_says_how_long_samples_evaluation_and_checkpoints_took(confi
     monkeypatch.setattr(batching.HeldOutLoss, "evaluation_loop",
                         slowed("evaluation", batching.HeldOutLoss.evaluation_loop))
     # A checkpoint's files are written on the training thread (its seal runs beside the steps: not slowed here).
-    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler",
-                        slowed("checkpoints", Trainer._save_optimizer_and_scheduler))
+    monkeypatch.setattr(Trainer, "_save_rng_state", slowed("checkpoints", Trainer._save_rng_state))
     cfg = load_config(config_file(data={"eval_size": 2}, eval={"samples": 2, "max_new_tokens": 4}))
     summary = train.run(cfg, echo=lambda *_: None).summary
 
