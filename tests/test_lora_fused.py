@@ -181,8 +181,8 @@ def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_sam
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     x = torch.randn(1, 6, layer.in_features)
 
-    def fused(**kwargs) -> bool:
-        return lora_fused._plan(layer, x.dtype, x.device.type, (), kwargs, None) is not None
+    def fused() -> bool:
+        return lora_fused._plan(layer, x.dtype, x.device.type, None) is not None
 
     model.train()
     assert fused()
@@ -196,7 +196,7 @@ def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_sam
     with model.disable_adapter():  # compare's base column
         assert not fused()
     layer.cast_input_dtype_enabled = True  # lora.dtype=fp32 copies a bf16 input to fp32 first
-    assert not lora_fused._plan(layer, torch.bfloat16, "cpu", (), {}, None)
+    assert not lora_fused._plan(layer, torch.bfloat16, "cpu", None)
     layer.lora_dropout["default"] = torch.nn.Dropout(0.1)  # peft's dropout keeps its mask
     assert not fused()
 
@@ -355,7 +355,7 @@ def test_a_base_projection_with_a_hook_is_still_called_as_a_module(small_lora_mo
         model(input_ids=torch.arange(3, 9)[None])
     assert calls == [1, 1]
     with torch.no_grad():
-        plans = [lora_fused._plan(layer, torch.float32, "cpu", (), {}, None) for layer in layers]
+        plans = [lora_fused._plan(layer, torch.float32, "cpu", None) for layer in layers]
     assert plans[0].base is None and all(plan.base is not None for plan in plans[1:])
 
 

@@ -110,36 +110,31 @@ class _Plan(NamedTuple):
 
 
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # first, so compiled code neither runs nor guards on what follows
+    # Compiled code first, so it neither runs nor guards on what follows; other arguments are peft's to take.
+    if torch.compiler.is_compiling() or args or kwargs:
         return layer.plain_forward(x, *args, **kwargs)
     plan = layer.__dict__[PLAN]
-    if (plan is None or args or kwargs or x.dtype != plan.input_dtype or torch.is_grad_enabled() != plan.grad
+    if (plan is None or x.dtype != plan.input_dtype or torch.is_grad_enabled() != plan.grad
             or _autocast(plan.device_type) != plan.autocast):
-        plan = _plan(layer, x.dtype, x.device.type, args, kwargs, _copies.get(layer))
+        plan = _plan(layer, x.dtype, x.device.type, _copies.get(layer))
         if plan is None:
-            return layer.plain_forward(x, *args, **kwargs)
+            return layer.plain_forward(x)
     result = layer.base_layer(x) if plan.base is None else F.linear(x, *plan.base)
     if not plan.grad:  # eval and generation: no dropout, nothing kept for a backward
         return _add_branch(result, x, plan.dtype, *plan.pair)
     return _LoraBranch.apply(result, x, plan.weight_a, plan.weight_b, plan.scaling, plan.p, plan.dtype, plan.pair)
 
 
-def _plan(layer, input_dtype: torch.dtype, device_type: str, args: tuple, kwargs: dict, copies,
-          hooked: bool | None = None) -> _Plan | None:
-    """The layer's _Plan for inputs of `input_dtype` now, or None where peft's forward must run. `hooked`:
-    whether global module hooks are set (_global_hooks), where the caller has looked already."""
-    if args or kwargs:
-        return None
+def _plan(layer, input_dtype: torch.dtype, device_type: str, copies, hooked: bool | None = None) -> _Plan | None:
+    """The layer's _Plan for inputs of `input_dtype` (and no other arguments) now, or None where peft's forward
+    must run. `hooked`: whether global module hooks are set (_global_hooks), where the caller looked already."""
     branch = _fusable_branch(layer, input_dtype)
     if branch is None:
         return None
     name, weight_a, weight_b, scaling, p = branch
     dtype = _branch_dtype(device_type, layer.cast_input_dtype_enabled, weight_a.dtype, input_dtype)
     grad = torch.is_grad_enabled()
-    if grad:
-        with torch.no_grad():  # the branch's operands; its gradients are _LoraBranch's to compute
-            pair = _adapter_pair(copies, (layer, name), weight_a, weight_b, scaling, dtype)
-    else:
+    with torch.no_grad():  # the branch's operands; its gradients are _LoraBranch's to compute
         pair = _adapter_pair(copies, (layer, name), weight_a, weight_b, scaling, dtype)
     base = layer._modules["base_layer"]
     plain = not (_global_hooks() if hooked is None else hooked)
@@ -223,8 +218,7 @@ class AdapterCopies:
                  tuple(first.active_adapters))
         if not continues or self.plans is None or self.plans[0] != state:
             hooked = _global_hooks()
-            self.plans = state, [_plan(layer, self.input_dtype, device_type, (), {}, self, hooked)
-                                 for layer in self.layers]
+            self.plans = state, [_plan(layer, self.input_dtype, device_type, self, hooked) for layer in self.layers]
         for layer, plan in zip(self.layers, self.plans[1]):
             layer.__dict__[PLAN] = plan
 
@@ -302,7 +296,12 @@ def _branch_dtype(device: str, casts_input: bool, adapter_dtype: torch.dtype, in
 def _adapter_pair(copies, where, weight_a, weight_b, scaling: float, dtype: torch.dtype):
     """(lora_A, scaling * lora_B) in `dtype`: the model's copies where they match, else cast here."""
     pair = copies.get(*where, weight_a, weight_b, scaling, dtype) if copies is not None else None
-    return pair if pair is not None else (weight_a.to(dtype), _scaled(weight_b, scaling, dtype))
+    return pair if pair is not None else _cast_pair(weight_a, weight_b, scaling, dtype)
+
+
+def _cast_pair(weight_a, weight_b, scaling: float, dtype: torch.dtype):
+    """(lora_A, scaling * lora_B) cast to `dtype` here."""
+    return weight_a.to(dtype), _scaled(weight_b, scaling, dtype)
 
 
 def _add_branch(result, x, dtype: torch.dtype, a, b) -> torch.Tensor:
@@ -327,7 +326,7 @@ class _LoraBranch(torch.autograd.Function):
             ctx.rng = rng_state(x.device)
             rows = _dropout(rows, p)[0]
         # scaling * B: no separate multiply, forward or backward. `pair`: the plan's (_adapter_pair), else cast here.
-        a, b = pair if pair is not None else _adapter_pair(None, None, weight_a, weight_b, scaling, dtype)
+        a, b = pair if pair is not None else _cast_pair(weight_a, weight_b, scaling, dtype)
         h = torch.mm(rows.to(dtype), a.t())
         out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
         ctx.save_for_backward(x, a, b, h)
