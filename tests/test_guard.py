@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from roletune import checkpoints, train
+from roletune import checkpoints, guard, train
 from roletune.cli import main, resume_command
 from roletune.config import load_config
 from roletune.errors import Interrupted, NonFiniteError
@@ -57,7 +58,10 @@ class SendSignal(TrainerCallback):
                 signal.raise_signal(self.signum)
 
 
-def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(config_file):
+def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(config_file, monkeypatch):
+    # checkpoint-2's seal is still running when step 3's NaN is found: the message must wait for it
+    monkeypatch.setattr(guard, "hold_for_tests", lambda point, step: time.sleep(1.0) if (point, step) == ("write", 2)
+                        else None)
     cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2}))
     with pytest.raises(NonFiniteError) as caught:
         train.run(cfg, callbacks=(PoisonStep(3),))

@@ -150,6 +150,7 @@ class NonFiniteGuard(TrainerCallback):
     def _judge(self, step: int, norm: float, args, state) -> None:
         """Step `step` had a non-finite gradient norm, and its update was not made: stop, or count it."""
         if self.policy == "stop":
+            checkpoints.settle()  # a checkpoint still being sealed in the background counts once it is in place
             good, _ = checkpoints.newest_good(args.output_dir)
             kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been written yet"
             raise NonFiniteError(
