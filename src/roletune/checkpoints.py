@@ -184,8 +184,8 @@ def _detached_copy(state):
 
 
 def settle() -> None:
-    """Wait for every checkpoint being sealed (test holds: what a test finds on disk must not depend on
-    thread timing)."""
+    """Wait for every checkpoint being sealed in this process, where what is on disk must not depend on thread
+    timing: the NaN stop naming the last good checkpoint, and test holds."""
     for thread in list(Sealing.running):
         if thread is not threading.current_thread():
             thread.join()

@@ -240,9 +240,7 @@ def hold_for_tests(point: str, step: int) -> None:
     """
     if os.environ.get(HOLD_ENV) != f"{point}:{step}":
         return
-    from roletune.checkpoints import settle
-
-    settle()  # a checkpoint sealed in the background is in place (or, holding inside its seal, left aside)
+    checkpoints.settle()  # a checkpoint sealed in the background is in place (or, holding inside its seal, left aside)
     print(f"roletune-test: holding at {point}:{step}", file=sys.stderr, flush=True)
     deadline = time.monotonic() + 120
     while not _signalled and time.monotonic() < deadline:
