@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in one go and inside a time budget: the training-speed comparison
-# against the seed recipe (roletune's default path, profiled at its end), a whole 3-epoch run of the fast
-# config timed end to end (benchmarks/run_time.py), roletune with its decoder layers compiled (profiled)
-# and with CUDA graphs, roletune with levers turned back in turn, the memory estimate next to the measured
-# peaks, then, with whatever time is left, decoding with the adapter (benchmarks/decode_time.py), the host
-# time of a step's operators per lever (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py),
-# what a checkpoint of the 7B adapter costs this host (benchmarks/checkpoint_time.py),
-# roletune on a 4-bit base (QLoRA, bitsandbytes), with Liger-Kernel's fused loss, and with the whole model
-# compiled. Each run's figures are appended to OUT_DIR/train_speed*.jsonl (run_time.jsonl for the whole
-# run) as soon as it ends, so a run cut short by the budget keeps what it measured.
+# One GPU session's measurements, in one go and inside a time budget, most telling first: the
+# training-speed comparison against the seed recipe (roletune's default path, profiled at its end), a whole
+# 3-epoch run of the fast config timed end to end (benchmarks/run_time.py), roletune with levers turned back
+# in turn (the memory estimate next to the measured peaks), roletune on a 4-bit base (QLoRA, bitsandbytes),
+# roletune with its decoder layers compiled (profiled) and with CUDA graphs, then, with whatever time is left,
+# decoding with the adapter (benchmarks/decode_time.py), the host time of a step's operators per lever
+# (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py), what a checkpoint of the 7B adapter
+# costs this host (benchmarks/checkpoint_time.py), roletune with Liger-Kernel's fused loss, and with the
+# whole model compiled. Each run's figures are appended to OUT_DIR/train_speed*.jsonl (run_time.jsonl for
+# the whole run) as soon as it ends, so a run cut short by the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
 # from src/ without installing, so a machine with torch, transformers, peft and accelerate suffices.
 # Optional packages for a machine without a package index: put their wheels in .whl/, e.g.
@@ -30,6 +30,7 @@ else
   dev=cuda; on=(); whole=()
 fi
 left() { local s=$((deadline - SECONDS)); echo $((s > 1 ? s : 1)); }  # at least 1: `timeout 0` never times out
+cap() { local s; s=$(left); echo $((s < $1 ? s : $1)); }  # the time left, at most $1 seconds
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=$here/.shared
 [ -d "$shared" ] || shared=$here/../shared
@@ -62,12 +63,19 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
     timeout "$(($(left) - 60))" "$py" "$here/benchmarks/run_time.py" ${on[@]+"${on[@]}"} --peer-steps 0 --shared "$shared" \
         --out "$out/run_time.jsonl" ${whole[@]+"${whole[@]}"} 2>&1 | tail -40 || echo "the whole run failed or ran out of time"
   fi
-  # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again.
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
+  # What each lever buys, against roletune measured again in the same launch (capped, like the compiled runs).
+  timeout "$(cap 240)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
-  # What each lever buys, against roletune measured again in the same launch.
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
+  # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
+  if [ "$(left)" -gt 90 ]; then
+    PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(cap 120)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
+        --qlora --steps "$steps" --shared "$shared" --out "$out/train_speed_qlora.jsonl" \
+        || echo "the QLoRA run failed or ran out of time"
+  fi
+  # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again
+  # (compiling can take minutes: capped, so the runs after it keep some time).
+  timeout "$(cap 150)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
   if [ "$(left)" -gt 60 ]; then  # what a tuned model's decoding costs beyond its base's, peft's forward and ours
@@ -86,12 +94,6 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   if [ "$(left)" -gt 60 ]; then  # a checkpoint of the 7B adapter on this host: on the training thread, and sealed beside
     timeout 60 "$py" "$here/benchmarks/checkpoint_time.py" --rounds 3 --shared "$shared" 2>&1 | tail -12 \
         | tee "$out/checkpoint_time.txt" || echo "the checkpoint-time run failed"
-  fi
-  # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
-  if [ "$(left)" -gt 90 ]; then
-    PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
-        --qlora --steps "$steps" --shared "$shared" --out "$out/train_speed_qlora.jsonl" \
-        || echo "the QLoRA run failed or ran out of time"
   fi
   if [ -d "$site/liger_kernel" ] && [ "$(left)" -gt 120 ]; then  # lm_head_loss=auto takes Liger when importable
     PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
