@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in one go and inside a time budget, most telling first: the
-# training-speed comparison against the seed recipe (roletune's default path, profiled at its end), a whole
-# 3-epoch run of the fast config timed end to end (benchmarks/run_time.py), roletune with levers turned back
-# in turn (the memory estimate next to the measured peaks), roletune on a 4-bit base (QLoRA, bitsandbytes),
-# roletune with its decoder layers compiled (profiled) and with CUDA graphs, then, with whatever time is left,
+# One GPU session's measurements, in one go and inside a time budget, what is least known first: the
+# training-speed comparison against the seed recipe (roletune's default path, profiled at its end), roletune
+# with its decoder layers compiled (profiled) and with CUDA graphs, roletune with levers turned back in turn
+# (the memory estimate next to the measured peaks), roletune on a 4-bit base (QLoRA, bitsandbytes), a whole
+# 3-epoch run of the fast config timed end to end (benchmarks/run_time.py), then, with whatever time is left,
 # decoding with the adapter (benchmarks/decode_time.py), the host time of a step's operators per lever
 # (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py), what a checkpoint of the 7B adapter
 # costs this host (benchmarks/checkpoint_time.py), roletune with Liger-Kernel's fused loss, and with the
@@ -44,8 +44,8 @@ for wheel in "$here"/.whl/*.whl; do
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site/${name%%-*}" "$wheel" \
       || echo "could not install $wheel"
 done
-# Most telling first: what the memory levers save, the 24 GiB plan, then the speed levers.
-levers=plain-norm-mlp,24GiB-budget,no-packing,sdpa-attention,waiting-steps,all-logits,checkpointing,unfused-lora,kept-lora-dropout,fp32-lora-inputs
+# Those not yet measured on a GPU first (benchmarks/results/h200-2026-11-30.md has the others).
+levers=all-logits,checkpointing,unfused-lora,kept-lora-dropout,fp32-lora-inputs,plain-norm-mlp,24GiB-budget,no-packing,sdpa-attention,waiting-steps
 {
   # Nothing before the main comparison may stop the script: each prints its failure and the script goes on.
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi failed"
@@ -58,13 +58,14 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --profile \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
-  # The target itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included.
-  if [ "$(left)" -gt 150 ]; then
-    timeout "$(($(left) - 60))" "$py" "$here/benchmarks/run_time.py" ${on[@]+"${on[@]}"} --peer-steps 0 --shared "$shared" \
-        --out "$out/run_time.jsonl" ${whole[@]+"${whole[@]}"} 2>&1 | tail -40 || echo "the whole run failed or ran out of time"
-  fi
+  # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again.
+  # On the H200 of 2026-11-30 compiling the layers took longer than 105 s (the launch's own ~30 s included):
+  # given several minutes, capped so the runs after it keep some time.
+  timeout "$(cap 300)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
+      --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
+      || echo "stopped by the time budget; rows so far are kept"
   # What each lever buys, against roletune measured again in the same launch (capped, like the compiled runs).
-  timeout "$(cap 240)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
+  timeout "$(cap 200)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
   # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
@@ -73,11 +74,12 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
         --qlora --steps "$steps" --shared "$shared" --out "$out/train_speed_qlora.jsonl" \
         || echo "the QLoRA run failed or ran out of time"
   fi
-  # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again
-  # (compiling can take minutes: capped, so the runs after it keep some time).
-  timeout "$(cap 150)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
-      --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
-      || echo "stopped by the time budget; rows so far are kept"
+  # The target itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included
+  # (about 200 s with the defaults on the H200 of 2026-11-30).
+  if [ "$(left)" -gt 250 ]; then
+    timeout "$(($(left) - 60))" "$py" "$here/benchmarks/run_time.py" ${on[@]+"${on[@]}"} --peer-steps 0 --shared "$shared" \
+        --out "$out/run_time.jsonl" ${whole[@]+"${whole[@]}"} 2>&1 | tail -40 || echo "the whole run failed or ran out of time"
+  fi
   if [ "$(left)" -gt 60 ]; then  # what a tuned model's decoding costs beyond its base's, peft's forward and ours
     timeout 60 "$py" "$here/benchmarks/decode_time.py" --device "$dev" | tee "$out/decode_time.txt" \
         || echo "the decoding-time run failed"

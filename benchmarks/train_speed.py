@@ -159,7 +159,7 @@ def model_config_dir(args, scratch: Path) -> Path:
 def run(command: list[str], env: dict) -> None:
     """One side in its own process. A side that fails (an optional package missing, say) is reported and
     the others still run: its row is missing from the table, and the launch exits non-zero at the end."""
-    print("$", " ".join(command), flush=True)
+    print(time.strftime("[%H:%M:%S]"), "$", " ".join(command), flush=True)  # when: what a launch costs
     if code := subprocess.run(command, env=env).returncode:
         print(f"that run failed (exit {code}); the table has no row for it", flush=True)
         FAILED.append(command)
