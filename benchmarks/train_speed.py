@@ -34,6 +34,8 @@ import time
 import warnings
 from pathlib import Path
 
+STARTED = time.time()  # this process's start, near enough: what a launch costs before its first step
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOP_PER_TOKEN_FACTOR = 4  # forward + activation gradients of the non-embedding weights (as the peer counts)
 # roletune with one lever turned back to what the seed does, to say what each lever buys.
@@ -175,6 +177,7 @@ def roletune_worker(args) -> None:
     from roletune.config import config_from_dict
     from roletune.model import load_tokenizer, resolve_dtype
 
+    imports_s = time.time() - STARTED
     shared = Path(args.shared)
     cuda = args.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -212,12 +215,16 @@ def roletune_worker(args) -> None:
 
             def on_train_begin(self, a, state, control, **kwargs):
                 self.began = time.time()
+                print(f"training starts {self.began - STARTED:.1f} s after the launch", flush=True)
 
             def on_step_end(self, a, state, control, **kwargs):
                 control.should_log = control.should_log or state.global_step <= LOGGED_STEPS
                 if cuda and state.global_step in self.synced:
                     torch.cuda.synchronize()
                 self.marks.append((time.time(), state.num_input_tokens_seen))
+                if state.global_step <= warm or state.global_step % 10 == 0:  # a run cut short still says
+                    print(f"step {state.global_step} ends {self.marks[-1][0] - self.began:.1f} s into training",
+                          flush=True)  # how far it got: compiling happens in the first steps
 
         last_timed = args.steps - PROFILED_STEPS if args.profile else args.steps  # profiling slows its own steps
         warm = 3 if last_timed > 6 else 1  # the untimed first steps
@@ -237,6 +244,8 @@ def roletune_worker(args) -> None:
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         row = dict(variant=args.worker, overrides=args.set, config=Path(args.model_config).name,
                    device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                   # From the launch to the first step: importing (imports_s), tokenizing, building the model.
+                   imports_s=round(imports_s, 1), launch_s=round(clock.began - STARTED, 1),
                    # The untimed first steps, from train() on: compiling happens here.
                    init_s=round(init_s, 1), warmup_s=round(t0 - clock.began, 1), warmup_steps=warm,
                    steps=len(clock.marks), step_s=round(step_s, 4),
