@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in one go and inside a time budget, what is least known first: the
 # training-speed comparison against the seed recipe (roletune's default path, profiled at its end), roletune
-# with its decoder layers compiled (profiled) and with CUDA graphs, roletune with levers turned back in turn
-# (the memory estimate next to the measured peaks), roletune on a 4-bit base (QLoRA, bitsandbytes), a whole
-# 3-epoch run of the fast config timed end to end (benchmarks/run_time.py), then, with whatever time is left,
-# decoding with the adapter (benchmarks/decode_time.py), the host time of a step's operators per lever
-# (benchmarks/host_time.py) and between steps (benchmarks/step_gap.py), what a checkpoint of the 7B adapter
-# costs this host (benchmarks/checkpoint_time.py), roletune with Liger-Kernel's fused loss, and with the
-# whole model compiled. Each run's figures are appended to OUT_DIR/train_speed*.jsonl (run_time.jsonl for
-# the whole run) as soon as it ends, so a run cut short by the budget keeps what it measured.
+# with its decoder layers compiled (profiled) and with CUDA graphs, roletune with Liger-Kernel's loss and
+# layer kernels, roletune with levers turned back in turn (the memory estimate next to the measured peaks),
+# roletune on a 4-bit base (QLoRA, bitsandbytes), a whole 3-epoch run of the fast config timed end to end
+# (benchmarks/run_time.py), then, with whatever time is left, decoding with the adapter
+# (benchmarks/decode_time.py), the host time of a step's operators per lever (benchmarks/host_time.py) and
+# between steps (benchmarks/step_gap.py), what a checkpoint of the 7B adapter costs this host
+# (benchmarks/checkpoint_time.py), and the whole model compiled. Each run's figures are appended to
+# OUT_DIR/train_speed*.jsonl (run_time.jsonl for the whole run) as soon as it ends, so a run cut short by
+# the budget keeps what it measured.
 # Needs ../shared or a copy of it at .shared (bench/, tokenizers/, data/, models/); roletune runs
 # from src/ without installing, so a machine with torch, transformers, peft and accelerate suffices.
 # Optional packages for a machine without a package index: put their wheels in .whl/, e.g.
@@ -64,6 +65,13 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   timeout "$(cap 300)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
+  # With Liger-Kernel importable roletune's defaults take its loss and layer kernels: against roletune without
+  # each (chunked-head, torch-kernels), in one launch.
+  if [ -d "$site/liger_kernel" ] && [ "$(left)" -gt 90 ]; then
+    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(cap 150)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
+        --levers=chunked-head,torch-kernels --steps "$steps" --shared "$shared" --out "$out/train_speed_liger.jsonl" \
+        || echo "the Liger run failed or ran out of time"
+  fi
   # What each lever buys, against roletune measured again in the same launch (capped, like the compiled runs).
   timeout "$(cap 200)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
@@ -96,11 +104,6 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   if [ "$(left)" -gt 60 ]; then  # a checkpoint of the 7B adapter on this host: on the training thread, and sealed beside
     timeout 60 "$py" "$here/benchmarks/checkpoint_time.py" --rounds 3 --shared "$shared" 2>&1 | tail -12 \
         | tee "$out/checkpoint_time.txt" || echo "the checkpoint-time run failed"
-  fi
-  if [ -d "$site/liger_kernel" ] && [ "$(left)" -gt 120 ]; then  # lm_head_loss=auto takes Liger when importable
-    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
-        --levers=chunked-head --steps "$steps" --shared "$shared" --out "$out/train_speed_liger.jsonl" \
-        || echo "the Liger run failed or ran out of time"
   fi
   # The whole model compiled can take minutes: last, with what is left, so the figures above are kept either way.
   if [ "$(left)" -gt 120 ]; then

@@ -49,6 +49,7 @@ LEVERS = {
     "kept-lora-dropout": ["lora.recompute_dropout=false"],
     "unfused-lora": ["lora.fused=false"],
     "plain-norm-mlp": ["train.lean_activations=false"],
+    "torch-kernels": ["train.liger_kernels=false"],  # differs from the default only where Liger is installed
     "24GiB-budget": ["train.memory_budget_gib=24"],
     "checkpointing": ["train.gradient_checkpointing=true"],
     "waiting-steps": ["train.run_ahead=false"],

@@ -140,6 +140,11 @@ class TrainConfig:
         True, "RMSNorm and SwiGLU keep only their inputs for backward and rebuild the rest (Liger-Kernel's trick, in "
         "plain PyTorch): the same outputs, gradients equal within rounding, about a fifth less activation memory for "
         "Qwen2 / Qwen3 / Llama / Mistral layers.")
+    liger_kernels: str | bool = setting(
+        "auto", "auto: on a GPU with liger-kernel installed (pip install roletune[gpu]), the decoder layers' RMSNorm, "
+        "SwiGLU and RoPE run as Liger-Kernel's Triton kernels, one or two kernels each where PyTorch launches up to "
+        "fourteen; each is checked against PyTorch on the model's shapes before training, and one that fails or "
+        "differs is left out (so are all with train.compile). false: PyTorch's.", choices=["auto", False])
     compile: bool | str = setting(
         False, "torch.compile. layers: each decoder layer on its own, with dynamic sequence lengths (the layers "
         "share their compiled code, and packed micro-batches of new lengths reuse it; checkpointed layers stay "

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from roletune import attention, distributed, memory, preflight, run_dir
+from roletune import attention, distributed, liger_layers, memory, preflight, run_dir
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
@@ -132,8 +132,11 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     chosen = attention.settle(base, cfg.model.attn_implementation, cfg.train.packing)
     if chosen:
         echo(chosen)
+    chosen = liger_layers.settle(base, cfg.train.liger_kernels, cfg.train.compile)
+    if chosen:
+        echo(chosen)
     if cfg.train.lean_activations:
-        make_lean(base)
+        make_lean(base)  # the norms and MLPs Liger's kernels did not take
     model = apply_lora(base, cfg.lora, checkpointed_layers)
     if cfg.lora.fused and not distributed.sharded(cfg):  # untried on sharded weights, which need several GPUs
         fuse_lora_layers(model)
