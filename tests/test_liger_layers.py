@@ -122,11 +122,17 @@ def test_none_is_used_off_a_gpu_without_liger_under_compile_or_when_off(tiny_mod
     assert kinds(model) == before and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
 
 
-def test_false_after_auto_gives_transformers_its_rope_back(tiny_model, stand_ins):
+def test_false_or_a_refused_rope_after_auto_gives_transformers_its_rope_back(tiny_model, stand_ins):
+    kernels, _ = stand_ins
     liger_layers.settle(tiny(tiny_model), "auto", compiled=False)
     assert modeling_qwen2.apply_rotary_pos_emb is not PLAIN_ROPE
     assert liger_layers.settle(tiny(tiny_model), False, compiled=False) is None
     assert modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
+    liger_layers.settle(tiny(tiny_model), "auto", compiled=False)
+    rope = kernels["RoPE"]
+    kernels["RoPE"] = lambda q, k, cos, sin: tuple(2 * t for t in rope(q, k, cos, sin))
+    line = liger_layers.settle(tiny(tiny_model), "auto", compiled=False)  # a model the kernel fails for
+    assert "RoPE differs" in line and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
 
 
 def test_routed_rope_sends_other_devices_and_calls_to_transformers_own(tiny_model, stand_ins, monkeypatch):

@@ -54,6 +54,8 @@ def settle(model: nn.Module, choice, compiled) -> str | None:
         return f"layer kernels: PyTorch's, not Liger-Kernel's ({str(exc).splitlines()[0][:160]})"
     problems = probe(model, kernels)
     used = [name for name, problem in problems.items() if problem is None]
+    if "RoPE" not in used:
+        restore()  # the routing is per modeling module, not per model: one whose RoPE is refused takes it back
     _KERNELS.update((name, kernels[name]) for name in used)
     install(model, used)
     refused = "; ".join(f"{name} {problem}" for name, problem in problems.items() if problem is not None)
