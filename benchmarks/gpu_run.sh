@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in one go and inside a time budget, what is least known first: the
 # training-speed comparison against the seed recipe (roletune's default path, profiled at its end), roletune
-# with its decoder layers compiled (profiled) and with CUDA graphs, roletune with Liger-Kernel's loss and
-# layer kernels, roletune with levers turned back in turn (the memory estimate next to the measured peaks),
+# with Liger-Kernel's loss and layer kernels, roletune with its decoder layers compiled (profiled) and with
+# CUDA graphs, roletune with levers turned back in turn (the memory estimate next to the measured peaks),
 # roletune on a 4-bit base (QLoRA, bitsandbytes), a whole 3-epoch run of the fast config timed end to end
 # (benchmarks/run_time.py), then, with whatever time is left, decoding with the adapter
 # (benchmarks/decode_time.py), the host time of a step's operators per lever (benchmarks/host_time.py) and
@@ -59,26 +59,26 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --profile \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
-  # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again.
-  # On the H200 of 2026-11-30 compiling the layers took longer than 105 s (the launch's own ~30 s included):
-  # given several minutes, capped so the runs after it keep some time.
-  timeout "$(cap 300)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
-      --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
-      || echo "stopped by the time budget; rows so far are kept"
   # With Liger-Kernel importable roletune's defaults take its loss and layer kernels: against roletune without
   # each (chunked-head, torch-kernels), in one launch.
   if [ -d "$site/liger_kernel" ] && [ "$(left)" -gt 90 ]; then
-    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(cap 150)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
+    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(cap 100)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
         --levers=chunked-head,torch-kernels --steps "$steps" --shared "$shared" --out "$out/train_speed_liger.jsonl" \
         || echo "the Liger run failed or ran out of time"
   fi
-  # What each lever buys, against roletune measured again in the same launch (capped, like the compiled runs).
-  timeout "$(cap 200)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
+  # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again.
+  # On the H200 of 2026-11-30 compiling the layers took longer than 105 s (the launch's own ~30 s included):
+  # given several minutes, capped so the runs after it keep some time.
+  timeout "$(cap 240)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --profile --compile=layers,graphs \
+      --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
+      || echo "stopped by the time budget; rows so far are kept"
+  # What each lever buys, against roletune measured again, all in one launch (capped, like the compiled runs).
+  timeout "$(cap 150)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer --levers="$levers" \
       --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
       || echo "stopped by the time budget; rows so far are kept"
   # bitsandbytes may also be installed already; without it the QLoRA run says so in one line.
   if [ "$(left)" -gt 90 ]; then
-    PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(cap 120)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
+    PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(cap 90)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
         --qlora --steps "$steps" --shared "$shared" --out "$out/train_speed_qlora.jsonl" \
         || echo "the QLoRA run failed or ran out of time"
   fi

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -62,6 +63,7 @@ COMPILE = {"+compile-layers": ["train.compile=layers"],
            "+compile-layers-graphs": ["train.compile=layers", "train.compile_mode=reduce-overhead"],
            "+compile": ["train.compile=true"]}
 COMPILE_CHOICES = {"layers": "+compile-layers", "graphs": "+compile-layers-graphs", "true": "+compile"}
+VARIANTS = {"roletune": [], **LEVERS, **COMPILE, **QLORA}  # every variant's overrides, by name
 PROFILED_STEPS = 3
 LOGGED_STEPS = 3  # their losses are shown beside the peer's
 TOP_OPERATORS = 15
@@ -87,8 +89,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help=f"profile the last {PROFILED_STEPS} steps of roletune and of its compiled layers (left out "
                              "of their timing)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one side in this process
-    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # the worker's overrides
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: these variants (a,b,...) in this process
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # on top of every variant's
     args = parser.parse_args()
     if args.worker:
         return roletune_worker(args)
@@ -113,17 +115,17 @@ def main() -> None:
         for variant in () if args.no_peer else ("seed", "bs16"):
             run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
             kept.update()
-        # Compiled runs right after the default one: a time limit is likelier to cut the levers short.
-        variants = {"roletune": [],
-                    **{COMPILE_CHOICES[choice]: COMPILE[COMPILE_CHOICES[choice]] for choice in compiled},
-                    **{name: LEVERS[name] for name in levers}, **(QLORA if args.qlora else {})}
-        for name, overrides in variants.items():
+        # roletune and its levers in one launch (imports and CUDA's start paid once, each variant's memory freed
+        # before the next); compiled layers and the 4-bit base each in their own, whose changes to the layers'
+        # classes and to the loaded weights must not reach another variant.
+        launches = [["roletune", *levers], *([COMPILE_CHOICES[choice]] for choice in compiled),
+                    *([name] for name in (QLORA if args.qlora else {}))]
+        for names in launches:
             # The default path and compiled layers: does a step wait on the GPU or on the host launching it?
             # (Not under CUDA graphs, whose recording of a new length should not meet the profiler's hooks.)
-            profile = ["--profile"] if args.profile and name in ("roletune", "+compile-layers") else []
-            run([sys.executable, __file__, "--worker", name, "--device", args.device, "--steps", str(steps),
-                 "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results),
-                 *profile, *(f"--set={o}" for o in overrides)], env)
+            profile = ["--profile"] if args.profile and names[0] in ("roletune", "+compile-layers") else []
+            run([sys.executable, __file__, "--worker", ",".join(names), "--device", args.device, "--steps", str(steps),
+                 "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results), *profile], env)
             kept.update()
         report(kept.rows)
     if FAILED:
@@ -170,7 +172,36 @@ def run(command: list[str], env: dict) -> None:
 
 def roletune_worker(args) -> None:
     """roletune's training path as `roletune train` runs it (memory decision, LoRA, Trainer), with the
-    base's weights drawn from its config (random_base)."""
+    base's weights drawn from its config (random_base), for each variant named in --worker in turn."""
+    import torch
+
+    import roletune.train  # noqa: F401 - with transformers, peft and accelerate: imported once, timed here
+
+    imports_s = time.time() - STARTED
+    cuda = args.device == "cuda" and torch.cuda.is_available()
+    failed = []
+    for index, name in enumerate(args.worker.split(",")):
+        try:
+            row = measure(name, VARIANTS[name] + args.set, args, cuda, profile=args.profile and index == 0)
+        except Exception:  # noqa: BLE001 - one variant failing (out of memory, say) must not cost the others
+            traceback.print_exc()
+            print(f"{name} failed; the table has no row for it", flush=True)
+            failed.append(name)
+            row = None
+        gc.collect()  # this variant's model, optimizer and Trainer, before the next one's peak is measured
+        if cuda:
+            torch.cuda.empty_cache()
+        if row is not None:
+            row["imports_s"] = round(imports_s, 1)  # the launch's, paid once for all its variants
+            print(json.dumps(row), flush=True)
+            with open(args.out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    if failed:
+        sys.exit(f"{', '.join(failed)} failed")
+
+
+def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) -> dict:
+    """One variant: its model built, `args.steps` optimizer steps timed, and its figures."""
     import torch
     from transformers import TrainerCallback
 
@@ -178,9 +209,10 @@ def roletune_worker(args) -> None:
     from roletune.config import config_from_dict
     from roletune.model import load_tokenizer, resolve_dtype
 
-    imports_s = time.time() - STARTED
+    variant_started = time.time()
+    # What the variants before it left allocated (none, if each was freed): its peak includes this.
+    baseline_gib = round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None
     shared = Path(args.shared)
-    cuda = args.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     with tempfile.TemporaryDirectory() as scratch:
         raw = {
@@ -194,7 +226,7 @@ def roletune_worker(args) -> None:
             "train": {"batch_size": 16, "grad_accum": 1, "lr": 1e-4, "max_steps": args.steps, "logging_steps": 10**9,
                       "save_steps": 10**9, "report_to": "none"},
             "output_dir": scratch}
-        cfg = config_from_dict(raw, args.set)
+        cfg = config_from_dict(raw, overrides)
         tokenizer = load_tokenizer(cfg.model)
         data = train.build_dataset(cfg, tokenizer)
         dtype = resolve_dtype(cfg.model.dtype, device)
@@ -216,7 +248,8 @@ def roletune_worker(args) -> None:
 
             def on_train_begin(self, a, state, control, **kwargs):
                 self.began = time.time()
-                print(f"training starts {self.began - STARTED:.1f} s after the launch", flush=True)
+                print(f"{name}: training starts {self.began - variant_started:.1f} s after the variant's start, "
+                      f"{self.began - STARTED:.1f} s after the launch", flush=True)
 
             def on_step_end(self, a, state, control, **kwargs):
                 control.should_log = control.should_log or state.global_step <= LOGGED_STEPS
@@ -224,13 +257,13 @@ def roletune_worker(args) -> None:
                     torch.cuda.synchronize()
                 self.marks.append((time.time(), state.num_input_tokens_seen))
                 if state.global_step <= warm or state.global_step % 10 == 0:  # a run cut short still says
-                    print(f"step {state.global_step} ends {self.marks[-1][0] - self.began:.1f} s into training",
+                    print(f"{name}: step {state.global_step} ends {self.marks[-1][0] - self.began:.1f} s into training",
                           flush=True)  # how far it got: compiling happens in the first steps
 
-        last_timed = args.steps - PROFILED_STEPS if args.profile else args.steps  # profiling slows its own steps
+        last_timed = args.steps - PROFILED_STEPS if profile else args.steps  # profiling slows its own steps
         warm = 3 if last_timed > 6 else 1  # the untimed first steps
         clock = Clock({warm, last_timed})
-        profiler = StepProfiler(args.steps - PROFILED_STEPS + 1, cuda) if args.profile else None
+        profiler = StepProfiler(args.steps - PROFILED_STEPS + 1, cuda) if profile else None
         trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device,
                                       (clock, profiler.callback) if profiler else (clock,))
         gc.collect()  # the full-precision weights a quantised base was made from must not count in its peak
@@ -243,10 +276,10 @@ def roletune_worker(args) -> None:
         tokens_per_s = (n1 - n0) / (t1 - t0)
         nonembed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        row = dict(variant=args.worker, overrides=args.set, config=Path(args.model_config).name,
+        row = dict(variant=name, overrides=overrides, config=Path(args.model_config).name,
                    device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                   # From the launch to the first step: importing (imports_s), tokenizing, building the model.
-                   imports_s=round(imports_s, 1), launch_s=round(clock.began - STARTED, 1),
+                   # From the variant's start to its first step: tokenizing, building the model and Trainer.
+                   setup_s=round(clock.began - variant_started, 1), baseline_gib=baseline_gib,
                    # The untimed first steps, from train() on: compiling happens here.
                    init_s=round(init_s, 1), warmup_s=round(t0 - clock.began, 1), warmup_steps=warm,
                    steps=len(clock.marks), step_s=round(step_s, 4),
@@ -268,9 +301,7 @@ def roletune_worker(args) -> None:
                    final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:LOGGED_STEPS]])
         if profiler:
             row["profile"] = profiler.summary()
-    print(json.dumps(row))
-    with open(args.out, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    return row
 
 
 def random_base(model_cfg, where, dtype):
