@@ -108,12 +108,13 @@ def test_none_is_used_off_a_gpu_without_liger_under_compile_or_when_off(tiny_mod
     assert liger_layers.settle(model, "auto", compiled="layers") == (
         "layer kernels: PyTorch's (torch.compile traces them; Liger-Kernel's are left out with train.compile)")
 
-    def no_triton():
-        raise ImportError("No module named 'triton'")
+    for error in (ImportError("No module named 'triton'"), RuntimeError("Triton 3.6 needs torch 2.11\nmore")):
+        def broken(error=error):
+            raise error
 
-    monkeypatch.setattr(liger_layers, "load", no_triton)
-    assert liger_layers.settle(model, "auto", compiled=False) == (
-        "layer kernels: PyTorch's, not Liger-Kernel's (No module named 'triton')")
+        monkeypatch.setattr(liger_layers, "load", broken)
+        assert liger_layers.settle(model, "auto", compiled=False) == (
+            f"layer kernels: PyTorch's, not Liger-Kernel's ({type(error).__name__}: {str(error).splitlines()[0]})")
     monkeypatch.setattr(liger_layers, "installed", lambda: False)
     assert liger_layers.settle(model, "auto", compiled=False) is None
     monkeypatch.setattr(liger_layers, "installed", lambda: True)
@@ -162,3 +163,13 @@ def test_a_run_with_the_kernels_trains_the_same_adapter(short_run, stand_ins):
     assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_model_with_none_of_the_known_modules_is_left_alone(stand_ins):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, calls = stand_ins
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    before = kinds(model)
+    assert liger_layers.settle(model, "auto", compiled=False) is None
+    assert kinds(model) == before and not calls and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE

@@ -88,6 +88,16 @@ def test_auto_picks_chunked_here_and_full_where_the_head_is_sharded(monkeypatch)
     assert loss.head_loss_for("auto", 64, cpu, sharded=False) == loss.ChunkedCrossEntropy(64)
 
 
+def test_auto_takes_chunked_where_liger_is_installed_but_cannot_load(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("triton 3.6 was built for another torch\nmore")
+
+    monkeypatch.setattr(loss.importlib.util, "find_spec", lambda name: name == "liger_kernel" or None)
+    monkeypatch.setattr(loss, "LigerCrossEntropy", broken)
+    assert loss.head_loss_for("auto", 64, torch.device("cuda", 0), sharded=False) == loss.ChunkedCrossEntropy(64)
+    assert "chunked, not Liger-Kernel's (RuntimeError: triton 3.6 was built for another torch)" in caplog.text
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"lm_head_loss": "chunked", "reply_logits_only": False}, "needs train.reply_logits_only"),
     ({"lm_head_loss": "chunked", "distributed": "fsdp"}, "only a shard"),

@@ -44,15 +44,15 @@ def settle(model: nn.Module, choice, compiled) -> str | None:
     if choice != "auto":
         restore()
         return None
-    if model.device.type not in DEVICES or not installed():
+    if model.device.type not in DEVICES or not installed() or not _known(model):
         return None
     if compiled:
         return "layer kernels: PyTorch's (torch.compile traces them; Liger-Kernel's are left out with train.compile)"
     try:
         kernels = load()
-    except ImportError as exc:
-        return f"layer kernels: PyTorch's, not Liger-Kernel's ({str(exc).splitlines()[0][:160]})"
-    problems = probe(model, kernels)
+        problems = probe(model, kernels)
+    except Exception as exc:  # noqa: BLE001 - an optional package that cannot load or run here must not stop the run
+        return f"layer kernels: PyTorch's, not Liger-Kernel's ({type(exc).__name__}: {_first_line(exc)})"
     used = [name for name, problem in problems.items() if problem is None]
     if "RoPE" not in used:
         restore()  # the routing is per modeling module, not per model: one whose RoPE is refused takes it back
@@ -86,15 +86,18 @@ def probe(model: nn.Module, kernels: dict) -> dict[str, str | None]:
     def draw(*shape):
         return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
 
-    tokens = sum(PROBE_LENGTHS)
-    hidden, wide = config.hidden_size, config.intermediate_size
-    weight, eps = 1 + draw(hidden) / 10, config.rms_norm_eps
-    problems = {
-        "RMSNorm": _differs(lambda x: kernels["RMSNorm"](x, weight, eps, 0.0, "llama", False),
-                            lambda x: LeanRMSNorm.apply(x, weight, eps), [draw(1, tokens, hidden)]),
-        "SwiGLU": _differs(kernels["SwiGLU"], LeanSiLUMul.apply, [draw(1, tokens, wide), draw(1, tokens, wide)]),
-    }
-    rope = _rope_of(model)
+    tokens, hidden = sum(PROBE_LENGTHS), config.hidden_size
+    known, problems = _known(model), {}
+    if "RMSNorm" in known:
+        norm = next(m for m in model.modules() if type(m).__name__ in NORMS)
+        weight, eps = 1 + draw(hidden) / 10, norm.variance_epsilon
+        problems["RMSNorm"] = _differs(lambda x: kernels["RMSNorm"](x, weight, eps, 0.0, "llama", False),
+                                       lambda x: LeanRMSNorm.apply(x, weight, eps), [draw(1, tokens, hidden)])
+    if "SwiGLU" in known:
+        wide = config.intermediate_size
+        problems["SwiGLU"] = _differs(kernels["SwiGLU"], LeanSiLUMul.apply,
+                                      [draw(1, tokens, wide), draw(1, tokens, wide)])
+    rope = _rope_of(model) if "RoPE" in known else None
     if rope is not None:
         rotary, plain = rope
         heads = config.num_attention_heads
@@ -152,6 +155,24 @@ def _route_rope(modeling) -> None:
     modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
+def _known(model: nn.Module) -> set[str]:
+    """Which of the replaceable kinds the model has."""
+    kinds = set()
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in NORMS:
+            kinds.add("RMSNorm")
+        elif kind in MLPS and type(module.act_fn).__name__ in SILU:
+            kinds.add("SwiGLU")
+        elif kind in ATTENTIONS:
+            kinds.add("RoPE")
+    return kinds
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:160]
+
+
 def _rope_of(model: nn.Module):
     """(the rotary embedding module, the modeling module's own apply_rotary_pos_emb) of the model's known
     attention, or None."""
@@ -167,7 +188,7 @@ def _differs(theirs, ours, inputs: list[torch.Tensor]) -> str | None:
     try:
         got = _outputs_and_grads(theirs, inputs)
     except Exception as exc:  # noqa: BLE001 - whatever stops a kernel here (Triton, this GPU, this dtype) leaves it out
-        return f"failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+        return f"failed: {type(exc).__name__}: {_first_line(exc)}"
     want = _outputs_and_grads(ours, inputs)
     for a, b in zip(got, want):
         error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()

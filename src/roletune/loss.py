@@ -75,7 +75,13 @@ def head_loss_for(choice: str, rows: int, device: torch.device, sharded: bool):
     if choice == "full" or (choice == "auto" and sharded):
         return None
     if choice == "auto" and device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
-        log.info("LM head + loss: Liger-Kernel fused linear cross-entropy")
-        return LigerCrossEntropy()
+        try:
+            fused = LigerCrossEntropy()
+        except Exception as exc:  # noqa: BLE001 - an optional package that cannot load here must not stop the run
+            log.warning("LM head + loss: chunked, not Liger-Kernel's (%s: %s)", type(exc).__name__,
+                        (str(exc).strip().splitlines() or [""])[0][:160])
+        else:
+            log.info("LM head + loss: Liger-Kernel fused linear cross-entropy")
+            return fused
     log.info("LM head + loss: chunks of %d positions", rows)
     return ChunkedCrossEntropy(rows)
