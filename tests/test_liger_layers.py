@@ -173,3 +173,15 @@ def test_a_model_with_none_of_the_known_modules_is_left_alone(stand_ins):
     before = kinds(model)
     assert liger_layers.settle(model, "auto", compiled=False) is None
     assert kinds(model) == before and not calls and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
+
+
+def test_the_real_package_loads_and_kernels_that_cannot_run_here_are_left_out(tiny_model, monkeypatch):
+    pytest.importorskip("liger_kernel.transformers.functional", reason="liger-kernel (with Triton) is not installed")
+    assert set(liger_layers.load()) == {"RMSNorm", "SwiGLU", "RoPE"}  # its public functions, where roletune calls them
+    monkeypatch.setattr(liger_layers, "DEVICES", {"cpu"})  # Triton has no CPU driver: every kernel fails here
+    model = tiny(tiny_model)
+    before = kinds(model)
+    line = liger_layers.settle(model, "auto", compiled=False)
+    assert line.startswith("layer kernels: PyTorch's, not Liger-Kernel's (RMSNorm failed: ")
+    assert "; SwiGLU failed: " in line and "; RoPE failed: " in line
+    assert kinds(model) == before and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
