@@ -89,7 +89,7 @@ def probe(model: nn.Module, kernels: dict) -> dict[str, str | None]:
     tokens, hidden = sum(PROBE_LENGTHS), config.hidden_size
     known, problems = _known(model), {}
     if "RMSNorm" in known:
-        norm = next(m for m in model.modules() if type(m).__name__ in NORMS)
+        norm = next(m for m in model.modules() if _kind(m) == "RMSNorm")
         weight, eps = 1 + draw(hidden) / 10, norm.variance_epsilon
         problems["RMSNorm"] = _differs(lambda x: kernels["RMSNorm"](x, weight, eps, 0.0, "llama", False),
                                        lambda x: LeanRMSNorm.apply(x, weight, eps), [draw(1, tokens, hidden)])
@@ -115,12 +115,14 @@ def probe(model: nn.Module, kernels: dict) -> dict[str, str | None]:
 def install(model: nn.Module, names: list[str]) -> None:
     """Give the model's known modules the kernels in `names` (which must be in _KERNELS)."""
     for module in model.modules():
-        kind = type(module).__name__
-        if "RMSNorm" in names and kind in NORMS:
+        kind = _kind(module)
+        if kind not in names:
+            continue
+        if kind == "RMSNorm":
             replace_forward(module, _norm_forward, "Liger")
-        elif "SwiGLU" in names and kind in MLPS and type(module.act_fn).__name__ in SILU:
+        elif kind == "SwiGLU":
             replace_forward(module, _mlp_forward, "Liger")
-        elif "RoPE" in names and kind in ATTENTIONS:
+        else:
             _route_rope(sys.modules[type(module).__module__])
 
 
@@ -157,16 +159,17 @@ def _route_rope(modeling) -> None:
 
 def _known(model: nn.Module) -> set[str]:
     """Which of the replaceable kinds the model has."""
-    kinds = set()
-    for module in model.modules():
-        kind = type(module).__name__
-        if kind in NORMS:
-            kinds.add("RMSNorm")
-        elif kind in MLPS and type(module.act_fn).__name__ in SILU:
-            kinds.add("SwiGLU")
-        elif kind in ATTENTIONS:
-            kinds.add("RoPE")
-    return kinds
+    return {_kind(module) for module in model.modules()} - {None}
+
+
+def _kind(module: nn.Module) -> str | None:
+    """What a kernel would replace in `module`: its RMSNorm, SwiGLU or RoPE, or None."""
+    kind = type(module).__name__
+    if kind in NORMS:
+        return "RMSNorm"
+    if kind in MLPS and type(module.act_fn).__name__ in SILU:
+        return "SwiGLU"
+    return "RoPE" if kind in ATTENTIONS else None
 
 
 def _first_line(exc: Exception) -> str:
@@ -177,7 +180,7 @@ def _rope_of(model: nn.Module):
     """(the rotary embedding module, the modeling module's own apply_rotary_pos_emb) of the model's known
     attention, or None."""
     rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
-    attention = next((m for m in model.modules() if type(m).__name__ in ATTENTIONS), None)
+    attention = next((m for m in model.modules() if _kind(m) == "RoPE"), None)
     if rotary is None or attention is None:
         return None
     modeling = sys.modules[type(attention).__module__]
