@@ -159,7 +159,7 @@ def test_cuda_graph_mode_pads_packed_batches_and_trains_the_same_adapter(short_r
     torch._dynamo.reset()
     counters.clear()
     got, got_log = short_run("graphs", train={"compile": "layers", "compile_mode": "reduce-overhead"}, **evaluated)
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 1  # one code for every layer and length
     assert len(lengths) == 4 and all(n < padded and padded % 64 == 0 for n, padded in lengths), lengths
     assert got_log == pytest.approx(want_log, rel=1e-5)
     for name in want:
@@ -170,10 +170,11 @@ def test_cuda_graph_mode_pads_packed_batches_and_trains_the_same_adapter(short_r
 
 
 def test_compiled_layers_share_their_code(config_file, monkeypatch):
-    """With every lever on (each replaces some module's forward), train.compile=layers compiles two codes for
-    four layers and two lengths: the first layer's (its input needs no gradient) and the others'. A forward
-    set per instance made torch.compile compile each layer on its own, and past its recompile limit (8,
-    a 7B model has 28) run the rest eagerly."""
+    """With every lever on (each replaces some module's forward), train.compile=layers compiles one code for
+    four layers and two lengths. A forward set per instance made torch.compile compile each layer on its own,
+    and past its recompile limit (8, a 7B model has 28) run the rest eagerly; and the first layer, whose input
+    is the frozen embeddings' output, took a code of its own until that output was marked as needing a
+    gradient."""
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -188,5 +189,8 @@ def test_compiled_layers_share_their_code(config_file, monkeypatch):
     for length in (7, 11):
         ids = torch.randint(0, 512, (1, length))
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"], dict(counters["graph_break"])
+    # Nothing in the graph keeps torch.compile from caching it for the next run (roletune's autograd
+    # Functions, such as the lean norm and MLP, are left out under compile).
+    assert counters["aot_autograd"]["total"] and not counters["aot_autograd"]["autograd_cache_bypass"]

@@ -240,8 +240,11 @@ def compile_decoder_layers(model, mode: str = "default") -> int:
 
     Whole-model compilation traces the model at once, the same decoder layer 28 times over for a 7B one;
     compiled one layer at a time, the layers share their compiled code (their weights are inputs to it,
-    not constants): two graphs in all, one for the first layer, whose input needs no gradient, and one
-    for every other. Sequence lengths are marked dynamic up front: every packed micro-batch has a new
+    not constants): one graph in all. The first layer's input, the frozen embeddings' output, needs no
+    gradient where every other layer's does, and torch.compile would compile that layer on its own (a
+    second graph, about 40% more compile time on the CPU); so the embeddings' output is marked as needing
+    one, which costs that layer's backward the input gradients of its projections (about 1% of a step's
+    matmuls for 28 layers). Sequence lengths are marked dynamic up front: every packed micro-batch has a new
     length, and a shape-specialised code would recompile for each. The LoRA, lean-activation and
     dropout-recompute code runs inside the compiled region, the loss and the optimizer outside.
     Checkpointed layers stay eager: torch.compile captures next to nothing of a layer whose forward runs
@@ -253,10 +256,18 @@ def compile_decoder_layers(model, mode: str = "default") -> int:
     every layer with a read of a ContextVar, which torch.compile cannot trace; compiled with the layer, it
     split each one into three compiled pieces.
     """
-    compiled = [layer for layer in decoder_layers(model) if not layer.gradient_checkpointing]
+    layers = decoder_layers(model)
+    compiled = [layer for layer in layers if not layer.gradient_checkpointing]
     for layer in compiled:
         replace_forward(layer, _compiled_forward(type(layer), mode), "Compiled")
+    if compiled and compiled[0] is layers[0]:
+        model.get_input_embeddings().register_forward_hook(_needs_grad_in_training)
     return len(compiled)
+
+
+def _needs_grad_in_training(module, args, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_()
 
 
 @functools.cache
