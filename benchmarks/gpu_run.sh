@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in one go and inside a time budget, what is least known first: the
-# training-speed comparison against the seed recipe (roletune's default path, profiled at its end), roletune
-# with Liger-Kernel's loss and layer kernels, roletune with its decoder layers compiled (profiled) and with
-# CUDA graphs, roletune with levers turned back in turn (the memory estimate next to the measured peaks),
-# roletune on a 4-bit base (QLoRA, bitsandbytes), a whole 3-epoch run of the fast config timed end to end
-# (benchmarks/run_time.py), then, with whatever time is left, decoding with the adapter
+# One GPU session's measurements, in one go and inside a time budget, what matters most first: the
+# training-speed comparison against the seed recipe (roletune's default path with Liger-Kernel's loss and layer
+# kernels, profiled at its end, without each of them, and with its layers replayed from CUDA graphs), a whole
+# 3-epoch run of the fast config with CUDA graphs timed end to end (benchmarks/run_time.py), roletune with its
+# decoder layers compiled (profiled) and with torch.compile's CUDA graphs, roletune with levers turned back in
+# turn (the memory estimate next to the measured peaks), roletune on a 4-bit base (QLoRA, bitsandbytes), then,
+# with whatever time is left, decoding with the adapter
 # (benchmarks/decode_time.py), the host time of a step's operators per lever (benchmarks/host_time.py) and
 # between steps (benchmarks/step_gap.py), what a checkpoint of the 7B adapter costs this host
 # (benchmarks/checkpoint_time.py), and the whole model compiled. Each run's figures are appended to
@@ -55,16 +56,18 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
-  # The seed recipe and roletune's default path (profiled).
-  timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --profile \
-      --steps "$steps" --shared "$shared" --out "$out/train_speed.jsonl" \
-      || echo "stopped by the time budget; rows so far are kept"
-  # With Liger-Kernel importable roletune's defaults take its loss and layer kernels: against roletune without
-  # each (chunked-head, torch-kernels), in one launch.
-  if [ -d "$site/liger_kernel" ] && [ "$(left)" -gt 90 ]; then
-    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(cap 100)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
-        --levers=chunked-head,torch-kernels --steps "$steps" --shared "$shared" --out "$out/train_speed_liger.jsonl" \
-        || echo "the Liger run failed or ran out of time"
+  # The seed recipe and roletune's default path (profiled: with Liger-Kernel importable, its loss and layer
+  # kernels), then in the same launch roletune without each of Liger's (chunked-head, torch-kernels) and roletune
+  # with its layers replayed from CUDA graphs (train.cuda_graphs, last).
+  PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} \
+      --profile --levers=chunked-head,torch-kernels --cuda-graphs --steps "$steps" --shared "$shared" \
+      --out "$out/train_speed.jsonl" || echo "stopped by the time budget; rows so far are kept"
+  # The target itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included (about
+  # 200 s with the defaults on the H200 of 2026-11-30), with CUDA graphs, and Liger-Kernel if it loads.
+  if [ "$(left)" -gt 200 ]; then
+    PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(($(left) - 30))" "$py" "$here/benchmarks/run_time.py" ${on[@]+"${on[@]}"} \
+        --peer-steps 0 --shared "$shared" --out "$out/run_time.jsonl" train.cuda_graphs=true ${whole[@]+"${whole[@]}"} 2>&1 \
+        | tail -40 || echo "the whole run failed or ran out of time"
   fi
   # roletune with its decoder layers compiled (profiled), the same with CUDA graphs, against roletune again.
   # On the H200 of 2026-11-30 compiling the layers took longer than 105 s (the launch's own ~30 s included):
@@ -81,12 +84,6 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
     PYTHONPATH=$PYTHONPATH:$site/bitsandbytes timeout "$(cap 90)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} --no-peer \
         --qlora --steps "$steps" --shared "$shared" --out "$out/train_speed_qlora.jsonl" \
         || echo "the QLoRA run failed or ran out of time"
-  fi
-  # The target itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included
-  # (about 200 s with the defaults on the H200 of 2026-11-30).
-  if [ "$(left)" -gt 250 ]; then
-    timeout "$(($(left) - 60))" "$py" "$here/benchmarks/run_time.py" ${on[@]+"${on[@]}"} --peer-steps 0 --shared "$shared" \
-        --out "$out/run_time.jsonl" ${whole[@]+"${whole[@]}"} 2>&1 | tail -40 || echo "the whole run failed or ran out of time"
   fi
   if [ "$(left)" -gt 60 ]; then  # what a tuned model's decoding costs beyond its base's, peft's forward and ours
     timeout 60 "$py" "$here/benchmarks/decode_time.py" --device "$dev" | tee "$out/decode_time.txt" \

@@ -14,6 +14,7 @@ usage:
                                                          # with CUDA graphs), whole
   python benchmarks/train_speed.py --no-peer --compile=layers,graphs  # by layer only
   python benchmarks/train_speed.py --no-peer --profile  # where a step's time goes: GPU busy or launching
+  python benchmarks/train_speed.py --cuda-graphs        # also roletune with its layers replayed from CUDA graphs
   python benchmarks/train_speed.py --qlora              # also roletune on a 4-bit base (its memory and speed)
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
          --model-config DIR, --out FILE.jsonl (append each run's figures as soon as it ends)
@@ -63,7 +64,10 @@ COMPILE = {"+compile-layers": ["train.compile=layers"],
            "+compile-layers-graphs": ["train.compile=layers", "train.compile_mode=reduce-overhead"],
            "+compile": ["train.compile=true"]}
 COMPILE_CHOICES = {"layers": "+compile-layers", "graphs": "+compile-layers-graphs", "true": "+compile"}
-VARIANTS = {"roletune": [], **LEVERS, **COMPILE, **QLORA}  # every variant's overrides, by name
+# The layers' forward and backward replayed from CUDA graphs recorded without torch.compile (train.cuda_graphs):
+# off by default, on only if this shows it pays.
+GRAPHS = {"+cuda-graphs": ["train.cuda_graphs=true"]}
+VARIANTS = {"roletune": [], **LEVERS, **COMPILE, **GRAPHS, **QLORA}  # every variant's overrides, by name
 PROFILED_STEPS = 3
 LOGGED_STEPS = 3  # their losses are shown beside the peer's
 TOP_OPERATORS = 15
@@ -83,6 +87,9 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const=",".join(COMPILE_CHOICES), default="",
                         help="also run roletune with its layers compiled (layers), the same with CUDA graphs (graphs), "
                              "the whole model compiled (true); --compile=layers,graphs: some of them")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also run roletune with its layers replayed from CUDA graphs (train.cuda_graphs), last "
+                             "in roletune's launch")
     parser.add_argument("--qlora", action="store_true",
                         help="also run roletune with its base quantised to 4 bits by bitsandbytes (QLoRA)")
     parser.add_argument("--no-peer", action="store_true", help="skip the seed recipe (compare roletune variants only)")
@@ -118,7 +125,9 @@ def main() -> None:
         # roletune and its levers in one launch (imports and CUDA's start paid once, each variant's memory freed
         # before the next); compiled layers and the 4-bit base each in their own, whose changes to the layers'
         # classes and to the loaded weights must not reach another variant.
-        launches = [["roletune", *levers], *([COMPILE_CHOICES[choice]] for choice in compiled),
+        # The graphed layers last in roletune's launch: a recording that went wrong could leave CUDA unusable.
+        graphs = list(GRAPHS) if args.cuda_graphs else []
+        launches = [["roletune", *levers, *graphs], *([COMPILE_CHOICES[choice]] for choice in compiled),
                     *([name] for name in (QLORA if args.qlora else {}))]
         for names in launches:
             # The default path and compiled layers: does a step wait on the GPU or on the host launching it?
@@ -205,7 +214,7 @@ def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) ->
     import torch
     from transformers import TrainerCallback
 
-    from roletune import attention, memory, train
+    from roletune import attention, layer_graphs, memory, train
     from roletune.config import config_from_dict
     from roletune.model import load_tokenizer, resolve_dtype
 
@@ -297,7 +306,7 @@ def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) ->
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                    estimated_peak_gib=round(decision.estimate.peak / memory.GiB, 2),
                    gradient_checkpointing=decision.checkpointing, attention=attention.active(model),
-                   checkpointed_layers=decision.layers,
+                   checkpointed_layers=decision.layers, cuda_graphs=layer_graphs.summary(model),
                    final_loss=output.training_loss, first_losses=[round(x, 4) for x in losses[:LOGGED_STEPS]])
         if profiler:
             row["profile"] = profiler.summary()

@@ -79,6 +79,40 @@ def test_the_counted_activations_are_what_autograd_keeps(saved_bytes):
     assert saved_bytes(model, forward) == pytest.approx(estimated, rel=0.06)
 
 
+def test_graphed_layers_keep_a_dropout_mask_per_projection_as_estimated(saved_bytes, monkeypatch):
+    """train.cuda_graphs: while a graph of the layers is recorded, the fused LoRA branch keeps its dropout mask
+    instead of redrawing it (roletune.layer_graphs): one mask element per input element of every adapted
+    projection, 1 byte on a GPU, the CPU's noise in the input's dtype (bf16) here."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from roletune import layer_graphs
+    from roletune.lora_fused import fuse_lora_layers
+    from roletune.model import apply_lora
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
+    lora = LoraConfig(r=8, dropout=0.1)
+    model = apply_lora(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa"),
+                       lora)
+    fuse_lora_layers(model)
+    model.train()
+    tokens = 120
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.base_model.model.model(input_ids=ids, use_cache=False)
+    eager = saved_bytes(model, forward)
+    monkeypatch.setattr(layer_graphs, "_capturing", True)
+    graphed = saved_bytes(model, forward)
+    inputs = sum(i for i, _ in memory.Shape.of(config).linears().values())  # the seven projections' input widths
+    assert graphed - eager == config.num_hidden_layers * tokens * inputs * 2  # bf16 noise on the CPU
+    per_token = [memory.estimate(config, lora, torch.bfloat16, 1, 0, 0, graphed=g).kept_activations
+                 for g in (False, True)]
+    assert per_token[1] - per_token[0] == config.num_hidden_layers * inputs  # 1-byte masks on a GPU
+
+
 def test_compiled_layers_keep_no_more_than_the_estimate(saved_bytes):
     """train.compile=layers: torch.compile decides what a compiled layer keeps for backward (it may recompute
     cheap elementwise results instead), so the estimate, made for roletune's eager layers, must stay an upper

@@ -101,9 +101,9 @@ GRAPHED_LENGTH_MULTIPLE = 64
 
 
 def length_multiple(train_cfg) -> int:
-    """What the length of a packed micro-batch is padded to a multiple of: 1 (no padding) unless compiled
-    code replays CUDA graphs."""
-    graphs = train_cfg.compile and train_cfg.compile_mode in CUDA_GRAPH_MODES
+    """What the length of a packed micro-batch is padded to a multiple of: 1 (no padding) unless CUDA graphs
+    are replayed (compiled code's, or train.cuda_graphs)."""
+    graphs = (train_cfg.compile and train_cfg.compile_mode in CUDA_GRAPH_MODES) or train_cfg.cuda_graphs
     return GRAPHED_LENGTH_MULTIPLE if graphs and train_cfg.packing else 1
 
 

@@ -160,6 +160,12 @@ class TrainConfig:
         "max-autotune: also tries kernel configurations while compiling (longer), with CUDA graphs; "
         "max-autotune-no-cudagraphs: without.",
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    cuda_graphs: bool = setting(
+        False, "Replay the decoder layers' forward and backward from CUDA graphs, recorded once per micro-batch "
+        "length (no torch.compile): the host launches two graphs a micro-batch instead of thousands of kernels. "
+        "Packed micro-batches are padded to a multiple of 64 tokens; LoRA dropout keeps its 1-byte masks. Needs a "
+        "GPU, one process, varlen attention and no checkpointed layer, else the layers run one by one, saying "
+        "why. Off by default: measure with benchmarks/train_speed.py before relying on it.")
     optim: str = setting(
         "adamw_torch_fused", "Optimizer (a transformers optimizer name). The default is transformers' own on torch "
         "2.8 and later: AdamW updating all the adapter's tensors in one fused operation; adamw_torch is the same "

@@ -84,10 +84,10 @@ def resolve(cfg, launch: Launch, device: torch.device):
             raise ConfigError("train.distributed=deepspeed: the deepspeed package is not installed (pip install deepspeed)")
         if not Path(t.deepspeed).is_file():
             raise ConfigError(f"train.deepspeed={t.deepspeed}: no such DeepSpeed config file")
-    from roletune.batching import length_multiple
+    from roletune.batching import CUDA_GRAPH_MODES
 
     accumulated = grad_accum(t, launch.world_size)
-    if accumulated > 1 and length_multiple(t) > 1:
+    if accumulated > 1 and t.compile and t.compile_mode in CUDA_GRAPH_MODES:
         # A gradient AccumulateGrad keeps from one micro-batch is memory the graphs reuse for the next one.
         raise ConfigError(f"train.compile_mode={t.compile_mode} replays CUDA graphs, which reuse their memory from "
                           f"one micro-batch to the next: train with one micro-batch per optimizer step "

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from roletune import layer_graphs
 from roletune.forwards import replace_forward
 
 
@@ -63,6 +64,8 @@ def _dropout_then_project(project: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return project.plain_forward(x)  # eval: no dropout; no_grad: nothing to keep anyway
     if torch.compiler.is_compiling():
         return checkpoint(_dropped_projection, x, project.weight, project.bias, project.dropout_p, use_reentrant=False)
+    if layer_graphs.capturing():  # a CUDA graph being recorded cannot restore the RNG state: autograd keeps x's copy
+        return _dropped_projection(x, project.weight, project.bias, project.dropout_p)
     return _RedrawnDropout.apply(x, project.weight, project.bias, project.dropout_p)
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from roletune import layer_graphs
 from roletune.forwards import replace_forward
 from roletune.lora_dropout import DeferredDropout, rng_state, set_rng_state
 
@@ -314,7 +315,8 @@ def _add_branch(result, x, dtype: torch.dtype, a, b) -> torch.Tensor:
 
 
 class _LoraBranch(torch.autograd.Function):
-    """result + scaling * lora_B(lora_A(dropout(x))), keeping x, the RNG state and the r-wide tensors.
+    """result + scaling * lora_B(lora_A(dropout(x))), keeping x, the RNG state (the mask, in a CUDA graph
+    recording: see roletune.layer_graphs) and the r-wide tensors.
     Written for little Python per call: it runs twice per adapted projection and step."""
 
     @staticmethod
@@ -322,20 +324,23 @@ class _LoraBranch(torch.autograd.Function):
         # dtype: what peft's F.linear computes in (_branch_dtype). Every operand is cast to it here, so autocast,
         # where it is on, has nothing left to cast.
         rows = x.reshape(-1, x.shape[-1])
-        if p:
+        mask = None
+        if p and layer_graphs.capturing():  # a recording cannot save and restore the RNG state: keep the mask
+            rows, mask = _dropout(rows, p)
+        elif p:
             ctx.rng = rng_state(x.device)
             rows = _dropout(rows, p)[0]
         # scaling * B: no separate multiply, forward or backward. `pair`: the plan's (_adapter_pair), else cast here.
         a, b = pair if pair is not None else _cast_pair(weight_a, weight_b, scaling, dtype)
         h = torch.mm(rows.to(dtype), a.t())
         out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
-        ctx.save_for_backward(x, a, b, h)
+        ctx.save_for_backward(x, a, b, h, mask)
         ctx.p, ctx.scaling, ctx.dtypes = p, scaling, (weight_a.dtype, weight_b.dtype)
         return out.view(result.shape).to(result.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b, h = ctx.saved_tensors
+        x, a, b, h, mask = ctx.saved_tensors
         _, needs_x, needs_a, needs_b = ctx.needs_input_grad[:4]
         rows = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         grad_x = grad_a = grad_b = None
@@ -343,7 +348,11 @@ class _LoraBranch(torch.autograd.Function):
             grad_b = _scaled(torch.mm(rows.t(), h), ctx.scaling, ctx.dtypes[1])
         if needs_x or needs_a:
             grad_h = torch.mm(rows, b)
-            dropped, mask = _redraw(x, ctx.p, ctx.rng) if ctx.p else (x.reshape(-1, x.shape[-1]), None)
+            dropped = x.reshape(-1, x.shape[-1])
+            if mask is not None:
+                dropped = _through_dropout(dropped, mask, ctx.p)  # x * mask / (1 - p), as the forward drew it
+            elif ctx.p:
+                dropped, mask = _redraw(x, ctx.p, ctx.rng)
             if needs_a:
                 grad_a = torch.mm(grad_h.t(), dropped.to(a.dtype)).to(ctx.dtypes[0])
             if needs_x:

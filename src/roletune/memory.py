@@ -149,14 +149,16 @@ class Estimate:
 
 
 def estimate(model_config, lora, dtype: torch.dtype, tokens_per_microbatch: int, labelled_positions: int,
-             checkpointed_layers: int, quantization: str | None = None, lean: bool = False) -> Estimate:
+             checkpointed_layers: int, quantization: str | None = None, lean: bool = False,
+             graphed: bool = False) -> Estimate:
     """Peak memory of one training micro-batch of `tokens_per_microbatch` tokens (padding included)
     whose logits are computed at `labelled_positions` positions, with the first `checkpointed_layers`
     decoder layers checkpointed (0 to num_hidden_layers).
 
     `model_config` is the base model's transformers config; `lora` has r, dropout and target_modules;
     `dtype` is the weights' dtype; `quantization` None, "4bit" or "8bit" (bitsandbytes, decoder Linears only);
-    `lean` whether RMSNorm and SwiGLU keep only their inputs (train.lean_activations).
+    `lean` whether RMSNorm and SwiGLU keep only their inputs (train.lean_activations); `graphed` whether the
+    layers replay CUDA graphs (train.cuda_graphs), where LoRA dropout keeps its masks.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS}")
@@ -165,7 +167,7 @@ def estimate(model_config, lora, dtype: torch.dtype, tokens_per_microbatch: int,
         raise ValueError(f"checkpointed_layers={checkpointed_layers!r}: expected a count from 0 to {shape.layers}")
     size = torch.empty((), dtype=dtype).element_size()
     targets = {name: dims for name, dims in shape.linears().items() if name in adapted_modules(lora)}
-    per_layer = layer_activation_bytes(shape, targets, size, lora, lean)
+    per_layer = layer_activation_bytes(shape, targets, size, lora, lean, graphed)
     final_norm = norm_bytes(shape, size, lean)  # the last RMSNorm is outside the checkpointed layers
     full_layers = shape.layers - checkpointed_layers
     kept = tokens_per_microbatch * (checkpointed_layers * shape.hidden * size + full_layers * per_layer + final_norm)
@@ -181,12 +183,12 @@ def adapted_modules(lora) -> list[str]:
 
 
 def layer_activation_bytes(shape: Shape, targets: dict[str, tuple[int, int]], size: int, lora,
-                           lean: bool = False) -> int:
+                           lean: bool = False, graphed: bool = False) -> int:
     """Bytes one decoder layer keeps for backward, per token (the table in the module docstring)."""
     norms = 2 * norm_bytes(shape, size, lean)
     attention = 4 * shape.heads * shape.head_dim * size + 4 * shape.heads  # + sdpa's fp32 logsumexp
     mlp = (2 if lean else 3) * shape.intermediate * size
-    return norms + attention + mlp + lora_input_bytes(targets, size, lora)
+    return norms + attention + mlp + lora_input_bytes(targets, size, lora, graphed)
 
 
 def norm_bytes(shape: Shape, size: int, lean: bool) -> int:
@@ -198,17 +200,19 @@ def norm_bytes(shape: Shape, size: int, lean: bool) -> int:
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def lora_input_bytes(targets: dict[str, tuple[int, int]], size: int, lora) -> int:
-    """What the LoRA layers keep of their inputs for lora_A's backward, per token."""
+def lora_input_bytes(targets: dict[str, tuple[int, int]], size: int, lora, graphed: bool = False) -> int:
+    """What the LoRA layers keep of their inputs for lora_A's backward, per token. `graphed`: in CUDA graphs
+    (roletune.layer_graphs) dropout keeps its 1-byte masks, and without the fused branch its dropped copies."""
     dropout = lora.dropout > 0
-    if lora.dtype == "fp32" or (dropout and not lora.recompute_dropout):
+    if lora.dtype == "fp32" or (dropout and not lora.recompute_dropout) or (graphed and dropout and not lora.fused):
         # A copy per projection: peft's fp32 cast (autocast hands lora_A a 16-bit copy of it) or the
         # dropped-out input, plus a 1-byte mask with dropout. Without dropout the fp32 cast keeps one copy
         # per projection too.
         return sum(i for i, _ in targets.values()) * (size + (1 if dropout else 0))
     # The input itself, once per tensor (roletune.lora_dropout redraws the dropout in backward).
     read = [next((targets[name][0] for name in names if name in targets), 0) for names in SHARED_INPUTS]
-    return sum(read) * size
+    masks = sum(i for i, _ in targets.values()) if graphed and dropout else 0
+    return sum(read) * size + masks
 
 
 def weight_bytes(shape: Shape, size: int, quantization: str | None) -> int:
@@ -416,7 +420,7 @@ def for_run(cfg, examples, device: torch.device, dtype: torch.dtype, model_confi
     quantization = None if cfg.model.quantization == "none" else cfg.model.quantization
     tokens = padded_length(microbatch.tokens, length_multiple(t))  # the padding under CUDA graphs, if any
     estimates = tuple(estimate(model_config, cfg.lora, dtype, tokens, positions, k, quantization,
-                               lean=t.lean_activations)
+                               lean=t.lean_activations, graphed=t.cuda_graphs)
                       for k in range(model_config.num_hidden_layers + 1))
     on_gpu = device.type == "cuda" if on_gpu is None else on_gpu
     return decide(t.gradient_checkpointing, estimates, usable_bytes(device, t.memory_budget_gib), on_gpu, microbatch)

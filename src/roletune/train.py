@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from roletune import attention, distributed, liger_layers, memory, preflight, run_dir
+from roletune import attention, distributed, layer_graphs, liger_layers, memory, preflight, run_dir
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.errors import DataError
@@ -143,6 +143,8 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     if cfg.train.compile == "layers":
         count = compile_decoder_layers(model, cfg.train.compile_mode)
         echo(f"torch.compile ({cfg.train.compile_mode}): {count} decoder layers, compiled during the first steps")
+    if cfg.train.cuda_graphs:
+        echo(layer_graphs.settle(model, cfg, distributed.current().world_size))
     echo_trainable(model, echo)
     return model
 
@@ -212,6 +214,7 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent
         "estimated_peak_gib": round(decision.estimate.peak / memory.GiB, 2),
         "gradient_checkpointing": decision.checkpointing,
         "checkpointed_layers": decision.layers,  # the first this many decoder layers
+        "cuda_graphs": layer_graphs.summary(trainer.model),  # train.cuda_graphs: recordings made, time spent
         "decoder_layers": decision.total_layers,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "final_train_loss": series["train"][-1][1] if series["train"] else None,

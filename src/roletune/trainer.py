@@ -2,6 +2,7 @@
 asked for (not Trainer's cuda:0), the collator, and callbacks that keep checkpoints self-describing."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -9,7 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 
-from roletune import attention, checkpoints, distributed, epoch_order, run_dir
+from roletune import attention, checkpoints, distributed, epoch_order, layer_graphs, run_dir
 from roletune.batching import (ReplyLossTrainer, length_multiple, make_collator, pad_packed, with_held_out_loss,
                                with_reply_index)
 from roletune.config import Config
@@ -199,6 +200,8 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
                             callbacks=[*callbacks, guard])  # the guard last: see NonFiniteGuard
     guard.step_grad_norm = trainer.take_step_grad_norm
     trainer.time_spent = time_spent
+    if t.cuda_graphs and not layer_graphs.installed(model):  # refused (on the CPU, say): nothing to pad for
+        t = dataclasses.replace(t, cuda_graphs=False)
     trainer.length_multiple = length_multiple(t)
     trainer.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The resolved config goes inside every checkpoint, under its manifest: any checkpoint is self-describing.

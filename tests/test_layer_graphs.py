@@ -1,0 +1,210 @@
+"""train.cuda_graphs (roletune.layer_graphs) on the CPU, through a stand-in with a CUDA graph's semantics.
+
+EmulatedGraph records the operators run while capturing, with the very tensors they read and wrote, and a
+replay runs them again on those tensors. A replay therefore sees what a CUDA graph's would: the memory that
+was captured, changed in place since, but never a tensor made since (a stale adapter copy, a gradient set
+anew, an input not copied in). Capturing changes no tensor that existed before (a CUDA graph runs nothing
+while recording), and reading a value back to the host while capturing fails, as it does on a GPU. The
+recording itself (torch.cuda.CUDAGraph) is what only a GPU can check.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from roletune import attention, layer_graphs, lora_fused
+from roletune.config import load_config
+
+
+class EmulatedGraph:
+    def __init__(self):
+        self.ops = []
+
+    @contextlib.contextmanager
+    def capture(self):
+        with _Recorder(self.ops):
+            yield
+
+    def replay(self) -> None:
+        with torch.no_grad():
+            for func, args, kwargs, kept in self.ops:
+                result = func(*args, **kwargs)
+                for new, old in zip(tree_leaves(result), tree_leaves(kept)):
+                    if isinstance(old, torch.Tensor) and not _same_memory(new, old):
+                        old.copy_(new)
+
+
+def _same_memory(a, b) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, ops: list):
+        super().__init__()
+        self.ops, self.made = ops, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError(f"{func}: a value read back to the host while capturing")
+        older = [t for t in _written(func, args, kwargs) if t.untyped_storage().data_ptr() not in self.made]
+        before = [t.clone() for t in older]
+        out = func(*args, **kwargs)
+        for tensor, value in zip(older, before):  # capturing runs nothing
+            tensor.copy_(value)
+        self.made.update(t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _written(func, args, kwargs) -> list:
+    tensors = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(argument.name)
+        tensors += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+def test_the_emulated_graph_replays_the_memory_it_captured():
+    """The stand-in's own check: a replay reads tensors changed in place, not a tensor put in their place."""
+    weight, total = torch.ones(3), torch.zeros(3)
+    graph = EmulatedGraph()
+    with graph.capture():
+        out = weight * 2
+        total.add_(out)
+    assert total.tolist() == [0, 0, 0]  # capturing ran nothing on what existed before
+    graph.replay()
+    assert out.tolist() == [2, 2, 2] and total.tolist() == [2, 2, 2]
+    weight.fill_(3)
+    graph.replay()
+    assert out.tolist() == [6, 6, 6] and total.tolist() == [8, 8, 8]
+    weight = torch.full((3,), 5.0)  # a new tensor: the graph never sees it
+    graph.replay()
+    assert out.tolist() == [6, 6, 6]
+    with pytest.raises(RuntimeError, match="read back to the host"), graph.capture():
+        (weight * 2).sum().item()
+
+
+def masked_attention(query, key, value, cu_seq_lens, scale):
+    """attention.per_example's result with the boundaries read on the device (the CPU reference reads them on
+    the host, which a graph would fix at the captured micro-batch's; the GPU's flash kernel reads the tensor)."""
+    tokens = query.shape[0]
+    example = torch.searchsorted(cu_seq_lens[1:].contiguous(), torch.arange(tokens), right=True)
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    mask = (example[:, None] == example[None, :]) & causal
+    out = F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """train.cuda_graphs on the CPU: the layers graphed with EmulatedGraph; returns the runners installed."""
+    runners = []
+    install = layer_graphs.install
+
+    def install_emulated(model, new_graph=None):
+        runners.append(install(model, EmulatedGraph))
+        return runners[-1]
+    monkeypatch.setattr(layer_graphs, "refusal", lambda *args: None)
+    monkeypatch.setattr(layer_graphs, "install", install_emulated)
+    monkeypatch.setattr(attention, "per_example", masked_attention)
+    return runners
+
+
+VARLEN = {"attn_implementation": "varlen"}
+
+
+def test_graphed_layers_train_the_eager_adapter(short_run, tiny_model, emulated, tmp_path):
+    """Four steps of two micro-batches each (gradients added across them by the backward graph), padded to a
+    multiple of 64 tokens: the losses, gradient norms and adapter of the eager run. Sample answers and the
+    held-out loss run eagerly, recording nothing."""
+    model = {"path": str(tiny_model), "device": "cpu", **VARLEN}
+    sections = {"model": model, "data": {"eval_size": 2}, "eval": {"samples": 1, "max_new_tokens": 3, "steps": 2},
+                "train": {"grad_accum": 2, "batch_size": 2}}
+    want, want_log = short_run("eager", **sections)
+    got, got_log = short_run("graphs", **{**sections, "train": {**sections["train"], "cuda_graphs": True}})
+    (runner,) = emulated
+    assert runner.recordings and len(runner.recordings) < 8  # recorded per length, replayed for the rest
+    assert all(key[1][0][0][1] % 64 == 0 for key in runner.recordings)  # (1, T, hidden): T padded
+    summary = json.loads((tmp_path / "graphs" / "train_summary.json").read_text())["cuda_graphs"]
+    assert summary["recordings"] == len(runner.recordings) and summary["failed"] is None
+    assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-4)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_graphed_layers_with_dropout_train(short_run, tiny_model, emulated):
+    """With LoRA dropout the recorded masks are new draws each replay (kept for backward, not redrawn): the
+    run trains, its losses close to eager's, not equal."""
+    model = {"path": str(tiny_model), "device": "cpu", **VARLEN}
+    lora = {"r": 4, "alpha": 8, "dropout": 0.1}
+    _, want_log = short_run("eager", model=model, lora=lora)
+    _, got_log = short_run("graphs", model=model, lora=lora, train={"cuda_graphs": True})
+    assert got_log != want_log and got_log == pytest.approx(want_log, rel=0.2)
+
+
+def test_a_recording_keeps_the_dropout_mask_and_differentiates_through_it(monkeypatch):
+    """While a graph is recorded the fused LoRA branch keeps its mask instead of the RNG state: the gradients
+    are those of result + scaling * B A dropout(x) with that same mask."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, requires_grad=True)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    result, grad = torch.randn(5, 8), torch.randn(5, 8)
+    monkeypatch.setattr(layer_graphs, "_capturing", True)
+    state = torch.get_rng_state()
+    out = lora_fused._LoraBranch.apply(result, x, a, b, 2.0, 0.25, torch.float32, None)
+    out.backward(grad)
+    torch.set_rng_state(state)
+    noise = torch.empty(5, 16).bernoulli_(0.75).div_(0.75)  # the mask _dropout drew on the CPU
+    x2, a2, b2 = (t.detach().requires_grad_() for t in (x, a, b))
+    want = result + 2.0 * (x2 * noise) @ a2.t() @ b2.t()
+    want.backward(grad)
+    torch.testing.assert_close(out, want)
+    for got, expected in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_off_the_gpu_the_layers_run_one_by_one_and_nothing_is_padded(config_file, short_run, tiny_model, monkeypatch):
+    from roletune import train, trainer
+
+    model = {"path": str(tiny_model), "device": "cpu", **VARLEN}
+    lines = []
+    built = train.build_model(load_config(config_file(model=model, train={"cuda_graphs": True})), torch.device("cpu"),
+                              echo=lines.append)
+    assert "CUDA graphs: off, the layers run one by one (they need a GPU)" in lines
+    assert not layer_graphs.installed(built)
+
+    def no_padding(*args):
+        raise AssertionError("padded for graphs that were refused")
+    monkeypatch.setattr(trainer, "pad_packed", no_padding)
+    _, log = short_run("refused", model=model, train={"cuda_graphs": True})
+    assert len(log) == 8
+
+
+def test_a_recording_that_fails_leaves_the_layers_to_run_one_by_one(short_run, tiny_model, emulated, caplog):
+    """An optimisation never ends a run: a recording that raises (here: a value read back to the host while
+    capturing, which the CPU's per-example attention does) is reported once, and training goes on eagerly."""
+    model = {"path": str(tiny_model), "device": "cpu", **VARLEN}
+    _, want_log = short_run("eager", model=model)
+    attention_on_device = attention.per_example
+
+    def host_read(*args):
+        args[3].sum().item()
+        return attention_on_device(*args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "per_example", host_read)
+        _, got_log = short_run("graphs", model=model, train={"cuda_graphs": True})
+    (runner,) = emulated
+    assert not runner.recordings and "read back to the host" in runner.failed
+    assert [r.message for r in caplog.records if "CUDA graphs" in r.message] == [
+        f"CUDA graphs: recording the layers failed ({runner.failed}); they run one by one from now on"]
+    assert got_log == pytest.approx(want_log, rel=1e-5)
