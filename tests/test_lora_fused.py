@@ -401,3 +401,24 @@ def test_a_kept_plan_is_not_used_once_the_adapter_is_switched_off(small_lora_mod
         with reference.disable_adapter():
             want = reference(input_ids=torch.tensor([[17]]), past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_each_dtypes_copies_are_made_once_and_refreshed_in_place(small_lora_model):
+    """Training under bf16 autocast and sample answers without it alternate between bf16 and fp32 copies of
+    the adapter. Each dtype's copies stay the same tensors all run, refreshed in place: CUDA graphs
+    (roletune.layer_graphs) read the training copies by address, so new ones would leave them stale."""
+    model = small_lora_model()
+    fuse_lora_layers(model)
+    copies = lora_fused._copies[lora_layers(model)[0]]
+    step(model, autocast=True)
+    trained = copies.a[0]
+    assert trained.dtype == torch.bfloat16
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.arange(3, 9)[None], use_cache=False)
+    assert copies.a[0].dtype == torch.float32
+    with torch.no_grad():
+        lora_layers(model)[0].lora_A["default"].weight.add_(1.0)
+    step(model, autocast=True)
+    assert copies.a[0] is trained  # the same tensor, with the new weight in it
+    torch.testing.assert_close(trained, lora_layers(model)[0].lora_A["default"].weight.to(torch.bfloat16))

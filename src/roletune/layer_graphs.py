@@ -149,6 +149,7 @@ class LayerRunner:
         self.pool = None
         self.failed: str | None = None  # why a recording failed, after which the layers run one by one
         self.recording_s = 0.0  # the host's time spent recording (warm-ups included)
+        self.grads: list = [None] * len(self.weights)  # the .grad tensors the backward graphs add into
 
     def __call__(self, hidden_states, *args, **kwargs):
         if args or not self._graphable(hidden_states, kwargs):
@@ -230,7 +231,7 @@ class LayerRunner:
     def attach_grads(self) -> None:
         """Give every adapter weight the .grad tensor the backward graphs add into: the one it had when the
         first recording was made. Trainer and the optimizer clear gradients by setting them to None."""
-        grads = self.__dict__.setdefault("grads", [None] * len(self.weights))
+        grads = self.grads
         cleared = []
         for i, weight in enumerate(self.weights):
             grad = weight.grad

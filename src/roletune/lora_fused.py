@@ -197,6 +197,9 @@ class AdapterCopies:
         self.sources_b = [layer.lora_B[name].weight for layer, name in self.entries]
         self.input_dtype = layers[0].base_layer.weight.dtype  # what hidden states come in as without autocast
         self.dtype, self.a, self.b, self.scalings = None, [], [], []
+        # Every dtype's copies, made once and refreshed in place: training (bf16 under autocast) and sample
+        # answers (fp32) alternate, and CUDA graphs (roletune.layer_graphs) read the training copies by address.
+        self.by_dtype: dict = {}
         self.plans = None  # (the state they hold for, every layer's _Plan), as the last forward made them
 
     def refresh(self, module, args, kwargs) -> None:
@@ -224,11 +227,12 @@ class AdapterCopies:
             layer.__dict__[PLAN] = plan
 
     def _copy(self, dtype: torch.dtype) -> None:
-        if dtype != self.dtype:
+        if dtype not in self.by_dtype:
             with torch.inference_mode(False):  # made during generation, still written by training forwards
-                self.a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
-                self.b = [torch.empty_like(w, dtype=dtype) for w in self.sources_b]
-            self.dtype = dtype
+                self.by_dtype[dtype] = ([torch.empty_like(w, dtype=dtype) for w in self.sources_a],
+                                        [torch.empty_like(w, dtype=dtype) for w in self.sources_b])
+        self.a, self.b = self.by_dtype[dtype]
+        self.dtype = dtype
         self.scalings = [layer.scaling[name] for layer, name in self.entries]
         with torch.no_grad():
             torch._foreach_copy_(self.a, self.sources_a)
