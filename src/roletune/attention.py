@@ -23,6 +23,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from roletune.errors import first_line
+
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
@@ -207,7 +209,7 @@ def probe(config, device: torch.device, dtype: torch.dtype) -> str | None:
     try:
         got = _output_and_grads(lambda *qkv: flash_varlen(*qkv, cu_seq_lens, max(lengths), scale), q, k, v, grad)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
-        return f"the kernel failed: {str(exc).strip().splitlines()[0][:160]}"
+        return f"the kernel failed: {first_line(exc, 160)}"
     want = _output_and_grads(lambda *qkv: per_example(*qkv, cu_seq_lens, scale),
                              q.float(), k.float(), v.float(), grad.float())
     for name, a, b in zip(("output", "query gradient", "key gradient", "value gradient"), got, want):

@@ -1,6 +1,20 @@
 """Errors a user can act on. The CLI prints any of them as one line, without a traceback."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name where it has none), cut at `limit`
+    characters: the part of a library's error worth one line of ours."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if limit is None else line[:limit]
+
+
+def brief(exc: BaseException) -> str:
+    """`Type: first line` of an exception (160 characters at most), for a line saying why something was
+    left out."""
+    return f"{type(exc).__name__}: {first_line(exc, 160)}"
+
+
 class RoletuneError(Exception):
     """Something the user can fix: bad input, a missing file, an impossible setting."""
 

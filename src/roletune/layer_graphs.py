@@ -38,6 +38,8 @@ import time
 import torch
 from torch import nn
 
+from roletune.errors import brief
+
 log = logging.getLogger(__name__)
 _capturing = False  # while a recording is made: roletune's LoRA dropout keeps its mask (see capturing())
 
@@ -165,7 +167,7 @@ class LayerRunner:
                 recording = self.recordings[key] = self._record(names, tensors, kwargs)
                 self.recording_s += time.perf_counter() - started
             except Exception as exc:  # noqa: BLE001 - a run must not end on an optimisation: it goes on without
-                self.failed = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+                self.failed = brief(exc)
                 log.warning("CUDA graphs: recording the layers failed (%s); they run one by one from now on",
                             self.failed)
                 return self._one_by_one(hidden_states, **kwargs)

@@ -26,6 +26,7 @@ import sys
 import torch
 from torch import nn
 
+from roletune.errors import brief
 from roletune.forwards import replace_forward
 from roletune.lean_activations import MLPS, NORMS, SILU, LeanRMSNorm, LeanSiLUMul
 
@@ -52,7 +53,7 @@ def settle(model: nn.Module, choice, compiled) -> str | None:
         kernels = load()
         problems = probe(model, kernels)
     except Exception as exc:  # noqa: BLE001 - an optional package that cannot load or run here must not stop the run
-        return f"layer kernels: PyTorch's, not Liger-Kernel's ({type(exc).__name__}: {_first_line(exc)})"
+        return f"layer kernels: PyTorch's, not Liger-Kernel's ({brief(exc)})"
     used = [name for name, problem in problems.items() if problem is None]
     if "RoPE" not in used:
         restore()  # the routing is per modeling module, not per model: one whose RoPE is refused takes it back
@@ -172,10 +173,6 @@ def _kind(module: nn.Module) -> str | None:
     return "RoPE" if kind in ATTENTIONS else None
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:160]
-
-
 def _rope_of(model: nn.Module):
     """(the rotary embedding module, the modeling module's own apply_rotary_pos_emb) of the model's known
     attention, or None."""
@@ -191,7 +188,7 @@ def _differs(theirs, ours, inputs: list[torch.Tensor]) -> str | None:
     try:
         got = _outputs_and_grads(theirs, inputs)
     except Exception as exc:  # noqa: BLE001 - whatever stops a kernel here (Triton, this GPU, this dtype) leaves it out
-        return f"failed: {type(exc).__name__}: {_first_line(exc)}"
+        return f"failed: {brief(exc)}"
     want = _outputs_and_grads(ours, inputs)
     for a, b in zip(got, want):
         error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from roletune.errors import brief
 from roletune.tokenize import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,7 @@ def head_loss_for(choice: str, rows: int, device: torch.device, sharded: bool):
         try:
             fused = LigerCrossEntropy()
         except Exception as exc:  # noqa: BLE001 - an optional package that cannot load here must not stop the run
-            log.warning("LM head + loss: chunked, not Liger-Kernel's (%s: %s)", type(exc).__name__,
-                        (str(exc).strip().splitlines() or [""])[0][:160])
+            log.warning("LM head + loss: chunked, not Liger-Kernel's (%s)", brief(exc))
         else:
             log.info("LM head + loss: Liger-Kernel fused linear cross-entropy")
             return fused

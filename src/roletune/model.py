@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from roletune import attention
-from roletune.errors import ConfigError, ModelError
+from roletune.errors import ConfigError, ModelError, first_line
 from roletune.forwards import replace_forward
 from roletune.lora_dropout import recompute_lora_dropout
 
@@ -60,7 +60,7 @@ def resolve_source(location: str, trust_remote_code: bool = False) -> str:
     try:
         return snapshot_download(location.removeprefix("modelscope:"))
     except Exception as exc:  # modelscope raises many types; the message is what the user needs
-        raise ModelError(f"{location}: ModelScope download failed ({_first_line(exc)})") from None
+        raise ModelError(f"{location}: ModelScope download failed ({first_line(exc)})") from None
 
 
 def load_tokenizer(model_cfg):
@@ -72,7 +72,7 @@ def load_tokenizer(model_cfg):
         tokenizer = AutoTokenizer.from_pretrained(
             resolve_source(location), trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{location}: cannot load the tokenizer ({_first_line(exc)})") from None
+        raise ModelError(f"{location}: cannot load the tokenizer ({first_line(exc)})") from None
     if not tokenizer.chat_template:
         raise ModelError(f"{location}: the tokenizer has no chat template; use an instruct/chat model's tokenizer "
                          "or set model.tokenizer to one")
@@ -97,7 +97,7 @@ def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
     except (OSError, ValueError, ImportError) as exc:
         hint = ("; only safetensors weights are loaded: set model.allow_pickle=true to load pickle weights you trust"
                 if not model_cfg.allow_pickle and "safetensors" in str(exc) else "")
-        raise ModelError(f"{model_cfg.path}: cannot load the model ({_first_line(exc)}){hint}") from None
+        raise ModelError(f"{model_cfg.path}: cannot load the model ({first_line(exc)}){hint}") from None
     return model
 
 
@@ -155,7 +155,7 @@ def load_model_config(model_cfg):
         return AutoConfig.from_pretrained(resolve_source(model_cfg.path), trust_remote_code=model_cfg.trust_remote_code,
                                           revision=model_cfg.revision)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{model_cfg.path}: cannot read the model config ({_first_line(exc)})") from None
+        raise ModelError(f"{model_cfg.path}: cannot read the model config ({first_line(exc)})") from None
 
 
 def build_meta_model(model_cfg):
@@ -188,7 +188,7 @@ def apply_lora(model, lora_cfg, checkpointed_layers: int = 0):
         # peft upcasts bf16/fp16 adapter weights to fp32 unless told not to.
         model = peft.get_peft_model(model, config, autocast_adapter_dtype=lora_cfg.dtype != "bf16")
     except ValueError as exc:
-        raise ConfigError(f"lora.target_modules={lora_cfg.target_modules}: {_first_line(exc)}") from None
+        raise ConfigError(f"lora.target_modules={lora_cfg.target_modules}: {first_line(exc)}") from None
     if lora_cfg.dtype == "bf16":
         # peft gives an adapter its base layer's float dtype; an LLM.int8 layer has none, so it stays fp32.
         for name, param in model.named_parameters():
@@ -308,7 +308,3 @@ def _cast_inputs_unless_autocast(module, args) -> None:
         if module.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
             module.cast_input_dtype_enabled = cast
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from roletune.errors import RoletuneError, RunError
+from roletune.errors import RoletuneError, RunError, first_line
 
 STATE_NAME = "trainer_state.json"
 LOSS_PNG = "loss.png"
@@ -28,7 +28,7 @@ def read_log_history(run: str | Path) -> list[dict]:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
-        raise RunError(f"{path}: not valid JSON ({_first_line(err)}); the file is damaged or half-written") from None
+        raise RunError(f"{path}: not valid JSON ({first_line(err)}); the file is damaged or half-written") from None
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise RunError(f"{path}: no log_history list; not a Trainer state file")
@@ -82,9 +82,6 @@ def _state_file(run: Path) -> Path:
                        "is this a roletune run folder?")
     return max(checkpoints)[1]
 
-
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:

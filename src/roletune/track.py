@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from roletune.config import Config, dump_config, to_dict
+from roletune.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def open_tracker(cfg: Config) -> Tracker:
         return kinds[cfg.train.report_to](cfg)
     except Exception as exc:  # trackers are a convenience: the run goes on without one
         log.warning("train.report_to=%s could not start (%s); continuing without a tracker",
-                    cfg.train.report_to, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    cfg.train.report_to, first_line(exc))
         return Tracker()
 
 
