@@ -152,9 +152,13 @@ def test_graphed_layers_with_dropout_train(short_run, tiny_model, emulated):
     assert got_log != want_log and got_log == pytest.approx(want_log, rel=0.2)
 
 
-def test_a_recording_keeps_the_dropout_mask_and_differentiates_through_it(monkeypatch):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_a_recording_keeps_the_dropout_mask_and_differentiates_through_it(monkeypatch, kernel):
     """While a graph is recorded the fused LoRA branch keeps its mask instead of the RNG state: the gradients
-    are those of result + scaling * B A dropout(x) with that same mask."""
+    are those of result + scaling * B A dropout(x) with that same mask. kernel: the fused dropout kernel's
+    bool mask (a GPU's; run here on the CPU), kept 8 elements a byte; else the CPU's float noise."""
+    if kernel:
+        monkeypatch.setattr(lora_fused, "FUSED_DROPOUT_DEVICES", {"cpu"})
     torch.manual_seed(0)
     x = torch.randn(5, 16, requires_grad=True)
     a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
@@ -164,7 +168,10 @@ def test_a_recording_keeps_the_dropout_mask_and_differentiates_through_it(monkey
     out = lora_fused._LoraBranch.apply(result, x, a, b, 2.0, 0.25, torch.float32, None)
     out.backward(grad)
     torch.set_rng_state(state)
-    noise = torch.empty(5, 16).bernoulli_(0.75).div_(0.75)  # the mask _dropout drew on the CPU
+    if kernel:
+        noise = torch.native_dropout(torch.ones(5, 16), 0.25, True)[0]
+    else:
+        noise = torch.empty(5, 16).bernoulli_(0.75).div_(0.75)  # the mask _dropout drew on the CPU
     x2, a2, b2 = (t.detach().requires_grad_() for t in (x, a, b))
     want = result + 2.0 * (x2 * noise) @ a2.t() @ b2.t()
     want.backward(grad)

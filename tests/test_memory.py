@@ -82,10 +82,11 @@ def test_the_counted_activations_are_what_autograd_keeps(saved_bytes):
 def test_graphed_layers_keep_a_dropout_mask_per_projection_as_estimated(saved_bytes, monkeypatch):
     """train.cuda_graphs: while a graph of the layers is recorded, the fused LoRA branch keeps its dropout mask
     instead of redrawing it (roletune.layer_graphs): one mask element per input element of every adapted
-    projection, 1 byte on a GPU, the CPU's noise in the input's dtype (bf16) here."""
+    projection, a bit each where the mask is the fused kernel's bool one (a GPU's, run here on the CPU), the
+    CPU's own noise in the input's dtype (bf16) otherwise."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from roletune import layer_graphs
+    from roletune import layer_graphs, lora_fused
     from roletune.lora_fused import fuse_lora_layers
     from roletune.model import apply_lora
 
@@ -108,9 +109,12 @@ def test_graphed_layers_keep_a_dropout_mask_per_projection_as_estimated(saved_by
     graphed = saved_bytes(model, forward)
     inputs = sum(i for i, _ in memory.Shape.of(config).linears().values())  # the seven projections' input widths
     assert graphed - eager == config.num_hidden_layers * tokens * inputs * 2  # bf16 noise on the CPU
+    monkeypatch.setattr(lora_fused, "FUSED_DROPOUT_DEVICES", {"cpu"})  # the bool masks of CUDA's kernel
+    packed = saved_bytes(model, forward) - eager
+    assert packed == config.num_hidden_layers * tokens * inputs // 8
     per_token = [memory.estimate(config, lora, torch.bfloat16, 1, 0, 0, graphed=g).kept_activations
                  for g in (False, True)]
-    assert per_token[1] - per_token[0] == config.num_hidden_layers * inputs  # 1-byte masks on a GPU
+    assert per_token[1] - per_token[0] == config.num_hidden_layers * inputs // 8
 
 
 def test_compiled_layers_keep_no_more_than_the_estimate(saved_bytes):

@@ -163,7 +163,7 @@ class TrainConfig:
     cuda_graphs: bool = setting(
         False, "Replay the decoder layers' forward and backward from CUDA graphs, recorded once per micro-batch "
         "length (no torch.compile): the host launches two graphs a micro-batch instead of thousands of kernels. "
-        "Packed micro-batches are padded to a multiple of 64 tokens; LoRA dropout keeps its 1-byte masks. Needs a "
+        "Packed micro-batches are padded to a multiple of 64 tokens; LoRA dropout keeps its masks (a bit an element). Needs a "
         "GPU, one process, varlen attention and no checkpointed layer, else the layers run one by one, saying "
         "why. Off by default: measure with benchmarks/train_speed.py before relying on it.")
     optim: str = setting(

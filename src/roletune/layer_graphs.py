@@ -14,7 +14,7 @@ A graph replays fixed shapes on fixed memory, so:
 - the backward graph adds the gradients into the adapter weights' .grad tensors, as autograd would: those
   tensors must stay the same, so any that were cleared (Trainer sets them to None every step) are put back,
   zeroed, before a replay;
-- LoRA dropout keeps its 1-byte mask for backward instead of redrawing it from the saved RNG state,
+- LoRA dropout keeps its mask for backward, 8 elements a byte, instead of redrawing it from the saved RNG state,
   which cannot be set during a recording (so the masks differ from eager's, not their distribution).
 The graphs of all shapes share one memory pool: a forward is always followed by its own backward before
 another shape replays (one micro-batch at a time), so what one recording frees the next may reuse.

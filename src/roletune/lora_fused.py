@@ -331,6 +331,7 @@ class _LoraBranch(torch.autograd.Function):
         mask = None
         if p and layer_graphs.capturing():  # a recording cannot save and restore the RNG state: keep the mask
             rows, mask = _dropout(rows, p)
+            mask = _packed_bits(mask)
         elif p:
             ctx.rng = rng_state(x.device)
             rows = _dropout(rows, p)[0]
@@ -354,6 +355,7 @@ class _LoraBranch(torch.autograd.Function):
             grad_h = torch.mm(rows, b)
             dropped = x.reshape(-1, x.shape[-1])
             if mask is not None:
+                mask = _unpacked_bits(mask)
                 dropped = _through_dropout(dropped, mask, ctx.p)  # x * mask / (1 - p), as the forward drew it
             elif ctx.p:
                 dropped, mask = _redraw(x, ctx.p, ctx.rng)
@@ -384,6 +386,28 @@ def _dropout(rows: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.native_dropout(rows, p, True)
     noise = torch.empty_like(rows).bernoulli_(1 - p).div_(1 - p)  # F.dropout on the CPU, op for op
     return rows * noise, noise
+
+
+def _packed_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (the fused kernel's) kept as 8 elements a byte, where its rows divide by 8: what a CUDA graph
+    recording keeps of each adapted projection's dropout (for Qwen2.5-7B 5 KB a token and layer instead of 40).
+    Other masks (the CPU's float noise) are kept as they are."""
+    if mask.dtype != torch.bool or mask.shape[-1] % 8:
+        return mask
+    bits = mask.view(*mask.shape[:-1], -1, 8).to(torch.uint8) << _bit_places(mask.device)
+    return bits.sum(-1, dtype=torch.uint8)
+
+
+def _unpacked_bits(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype != torch.uint8:
+        return mask
+    bits = (mask.unsqueeze(-1) >> _bit_places(mask.device)) & 1
+    return bits.view(*mask.shape[:-1], -1).bool()
+
+
+def _bit_places(device: torch.device) -> torch.Tensor:
+    # Made on the device, not copied to it: a host-to-device copy is not allowed inside a CUDA graph recording.
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def _through_dropout(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:

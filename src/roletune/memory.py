@@ -202,7 +202,8 @@ SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_
 
 def lora_input_bytes(targets: dict[str, tuple[int, int]], size: int, lora, graphed: bool = False) -> int:
     """What the LoRA layers keep of their inputs for lora_A's backward, per token. `graphed`: in CUDA graphs
-    (roletune.layer_graphs) dropout keeps its 1-byte masks, and without the fused branch its dropped copies."""
+    (roletune.layer_graphs) dropout keeps its masks, 8 elements a byte in the fused branch, and without it its
+    dropped copies and 1-byte masks."""
     dropout = lora.dropout > 0
     if lora.dtype == "fp32" or (dropout and not lora.recompute_dropout) or (graphed and dropout and not lora.fused):
         # A copy per projection: peft's fp32 cast (autocast hands lora_A a 16-bit copy of it) or the
@@ -211,7 +212,7 @@ def lora_input_bytes(targets: dict[str, tuple[int, int]], size: int, lora, graph
         return sum(i for i, _ in targets.values()) * (size + (1 if dropout else 0))
     # The input itself, once per tensor (roletune.lora_dropout redraws the dropout in backward).
     read = [next((targets[name][0] for name in names if name in targets), 0) for names in SHARED_INPUTS]
-    masks = sum(i for i, _ in targets.values()) if graphed and dropout else 0
+    masks = sum(-(-i // 8) for i, _ in targets.values()) if graphed and dropout else 0
     return sum(read) * size + masks
 
 
