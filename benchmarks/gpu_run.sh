@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, in one go and inside a time budget, what matters most first: the
+# One GPU session's measurements, in one go and inside a time budget, what matters most first: whether
+# CUDA graphs of the layers train what eager layers train (benchmarks/graph_check.py), the
 # training-speed comparison against the seed recipe (roletune's default path with Liger-Kernel's loss and layer
 # kernels, profiled at its end, without each of them, and with its layers replayed from CUDA graphs), a whole
 # 3-epoch run of the fast config with CUDA graphs timed end to end (benchmarks/run_time.py), roletune with its
@@ -56,6 +57,9 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
   "$py" -m roletune train "$here/configs/huanhuan-qwen2.5-7b-fast.yaml" --dry-run \
       model.path="$shared/models/qwen2.5-7b-instruct" model.tokenizer="$shared/tokenizers/qwen2.5" \
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
+  # Whether the layers replayed from CUDA graphs train what eager ones train, here (a small model, seconds).
+  PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout 120 "$py" "$here/benchmarks/graph_check.py" 2>&1 \
+      | grep -v "it/s" | tail -12 | tee "$out/graph_check.txt" || echo "the graph check failed"
   # The seed recipe and roletune's default path (profiled: with Liger-Kernel importable, its loss and layer
   # kernels), then in the same launch roletune without each of Liger's (chunked-head, torch-kernels) and roletune
   # with its layers replayed from CUDA graphs (train.cuda_graphs, last).

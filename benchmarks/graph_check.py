@@ -1,0 +1,106 @@
+"""Whether train.cuda_graphs trains what the eager layers train, on this GPU: real CUDA graphs, where the
+test suite (tests/test_layer_graphs.py) has a CPU stand-in.
+
+A Qwen2 of 4 layers, 256 wide, random weights, LoRA r=8 on the seed's seven projections with dropout 0 (a
+recording keeps its dropout masks and eager layers redraw theirs, so only dropout 0 can agree), built by
+roletune's own code (train.build_model) twice from the same seed: with its layers run one by one and
+with them replayed from CUDA graphs. Both take the same steps under bf16 autocast: packed rows padded to
+a multiple of 64 tokens as training pads them, lengths that recur (replays of a recording) and lengths
+that do not, two micro-batches a step (gradients added across them), gradients set to None after each
+update as Trainer does, and an SGD update large enough for a wrong gradient to show. Prints each side's
+losses, how far the adapter's updates differ, the recordings made and the host's time per step (this
+model is too small for its arithmetic to matter), then `graph_check=ok` or `graph_check=FAILED`.
+
+usage: python benchmarks/graph_check.py        (a GPU machine; the CPU has no CUDA graphs to check)
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from roletune import attention, layer_graphs, train
+from roletune.batching import GRAPHED_LENGTH_MULTIPLE, pad_packed
+from roletune.config import config_from_dict
+
+VOCAB = 1024
+# Micro-batches of each step, as example lengths: the first step's come back in the fourth.
+STEPS = [[[30, 50, 20], [40, 40]], [[25, 60], [100, 7, 9, 30]], [[70], [30, 50, 20]], [[30, 50, 20], [40, 40]],
+         [[12, 12, 12], [64, 64]]]
+TOLERANCE = 0.05  # bf16, and flash attention's backward adds with atomics: not bit for bit
+
+
+def build(graphs: bool, device: torch.device):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=False)
+    cfg = config_from_dict({"model": {"path": "narrow-qwen2", "dtype": "bf16", "device": str(device)},
+                            "data": {"path": "unused.json"}, "lora": {"r": 8, "alpha": 32, "dropout": 0.0},
+                            "output_dir": "unused"}, [f"train.cuda_graphs={str(graphs).lower()}"])
+    train.load_base_model = lambda model_cfg, where, dtype: AutoModelForCausalLM.from_config(
+        config, dtype=dtype, attn_implementation="sdpa").to(where)
+    return train.build_model(cfg, device, echo=print).train()
+
+
+def microbatch(lengths: list[int], seed: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=generator)
+    ends = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    inputs = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+              "cu_seq_lens_q": ends, "cu_seq_lens_k": ends, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    padded = pad_packed(inputs, GRAPHED_LENGTH_MULTIPLE, 0)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in padded.items()}
+
+
+def run(model, device: torch.device) -> tuple[list[float], list[torch.Tensor], list[float]]:
+    weights = [p for p in model.parameters() if p.requires_grad]
+    before = [w.detach().clone() for w in weights]
+    optimizer = torch.optim.SGD(weights, lr=0.5)
+    losses, seconds = [], []
+    for step, lengths in enumerate(STEPS):
+        started = time.perf_counter()
+        for i, one in enumerate(lengths):
+            inputs = attention.without_mask_building(model, microbatch(one, 10 * step + i, device))
+            labels = inputs.pop("labels")
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(**inputs, labels=labels, use_cache=False).loss / len(lengths)
+            loss.backward()
+            losses.append(loss.detach())
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    updates = [w.detach() - b for w, b in zip(weights, before)]
+    return [loss.item() for loss in losses], updates, seconds
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("graph_check: needs a CUDA GPU (the CPU's check is tests/test_layer_graphs.py)")
+    device = torch.device("cuda", 0)
+    eager_losses, eager_updates, eager_s = run(build(False, device), device)
+    model = build(True, device)
+    graph_losses, graph_updates, graph_s = run(model, device)
+    summary = layer_graphs.summary(model)
+    print(f"losses, eager:  {[round(x, 5) for x in eager_losses]}")
+    print(f"losses, graphs: {[round(x, 5) for x in graph_losses]}")
+    loss_error = max(abs(g - e) / max(abs(e), 1e-6) for g, e in zip(graph_losses, eager_losses))
+    eager_norm = torch.cat([e.flatten().float() for e in eager_updates]).norm().item()
+    update_error = (torch.cat([(g - e).flatten().float() for g, e in zip(graph_updates, eager_updates)]).norm().item()
+                    / max(eager_norm, 1e-12))
+    print(f"largest relative loss difference {loss_error:.2e}; adapter updates differ by {update_error:.2e} "
+          f"of their norm; graphs: {summary}")
+    # Steps after the first that replay only (the fourth repeats the first's lengths): host time per step.
+    print(f"host time per step, eager {[round(s * 1000, 1) for s in eager_s]} ms, "
+          f"graphs {[round(s * 1000, 1) for s in graph_s]} ms")
+    good = (summary is not None and summary["failed"] is None and summary["recordings"] > 0 and eager_norm > 0
+            and loss_error < TOLERANCE and update_error < TOLERANCE)
+    print(f"graph_check={'ok' if good else 'FAILED'}")
+    if not good:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
