@@ -48,8 +48,9 @@ def microbatch(lengths: list[int], seed: int, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=generator)
     ends = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    inputs = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-              "cu_seq_lens_q": ends, "cu_seq_lens_k": ends, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    inputs = {"input_ids": ids, "labels": ids.clone(), "position_ids": positions, "cu_seq_lens_q": ends,
+              "cu_seq_lens_k": ends, "max_length_q": max(lengths), "max_length_k": max(lengths)}
     padded = pad_packed(inputs, GRAPHED_LENGTH_MULTIPLE, 0)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in padded.items()}
 

@@ -80,7 +80,8 @@ def whole_run(args, config_dir: Path, output_dir: Path) -> dict:
     return {"config": CONFIG.name, "model": config_dir.name, "overrides": args.overrides,
             "torch": torch.__version__, **{k: summary.get(k) for k in (
                 "device", "optimizer_steps", "setup_s", *TIMES, "real_tokens_per_s", "peak_memory_gib", "peak_memory_kind",
-                "gradient_checkpointing", "checkpointed_layers", "cuda_graphs", "final_train_loss", "final_eval_loss")}}
+                "gradient_checkpointing", "checkpointed_layers", "cuda_graphs", "final_train_loss",
+                "final_eval_loss")}}
 
 
 def report(row: dict) -> None:

@@ -163,9 +163,10 @@ class TrainConfig:
     cuda_graphs: bool = setting(
         False, "Replay the decoder layers' forward and backward from CUDA graphs, recorded once per micro-batch "
         "length (no torch.compile): the host launches two graphs a micro-batch instead of thousands of kernels. "
-        "Packed micro-batches are padded to a multiple of 64 tokens; LoRA dropout keeps its masks (a bit an element). Needs a "
-        "GPU, one process, varlen attention and no checkpointed layer, else the layers run one by one, saying "
-        "why. Off by default: measure with benchmarks/train_speed.py before relying on it.")
+        "Packed micro-batches are padded to a multiple of 64 tokens; LoRA dropout keeps its masks (8 elements a "
+        "byte with lora.fused). Needs a GPU, one process, varlen attention and no checkpointed layer, else the "
+        "layers run one by one, saying why. Off by default: measure with benchmarks/graph_check.py and "
+        "benchmarks/train_speed.py --cuda-graphs before relying on it.")
     optim: str = setting(
         "adamw_torch_fused", "Optimizer (a transformers optimizer name). The default is transformers' own on torch "
         "2.8 and later: AdamW updating all the adapter's tensors in one fused operation; adamw_torch is the same "

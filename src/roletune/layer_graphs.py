@@ -188,10 +188,7 @@ class LayerRunner:
     def _run(self, names, tensors, kwargs):
         given = dict(kwargs)
         given.update(_unflatten(names, tensors))
-        hidden_states = given.pop("hidden_states")
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, **given)
-        return hidden_states
+        return self._one_by_one(given.pop("hidden_states"), **given)
 
     def _record(self, names, tensors, kwargs) -> "_Recording":
         static = [t.clone() for t in tensors]

@@ -307,4 +307,3 @@ def _cast_inputs_unless_autocast(module, args) -> None:
         cast = not torch.is_autocast_enabled(args[0].device.type)
         if module.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
             module.cast_input_dtype_enabled = cast
-

@@ -83,7 +83,6 @@ def _state_file(run: Path) -> Path:
     return max(checkpoints)[1]
 
 
-
 def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
     points = []
     for entry in log_history:
