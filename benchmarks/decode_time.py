@@ -8,7 +8,9 @@ with Qwen2.5-7B's 28 layers and the seed's seven adapted projections each, but o
 greedily (every reply forced to the same length), loaded as `roletune generate` loads a run: the base,
 peft's PeftModel.from_pretrained on top (`peft`), then roletune's fused branches (`roletune`). Rounds
 interleave the variants; each figure is the median of its rounds. Prints ms per token, operators per
-token, the ratio to peft's, and whether every variant with the adapter chose the same tokens.
+token, the ratio to peft's, and whether every variant with the adapter chose the same tokens. On a GPU a
+fourth variant, `+cuda-graphs`, is roletune's with its decoding steps replayed from CUDA graphs
+(--cuda-graphs: a static KV cache, roletune.decode_graphs); its operators are those left outside the graph.
 
 usage:
   python benchmarks/decode_time.py                 # the CPU, one thread
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 from host_time import Operators
+
+from roletune import layer_graphs
 
 
 def build(folder: Path, dtype: torch.dtype) -> tuple[Path, Path]:
@@ -61,13 +65,20 @@ def variants(base: Path, adapter: Path, device: torch.device, dtype: torch.dtype
                 fuse_lora_layers(model)
         return model.eval()
 
-    return {"base": load(False, False), "peft": load(True, False), "roletune": load(True, True)}
+    models = {"base": load(False, False), "peft": load(True, False), "roletune": load(True, True)}
+    if device.type == "cuda":
+        graphed = models["+cuda-graphs"] = load(True, True)
+        print(layer_graphs.settle_decoding(graphed))
+    return models
 
 
 def decode(model, prompts: torch.Tensor, tokens: int) -> torch.Tensor:
+    # As roletune.generate.decoding_config asks for a model whose decoding steps are graphed.
+    static = {"cache_implementation": "static", "disable_compile": True} if layer_graphs.installed(model) else {}
     with torch.inference_mode():
         return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                              max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0, eos_token_id=None)
+                              max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0, eos_token_id=None,
+                              **static)
 
 
 def main() -> None:
@@ -109,7 +120,14 @@ def main() -> None:
         ms = 1000 * statistics.median(times[name])
         print(f"{name:>9} | {ms:8.2f} | {operators[name]:9.0f} | {ms / peft_ms:.2f}")
     print(f"same tokens, roletune and peft: {torch.equal(answers['roletune'], answers['peft'])}")
+    if "+cuda-graphs" in models:
+        print(f"same tokens, roletune with and without CUDA graphs: "
+              f"{torch.equal(answers['roletune'], answers['+cuda-graphs'])}; "
+              f"graphs: {layer_graphs.summary(models['+cuda-graphs'])['decoding']}")
     print(f"decode_speedup_vs_peft={peft_ms / (1000 * statistics.median(times['roletune'])):.2f}")
+    if "+cuda-graphs" in models:
+        print(f"decode_speedup_graphs_vs_eager="
+              f"{statistics.median(times['roletune']) / statistics.median(times['+cuda-graphs']):.2f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ a multiple of 64 tokens as training pads them, lengths that recur (replays of a 
 that do not, two micro-batches a step (gradients added across them), gradients set to None after each
 update as Trainer does, and an SGD update large enough for a wrong gradient to show. Prints each side's
 losses, how far the adapter's updates differ, the recordings made and the host's time per step (this
-model is too small for its arithmetic to matter), then `graph_check=ok` or `graph_check=FAILED`.
+model is too small for its arithmetic to matter).
+
+Then decoding (roletune.decode_graphs): the graphed model, in eval mode, answers three left-padded prompts
+greedily from a static KV cache twice, with its decoding steps replayed from CUDA graphs and with them run
+one by one. The same kernels either way, so the same tokens and logits; prints both sides' time per token.
+Last `graph_check=ok` or `graph_check=FAILED`.
 
 usage: python benchmarks/graph_check.py        (a GPU machine; the CPU has no CUDA graphs to check)
 """
@@ -77,6 +82,46 @@ def run(model, device: torch.device) -> tuple[list[float], list[torch.Tensor], l
     return [loss.item() for loss in losses], updates, seconds
 
 
+def decode(model, device: torch.device, graphed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(tokens, logits, seconds per token) of three left-padded prompts, 48 greedy tokens each."""
+    runner = layer_graphs.runner_of(model)
+    generator = torch.Generator().manual_seed(5)
+    prompts = torch.randint(1, VOCAB, (3, 40), generator=generator)
+    mask = torch.ones_like(prompts)
+    mask[0, :12], mask[2, :25] = 0, 0  # shorter prompts, padded on the left
+    accepts = runner.decoding.accepts
+    if not graphed:
+        runner.decoding.accepts = lambda *args: False
+    try:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=prompts.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=48, min_new_tokens=48, pad_token_id=0, eos_token_id=None,
+                                 cache_implementation="static", disable_compile=True, output_logits=True,
+                                 return_dict_in_generate=True)
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - started) / 48
+    finally:
+        runner.decoding.accepts = accepts
+    return out.sequences, torch.stack(out.logits).float(), seconds
+
+
+def check_decoding(model, device: torch.device) -> bool:
+    model.eval()
+    eager_tokens, eager_logits, _ = decode(model, device, graphed=False)  # the first call warms up
+    eager_tokens, eager_logits, eager_s = decode(model, device, graphed=False)
+    graph_tokens, graph_logits, graph_s = decode(model, device, graphed=True)
+    decoding = layer_graphs.summary(model)["decoding"]
+    error = ((graph_logits - eager_logits).abs().max() / eager_logits.abs().max()).item()
+    same = torch.equal(graph_tokens, eager_tokens)
+    print(f"decoding: same tokens {same}, logits differ by {error:.2e} of their largest; ms per token, eager "
+          f"{1000 * eager_s:.2f}, graphs {1000 * graph_s:.2f} (recording included); graphs: {decoding}")
+    # 48 tokens: the prefill's, the step that records, 46 replays.
+    return same and error < 1e-3 and decoding["failed"] is None and decoding["recordings"] == 1 and \
+        decoding["replays"] == 46
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("graph_check: needs a CUDA GPU (the CPU's check is tests/test_layer_graphs.py)")
@@ -98,6 +143,7 @@ def main() -> None:
           f"graphs {[round(s * 1000, 1) for s in graph_s]} ms")
     good = (summary is not None and summary["failed"] is None and summary["recordings"] > 0 and eager_norm > 0
             and loss_error < TOLERANCE and update_error < TOLERANCE)
+    good = check_decoding(model, device) and good
     print(f"graph_check={'ok' if good else 'FAILED'}")
     if not good:
         sys.exit(1)

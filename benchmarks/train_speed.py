@@ -71,6 +71,7 @@ VARIANTS = {"roletune": [], **LEVERS, **COMPILE, **GRAPHS, **QLORA}  # every var
 PROFILED_STEPS = 3
 LOGGED_STEPS = 3  # their losses are shown beside the peer's
 TOP_OPERATORS = 15
+SHORT_KERNEL_US = 10  # a kernel this short on average is mostly its own launch and tail
 FAILED: list[list[str]] = []  # the runs that exited non-zero
 
 
@@ -415,7 +416,22 @@ class StepProfiler:
                     f"{Path(w.filename).name}:{w.lineno}" for w in self.waits if "synchroniz" in str(w.message))),
                 # Which operators are called most: where launches (and so host time) could be saved.
                 "top_aten_calls_per_step": {a.key: round(a.count / per_step) for a in sorted(
-                    (a for a in averages if a.key.startswith("aten::")), key=lambda a: -a.count)[:TOP_OPERATORS]}}
+                    (a for a in averages if a.key.startswith("aten::")), key=lambda a: -a.count)[:TOP_OPERATORS]},
+                **(kernel_time(kernels, per_step) if self.cuda else {})}
+
+
+def kernel_time(kernels: list, per_step: int) -> dict:
+    """Where the GPU's busy time goes: the kernels that take most of it (ms a step, calls a step), and what the
+    short ones add up to. Many kernels of a few microseconds each are work that fusing them (Liger's kernels,
+    torch.compile) would save even once the host launches nothing (CUDA graphs)."""
+    def ms(events) -> float:
+        return round(sum(a.self_device_time_total for a in events) / 1000 / per_step, 1)
+
+    short = [a for a in kernels if a.count and a.self_device_time_total / a.count < SHORT_KERNEL_US]
+    return {"top_kernels_ms_per_step": {a.key[:90]: [ms([a]), round(a.count / per_step)] for a in sorted(
+                kernels, key=lambda a: -a.self_device_time_total)[:TOP_OPERATORS]},
+            f"kernels_under_{SHORT_KERNEL_US}us": {"per_step": round(sum(a.count for a in short) / per_step),
+                                                   "ms_per_step": ms(short)}}
 
 
 def report(rows: list[dict]) -> None:

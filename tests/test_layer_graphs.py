@@ -1,76 +1,17 @@
-"""train.cuda_graphs (roletune.layer_graphs) on the CPU, through a stand-in with a CUDA graph's semantics.
-
-EmulatedGraph records the operators run while capturing, with the very tensors they read and wrote, and a
-replay runs them again on those tensors. A replay therefore sees what a CUDA graph's would: the memory that
-was captured, changed in place since, but never a tensor made since (a stale adapter copy, a gradient set
-anew, an input not copied in). Capturing changes no tensor that existed before (a CUDA graph runs nothing
-while recording), and reading a value back to the host while capturing fails, as it does on a GPU. The
-recording itself (torch.cuda.CUDAGraph) is what only a GPU can check.
-"""
+"""train.cuda_graphs (roletune.layer_graphs) on the CPU, through a stand-in with a CUDA graph's semantics
+(tests/emulated_graph.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from roletune import attention, layer_graphs, lora_fused
 from roletune.config import load_config
 
-
-class EmulatedGraph:
-    def __init__(self):
-        self.ops = []
-
-    @contextlib.contextmanager
-    def capture(self):
-        with _Recorder(self.ops):
-            yield
-
-    def replay(self) -> None:
-        with torch.no_grad():
-            for func, args, kwargs, kept in self.ops:
-                result = func(*args, **kwargs)
-                for new, old in zip(tree_leaves(result), tree_leaves(kept)):
-                    if isinstance(old, torch.Tensor) and not _same_memory(new, old):
-                        old.copy_(new)
-
-
-def _same_memory(a, b) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self, ops: list):
-        super().__init__()
-        self.ops, self.made = ops, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise RuntimeError(f"{func}: a value read back to the host while capturing")
-        older = [t for t in _written(func, args, kwargs) if t.untyped_storage().data_ptr() not in self.made]
-        before = [t.clone() for t in older]
-        out = func(*args, **kwargs)
-        for tensor, value in zip(older, before):  # capturing runs nothing
-            tensor.copy_(value)
-        self.made.update(t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-        self.ops.append((func, args, kwargs, out))
-        return out
-
-
-def _written(func, args, kwargs) -> list:
-    tensors = []
-    for i, argument in enumerate(func._schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = args[i] if i < len(args) else kwargs.get(argument.name)
-        tensors += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
-    return tensors
+from emulated_graph import EmulatedGraph
 
 
 def test_the_emulated_graph_replays_the_memory_it_captured():
@@ -111,9 +52,10 @@ def emulated(monkeypatch):
     runners = []
     install = layer_graphs.install
 
-    def install_emulated(model, new_graph=None):
-        runners.append(install(model, EmulatedGraph))
+    def install_emulated(model, new_graph=None, training=True):
+        runners.append(install(model, EmulatedGraph, training))
         return runners[-1]
+    monkeypatch.setattr(layer_graphs, "decoding_refusal", lambda *args: None)
     monkeypatch.setattr(layer_graphs, "refusal", lambda *args: None)
     monkeypatch.setattr(layer_graphs, "install", install_emulated)
     monkeypatch.setattr(attention, "per_example", masked_attention)
@@ -125,10 +67,11 @@ VARLEN = {"attn_implementation": "varlen"}
 
 def test_graphed_layers_train_the_eager_adapter(short_run, tiny_model, emulated, tmp_path):
     """Four steps of two micro-batches each (gradients added across them by the backward graph), padded to a
-    multiple of 64 tokens: the losses, gradient norms and adapter of the eager run. Sample answers and the
-    held-out loss run eagerly, recording nothing."""
+    multiple of 64 tokens: the losses, gradient norms and adapter of the eager run. The held-out loss runs
+    eagerly; the sample answers, before training and after each epoch, decode from graphs of their own
+    (roletune.decode_graphs), one recording per answering, and answer as the eager run does."""
     model = {"path": str(tiny_model), "device": "cpu", **VARLEN}
-    sections = {"model": model, "data": {"eval_size": 2}, "eval": {"samples": 1, "max_new_tokens": 3, "steps": 2},
+    sections = {"model": model, "data": {"eval_size": 2}, "eval": {"samples": 1, "max_new_tokens": 6, "steps": 2},
                 "train": {"grad_accum": 2, "batch_size": 2}}
     want, want_log = short_run("eager", **sections)
     got, got_log = short_run("graphs", **{**sections, "train": {**sections["train"], "cuda_graphs": True}})
@@ -140,6 +83,10 @@ def test_graphed_layers_train_the_eager_adapter(short_run, tiny_model, emulated,
     assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-4)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    samples = [[(row["epoch"], row["answer"]) for row in map(json.loads, open(tmp_path / name / "samples.jsonl"))]
+               for name in ("eager", "graphs")]
+    assert len(samples[1]) == 3 and samples[1] == samples[0]
+    assert summary["decoding"] == {**summary["decoding"], "recordings": 3, "replays": 3 * 4, "failed": None}
 
 
 def test_graphed_layers_with_dropout_train(short_run, tiny_model, emulated):
@@ -214,4 +161,29 @@ def test_a_recording_that_fails_leaves_the_layers_to_run_one_by_one(short_run, t
     assert not runner.recordings and "read back to the host" in runner.failed
     assert [r.message for r in caplog.records if "CUDA graphs" in r.message] == [
         f"CUDA graphs: recording the layers failed ({runner.failed}); they run one by one from now on"]
+    assert got_log == pytest.approx(want_log, rel=1e-5)
+
+
+def test_where_training_steps_cannot_be_graphed_sample_answers_still_are(config_file, short_run, tiny_model,
+                                                                        emulated, monkeypatch):
+    """A run whose training steps cannot be graphed (here: told so) still graphs its sample answers' decoding:
+    its micro-batches are not padded, and its steps and answers are the eager run's."""
+    from roletune import train, trainer
+
+    model = {"path": str(tiny_model), "device": "cpu", **VARLEN}
+    sections = {"model": model, "data": {"eval_size": 2}, "eval": {"samples": 1, "max_new_tokens": 4}}
+    _, want_log = short_run("eager", **sections)
+    monkeypatch.setattr(layer_graphs, "refusal", lambda *args: "checkpointed layers rebuild their activations")
+    lines = []
+    train.build_model(load_config(config_file(model=model, train={"cuda_graphs": True})), torch.device("cpu"),
+                      echo=lines.append)
+    assert ("CUDA graphs: for the sample answers' decoding only; training steps run the layers one by one "
+            "(checkpointed layers rebuild their activations)") in lines
+
+    def no_padding(*args):
+        raise AssertionError("padded for training graphs that were refused")
+    monkeypatch.setattr(trainer, "pad_packed", no_padding)
+    _, got_log = short_run("graphs", **sections, train={"cuda_graphs": True})
+    runner = emulated[-1]
+    assert not runner.training and not runner.recordings and runner.decoding.made == 3
     assert got_log == pytest.approx(want_log, rel=1e-5)

@@ -216,12 +216,12 @@ def test_training_with_the_fused_branch_ends_with_the_adapter_pefts_branch_train
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def answers(model, ids) -> tuple[torch.Tensor, torch.Tensor]:
+def answers(model, ids, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens and the logits of an eval-mode forward without gradients (generation's)."""
     model.eval()
     with torch.inference_mode():
         tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=12, min_new_tokens=12, pad_token_id=0, eos_token_id=None)
+                                max_new_tokens=12, min_new_tokens=12, pad_token_id=0, eos_token_id=None, **options)
         return tokens, model(input_ids=ids).logits
 
 
@@ -359,10 +359,14 @@ def test_a_base_projection_with_a_hook_is_still_called_as_a_module(small_lora_mo
     assert plans[0].base is None and all(plan.base is not None for plan in plans[1:])
 
 
-def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_again(small_lora_model, monkeypatch):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_again(small_lora_model, monkeypatch,
+                                                                                   cache):
     """The adapter does not change within one generate call: its first forward makes the copies and plans and
     the later steps, decoding on from the KV cache, keep them; the next call (after an optimizer step, say)
-    makes them anew, and answers as peft does with the stepped adapter."""
+    makes them anew, and answers as peft does with the stepped adapter. With generate's default cache and with
+    a static one (whose length is known only on the device, as CUDA graphs decode)."""
+    options = {"cache_implementation": "static", "disable_compile": True} if cache == "static" else {}
     model = small_lora_model()
     fuse_lora_layers(model)
     ids = torch.arange(5, 17)[None]
@@ -370,7 +374,7 @@ def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_aga
     monkeypatch.setattr(lora_fused, "_plan", lambda *args: plans.append(1) or plan(*args))
     calls = Calls()
     with calls:
-        answers(model, ids)  # 12 tokens, then one more forward for the logits
+        answers(model, ids, **options)  # 12 tokens, then one more forward for the logits
     assert calls.count["_foreach_mul"] == 2  # the generate call's first forward, and the plain forward
     assert len(plans) == 2 * len(lora_layers(model))  # the same two forwards plan; every layer in each
     with torch.no_grad():
@@ -379,7 +383,7 @@ def test_a_generate_call_copies_the_adapter_once_and_the_next_call_copies_it_aga
                 parameter.mul_(3.0)  # changed in place between calls, as an optimizer step does
     reference = small_lora_model()
     reference.load_state_dict(model.state_dict())
-    got, want = answers(model, ids), answers(reference, ids)
+    got, want = answers(model, ids, **options), answers(reference, ids)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 

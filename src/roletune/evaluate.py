@@ -30,7 +30,7 @@ ROWS = [("loss", "reply loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}")
 
 def evaluate(location: str, *, data: str | None = None, n: int | None = None, device: str = "auto",
              max_new_tokens: int = 256, batch_size: int = 16, out: str | None = None, overwrite: bool = False,
-             echo=print) -> dict:
+             cuda_graphs: bool = False, echo=print) -> dict:
     run = run_dir.open_run(location)
     if not run.adapter:
         raise RunError(f"{location}: eval compares a tuned model with its base; this is a plain model")
@@ -39,7 +39,7 @@ def evaluate(location: str, *, data: str | None = None, n: int | None = None, de
         raise RunError(f"{target / 'eval.json'}: exists; pass --overwrite or --out DIR")
     conversations = load_rows(location, run, data)[:n or None]
     max_length = _run_max_length(location)
-    session = load_session(location, device=device)
+    session = load_session(location, device=device, cuda_graphs=cuda_graphs, echo=echo)
     config = decoding_config(session, greedy=True, max_new_tokens=max_new_tokens)
     models = {}
     for name in ("base", "tuned"):

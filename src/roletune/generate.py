@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from roletune.data.prompts import prompt_messages, read_prompts
+from roletune import layer_graphs
 from roletune.errors import RunError
 from roletune.lora_fused import fuse_lora_layers
 from roletune.model import load_adapter, load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -42,13 +43,15 @@ class Reply:
 
 def load_session(location: str, *, device: str = "auto", base_only: bool = False,
                  system: str | None = None, dtype: str | None = None, quantization: str | None = None,
-                 fused: bool = True) -> Session:
+                 fused: bool = True, cuda_graphs: bool = False, echo=print) -> Session:
     """Load the base model once and the adapter on top (unless base_only).
 
     dtype and quantization default to the run's: a QLoRA run answers on the quantised base it trained on.
     fused: the adapter's branches run as roletune.lora_fused computes them, with fewer kernels and less
     Python per token than peft's forward (benchmarks/decode_time.py); False keeps peft's own forward (merge
     checks its result against peft's).
+    cuda_graphs: replay each decoding step's layers from a CUDA graph (roletune.decode_graphs), saying
+    whether they can.
     """
     run = open_run(location)
     target = resolve_device(device)
@@ -61,6 +64,8 @@ def load_session(location: str, *, device: str = "auto", base_only: bool = False
         model = load_adapter(model, run.adapter, run.model_cfg.allow_pickle)
         if fused:
             fuse_lora_layers(model)
+    if cuda_graphs:
+        echo(layer_graphs.settle_decoding(model))
     model.eval()
     return Session(model, tokenizer, system if system is not None else run.system_prompt,
                    bool(run.adapter and not base_only), target)
@@ -76,6 +81,10 @@ def decoding_config(session: Session, *, greedy: bool = False, max_new_tokens: i
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
+    if layer_graphs.installed(session.model):
+        # Decoding steps are replayed from CUDA graphs, which a static cache's fixed shapes allow; generate
+        # would compile the forward for it by itself, which the graphs make unneeded.
+        config.cache_implementation, config.disable_compile = "static", True
     if greedy:
         config.do_sample = False
         config.temperature = config.top_p = config.top_k = None  # unused when greedy; avoids warnings

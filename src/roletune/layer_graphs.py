@@ -20,8 +20,9 @@ The graphs of all shapes share one memory pool: a forward is always followed by 
 another shape replays (one micro-batch at a time), so what one recording frees the next may reuse.
 
 The graphed path runs only for what it was recorded for: a training forward with gradients of a packed
-row with its example boundaries, on CUDA, no KV cache. Anything else (eval, sample answers, generation)
-runs the layers one by one as transformers does. It is installed by replacing the decoder's layer list
+row with its example boundaries, on CUDA, no KV cache. Decoding steps from a static KV cache (sample
+answers, generation) are graphed by roletune.decode_graphs; anything else (eval, prefill) runs the layers
+one by one as transformers does. It is installed by replacing the decoder's layer list
 with one that yields a single runner for the whole stack when the decoder's forward iterates it; the
 layers, their names and the state dict are untouched. PyTorch's make_graphed_callables does the recording
 too, but returns the gradients as new tensors on every replay, for autograd to add into .grad: with
@@ -65,44 +66,70 @@ class CudaGraph:
 
 
 def settle(model, cfg, world_size: int = 1) -> str:
-    """Graph the decoder layers of `model` (a peft model) where this run allows it; returns the line to show."""
-    problem = refusal(model, cfg, world_size)
+    """Graph the decoder layers of `model` (a peft model) where this run allows it: training steps, and the
+    decoding steps of its sample answers (roletune.decode_graphs). Returns the line to show."""
+    problem = decoding_refusal(model, world_size)
     if problem:
         return f"CUDA graphs: off, the layers run one by one ({problem})"
-    install(model)
-    return "CUDA graphs: the decoder layers' forward and backward, recorded once per micro-batch length"
+    problem = refusal(model, cfg, world_size)
+    install(model, training=problem is None)
+    if problem:
+        return (f"CUDA graphs: for the sample answers' decoding only; training steps run the layers one by one "
+                f"({problem})")
+    return ("CUDA graphs: the decoder layers' forward and backward, recorded once per micro-batch length, and the "
+            "sample answers' decoding steps")
 
 
-def refusal(model, cfg, world_size: int = 1) -> str | None:
-    """Why the layers of `model` cannot be graphed for this run, or None."""
-    from roletune import attention
-    from roletune.model import decoder_layers
+def settle_decoding(model) -> str:
+    """Graph the decoding steps of `model` (generate, chat, compare, eval); returns the line to show."""
+    problem = decoding_refusal(model)
+    if problem:
+        return f"CUDA graphs: off, decoding runs the layers one by one ({problem})"
+    install(model, training=False)
+    return "CUDA graphs: decoding steps replayed, recorded once a generate call"
 
+
+def decoding_refusal(model, world_size: int = 1) -> str | None:
+    """Why the layers of `model` cannot be graphed at all here, or None."""
     if next(model.parameters()).device.type != "cuda":
         return "they need a GPU"
     if world_size > 1:  # DDP averages gradients in hooks that autograd runs, and the graphs bypass
         return "one process only"
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        return "the model is spread over several devices"
+    if any(kind != "full_attention" for kind in (getattr(model.config, "layer_types", None) or ())):
+        # The runner is called once for all layers, with the first layer's mask.
+        return "the layers attend differently (sliding windows), with masks of their own"
+    return None
+
+
+def refusal(model, cfg, world_size: int = 1) -> str | None:
+    """Why the training steps of `model` cannot be graphed for this run, or None."""
+    from roletune import attention
+    from roletune.model import decoder_layers
+
+    problem = decoding_refusal(model, world_size)
+    if problem:
+        return problem
     if cfg.train.compile:
         return "train.compile records its own (compile_mode=reduce-overhead)"
     if not cfg.train.packing or attention.active(model) != attention.VARLEN:
         return "they need packed micro-batches and varlen attention"
     if any(layer.gradient_checkpointing for layer in decoder_layers(model)):
         return "checkpointed layers rebuild their activations from the saved RNG state"
-    if any(kind != "full_attention" for kind in (getattr(model.config, "layer_types", None) or ())):
-        return "the layers attend differently (sliding windows), with masks of their own"
     return None
 
 
-def install(model, new_graph=None) -> "LayerRunner":
+def install(model, new_graph=None, training: bool = True) -> "LayerRunner":
     """Make the decoder of `model` run its layers through a LayerRunner; returns it. `new_graph`: see
-    LayerRunner."""
+    LayerRunner. training: graph training steps too, not only decoding steps."""
     from roletune.model import decoder_layers
 
     layers = decoder_layers(model)
     # The decoder's own list (model.model.layers for a Qwen2), which its forward iterates.
     holder = next(module for module in model.modules() if isinstance(module, nn.ModuleList)
                   and len(module) == len(layers) and all(a is b for a, b in zip(module, layers)))
-    runner = LayerRunner(layers, new_graph)
+    runner = LayerRunner(layers, new_graph, training)
     holder.__class__ = _graphed_list(type(holder))
     holder.__dict__["runner"] = runner
     return runner
@@ -117,12 +144,19 @@ def installed(model) -> bool:
     return runner_of(model) is not None
 
 
+def graphs_training(model) -> bool:
+    """Whether the training steps of `model` run from graphs (and its micro-batches are to be padded)."""
+    runner = runner_of(model)
+    return runner is not None and runner.training
+
+
 def summary(model) -> dict | None:
     """What the graphs of `model` did so far (for benchmarks), or None where it has none."""
     runner = runner_of(model)
     if runner is None:
         return None
-    return {"recordings": len(runner.recordings), "recording_s": round(runner.recording_s, 2), "failed": runner.failed}
+    return {"recordings": len(runner.recordings), "recording_s": round(runner.recording_s, 2), "failed": runner.failed,
+            "training": runner.training, "decoding": runner.decoding.summary()}
 
 
 @functools.cache
@@ -142,9 +176,12 @@ class LayerRunner:
     """Runs the decoder's layers, from graphs where it can. Called as one layer is, with the whole stack's
     arguments; returns the last layer's hidden states."""
 
-    def __init__(self, layers: list, new_graph=None):
-        """`new_graph`: makes a graph object (capture() as a context manager, replay()); None: a CudaGraph."""
-        self.layers = layers
+    def __init__(self, layers: list, new_graph=None, training: bool = True):
+        """`new_graph`: makes a graph object (capture() as a context manager, replay()); None: a CudaGraph.
+        training: graph training steps (else only decoding steps, roletune.decode_graphs)."""
+        from roletune.decode_graphs import DecodingGraphs
+
+        self.layers, self.training = layers, training
         self.weights = [p for layer in layers for p in layer.parameters() if p.requires_grad]
         self.new_graph = new_graph
         self.recordings: dict = {}
@@ -152,11 +189,23 @@ class LayerRunner:
         self.failed: str | None = None  # why a recording failed, after which the layers run one by one
         self.recording_s = 0.0  # the host's time spent recording (warm-ups included)
         self.grads: list = [None] * len(self.weights)  # the .grad tensors the backward graphs add into
+        # Decoding steps get graphs of their own, each in a memory pool of its own (pool None).
+        self.decoding = DecodingGraphs(self._run, new_graph or (lambda: CudaGraph(None)))
 
     def __call__(self, hidden_states, *args, **kwargs):
-        if args or not self._graphable(hidden_states, kwargs):
+        if args:
             return self._one_by_one(hidden_states, *args, **kwargs)
-        names, tensors, key = _split(hidden_states, kwargs)
+        if self._graphable(hidden_states, kwargs):
+            return self._train(hidden_states, kwargs)
+        decoding = not self.layers[0].training and self._on_device(hidden_states)
+        if decoding and self.decoding.accepts(hidden_states, kwargs):
+            output = self.decoding.step(hidden_states, kwargs)
+            if output is not None:
+                return output
+        return self._one_by_one(hidden_states, **kwargs)
+
+    def _train(self, hidden_states, kwargs):
+        names, tensors, key = split(hidden_states, kwargs)
         try:
             recording = self.recordings.get(key)
         except TypeError:  # an argument that cannot be a key (a list, a dict): not what recordings are for
@@ -178,16 +227,20 @@ class LayerRunner:
             hidden_states = layer(hidden_states, *args, **kwargs)
         return hidden_states
 
+    def _on_device(self, hidden_states) -> bool:
+        return hidden_states.is_cuda or self.new_graph is not None  # (a stand-in graph: tests on the CPU)
+
     def _graphable(self, hidden_states, kwargs) -> bool:
-        return (self.failed is None and torch.is_grad_enabled() and self.layers[0].training
+        """A training forward of a packed micro-batch, as training steps are recorded for."""
+        return (self.training and self.failed is None and torch.is_grad_enabled() and self.layers[0].training
                 and not hidden_states.requires_grad
                 and hidden_states.shape[0] == 1 and "cu_seq_lens_q" in kwargs and not kwargs.get("use_cache")
                 and kwargs.get("cache", kwargs.get("past_key_values")) is None and bool(self.weights)
-                and (hidden_states.is_cuda or self.new_graph is not None) and not torch.compiler.is_compiling())
+                and self._on_device(hidden_states) and not torch.compiler.is_compiling())
 
     def _run(self, names, tensors, kwargs):
         given = dict(kwargs)
-        given.update(_unflatten(names, tensors))
+        given.update(unflatten(names, tensors))
         return self._one_by_one(given.pop("hidden_states"), **given)
 
     def _record(self, names, tensors, kwargs) -> "_Recording":
@@ -204,7 +257,7 @@ class LayerRunner:
         _capturing = True
         try:
             # Autocast's cache of cast weights would keep tensors made inside the recording for later eager calls.
-            with _autocast_without_cache(device.type), forward.capture():
+            with autocast_without_cache(device.type), forward.capture():
                 output = self._run(names, static, kwargs)
             grad = torch.empty_like(output)
             with backward.capture():
@@ -219,7 +272,7 @@ class LayerRunner:
         inside a recording. The gradients are returned, not added into .grad."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _autocast_without_cache("cuda"):
+        with torch.cuda.stream(side), autocast_without_cache("cuda"):
             output = self._run(names, static, kwargs)
             torch.autograd.grad(output, self.weights, torch.zeros_like(output), allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
@@ -273,7 +326,7 @@ class _Replay(torch.autograd.Function):
         return (None, None, None, *([None] * ctx.count))
 
 
-def _split(hidden_states, kwargs) -> tuple[list, list, tuple]:
+def split(hidden_states, kwargs) -> tuple[list, list, tuple]:
     """The tensors the layers read (hidden states, RoPE's cos and sin, the boundaries, ...), where they came
     from, and the key a recording is made for: their shapes and dtypes, every other argument's value, and
     the autocast state."""
@@ -293,7 +346,7 @@ def _split(hidden_states, kwargs) -> tuple[list, list, tuple]:
     return names, tensors, (tuple(str(n) for n in names), shapes, tuple(fixed), autocast)
 
 
-def _unflatten(names: list, tensors: list) -> dict:
+def unflatten(names: list, tensors: list) -> dict:
     given = {}
     for name, tensor in zip(names, tensors):
         if isinstance(name, tuple):
@@ -303,7 +356,7 @@ def _unflatten(names: list, tensors: list) -> dict:
     return given
 
 
-def _autocast_without_cache(device: str):
+def autocast_without_cache(device: str):
     if not torch.is_autocast_enabled(device):
         return contextlib.nullcontext()
     return torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False)

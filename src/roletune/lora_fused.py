@@ -42,7 +42,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 from roletune import layer_graphs
 from roletune.forwards import replace_forward
@@ -159,12 +158,9 @@ def _autocast(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _continues_generation(kwargs: dict) -> bool:
-    """Whether this forward decodes on from a KV cache that holds tokens already: a later step of one generate
-    call, in which the adapter does not change, so the copies its first step made still hold. (Only a
-    DynamicCache, generate's default, tells its length without reading it back from the GPU.)"""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # its name since transformers 5.2x, and before
-    return isinstance(cache, DynamicCache) and cache.get_seq_length() > 0
+def _cache(kwargs: dict):
+    """The KV cache a forward decodes with, or None."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))  # its name since transformers 5.2x, and before
 
 
 def _global_hooks() -> bool:
@@ -172,6 +168,10 @@ def _global_hooks() -> bool:
     and its kin): then each base layer is called as a module, for them to see."""
     return any(getattr(torch.nn.modules.module, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _no_cache():
+    return None
 
 
 class AdapterCopies:
@@ -183,7 +183,7 @@ class AdapterCopies:
     multi-tensor kernels (a handful of launches in all), then the branches take theirs. Refreshed every
     forward, not tracked: a weight's version counter does not tell (the fused optimizer updates the weights
     in place without bumping it). Only a generate call's later steps, which decode on from its KV cache,
-    keep the copies its first step made (_continues_generation): nothing changes the adapter within a call.
+    keep the copies its first step made: nothing changes the adapter within a call.
     The same values as casting in the branch: lora_A cast, B times scaling in the weights' precision then
     rounded once. A branch whose copy does not match (another dtype, a changed scaling or weight, an
     adapter added later) casts its own, as before.
@@ -201,6 +201,7 @@ class AdapterCopies:
         # answers (fp32) alternate, and CUDA graphs (roletune.layer_graphs) read the training copies by address.
         self.by_dtype: dict = {}
         self.plans = None  # (the state they hold for, every layer's _Plan), as the last forward made them
+        self.cache = _no_cache  # the KV cache of the last forward, weakly
 
     def refresh(self, module, args, kwargs) -> None:
         if torch.compiler.is_compiling():
@@ -213,8 +214,11 @@ class AdapterCopies:
         dtype = _branch_dtype(device_type, self.entries[0][0].cast_input_dtype_enabled, self.sources_a[0].dtype,
                               self.input_dtype)
         # A generate call's later steps keep the copies and plans of its first: nothing changes the adapter,
-        # nor whether it is on, within a call.
-        continues = dtype == self.dtype and _continues_generation(kwargs)
+        # nor whether it is on, within a call. They are the forwards given the KV cache the last one was: generate
+        # makes a new cache per call (told by identity: a static cache's length is only known on the GPU).
+        cache = _cache(kwargs)
+        continues = dtype == self.dtype and cache is not None and self.cache() is cache
+        self.cache = _no_cache if cache is None else weakref.ref(cache)
         if not continues:
             self._copy(dtype)
         first = self.layers[0]  # peft switches adapters on and off, merges and picks them for all layers at once

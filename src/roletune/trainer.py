@@ -200,7 +200,7 @@ def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: 
                             callbacks=[*callbacks, guard])  # the guard last: see NonFiniteGuard
     guard.step_grad_norm = trainer.take_step_grad_norm
     trainer.time_spent = time_spent
-    if t.cuda_graphs and not layer_graphs.installed(model):  # refused (on the CPU, say): nothing to pad for
+    if t.cuda_graphs and not layer_graphs.graphs_training(model):  # refused (on the CPU, say): nothing to pad for
         t = dataclasses.replace(t, cuda_graphs=False)
     trainer.length_multiple = length_multiple(t)
     trainer.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
