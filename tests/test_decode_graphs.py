@@ -7,6 +7,7 @@ import pytest
 from roletune import generate, layer_graphs
 
 from emulated_graph import EmulatedGraph
+from test_quantization import qlora_run  # noqa: F401 - a fixture
 
 CONVERSATIONS = [[{"role": "user", "content": f"第{i}个问题：今天海上风大吗？"}] for i in (3, 10, 7)]
 
@@ -93,3 +94,17 @@ def test_chat_with_cuda_graphs_on_the_cpu_says_why_not_and_answers(trained_run, 
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0] == "CUDA graphs: off, decoding runs the layers one by one (they need a GPU)"
     assert out[-1].endswith("灯塔照常亮着。")
+
+
+def test_graphed_decoding_of_a_qlora_run_answers_as_eager_decoding(qlora_run, monkeypatch):
+    """A 4-bit base (bitsandbytes' kernels, here its CPU ones) decodes through the graphs as it does eagerly."""
+    cfg, _ = qlora_run
+    want = answers(generate.load_session(cfg.output_dir, device="cpu"), CONVERSATIONS, tokens=8)
+    install = layer_graphs.install
+    monkeypatch.setattr(layer_graphs, "decoding_refusal", lambda *args: None)
+    monkeypatch.setattr(layer_graphs, "install", lambda model, new_graph=None, training=True: install(
+        model, EmulatedGraph, training))
+    session = generate.load_session(cfg.output_dir, device="cpu", cuda_graphs=True, echo=lambda *_: None)
+    assert answers(session, CONVERSATIONS, tokens=8) == want
+    decoding = layer_graphs.runner_of(session.model).decoding
+    assert decoding.made == 1 and decoding.replays > 0 and decoding.failed is None

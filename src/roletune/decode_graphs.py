@@ -10,9 +10,9 @@ With a static KV cache (transformers' StaticCache: fixed-size tensors, its lengt
 every decoding step of a generate call gives the layers tensors of the same shapes at the same addresses
 (the cache's), so the layers are recorded once per call, at its first decoding step, and replayed for the
 rest. transformers' own way there is torch.compile's reduce-overhead mode over the whole forward, which
-generate turns on by itself for a static cache on a GPU: it compiles first, for tens of seconds on a 7B
-model, more than a run's sample answers take. Here the layers are recorded as they run eagerly (the fused
-LoRA branch, Liger's kernels, sdpa), which costs one eager step.
+generate turns on by itself for a static cache on a GPU: it compiles the forward first, and again for new
+batch shapes. Here the layers are recorded as they run eagerly (the fused LoRA branch, Liger's kernels,
+sdpa), which costs one eager step.
 
 A recording is made thus: the step runs eagerly (it writes its keys and values into the cache, advances
 the cache's length and gives the step's output; on a GPU off the main stream, which also warms up what a
