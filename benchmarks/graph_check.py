@@ -14,13 +14,16 @@ model is too small for its arithmetic to matter).
 Then decoding (roletune.decode_graphs): the graphed model, in eval mode, answers three left-padded prompts
 greedily from a static KV cache twice, with its decoding steps replayed from CUDA graphs and with them run
 one by one. The same kernels either way, so the same tokens and logits; prints both sides' time per token.
-Last `graph_check=ok` or `graph_check=FAILED`.
+
+All the while another thread allocates pinned host memory, as a DataLoader's pinning thread does: the
+recordings must neither break on it nor break it. Last `graph_check=ok` or `graph_check=FAILED`.
 
 usage: python benchmarks/graph_check.py        (a GPU machine; the CPU has no CUDA graphs to check)
 """
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import torch
@@ -82,6 +85,25 @@ def run(model, device: torch.device) -> tuple[list[float], list[torch.Tensor], l
     return [loss.item() for loss in losses], updates, seconds
 
 
+class Pinning(threading.Thread):
+    """Pinned host memory allocated again and again on a thread of its own, in varying sizes (a DataLoader
+    pinning its next batches): CUDA calls from another thread while recordings are made."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop, self.pins, self.error = threading.Event(), 0, None
+
+    def run(self) -> None:
+        kept = []
+        try:
+            while not self.stop.is_set():
+                kept = [*kept[-8:], torch.empty(4096 * (1 + self.pins % 61), dtype=torch.uint8).pin_memory()]
+                self.pins += 1
+                time.sleep(0.001)
+        except Exception as exc:  # noqa: BLE001 - reported by the check
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
 def decode(model, device: torch.device, graphed: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(tokens, logits, seconds per token) of three left-padded prompts, 48 greedy tokens each."""
     runner = layer_graphs.runner_of(model)
@@ -126,6 +148,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("graph_check: needs a CUDA GPU (the CPU's check is tests/test_layer_graphs.py)")
     device = torch.device("cuda", 0)
+    pinning = Pinning()
+    pinning.start()
     eager_losses, eager_updates, eager_s = run(build(False, device), device)
     model = build(True, device)
     graph_losses, graph_updates, graph_s = run(model, device)
@@ -144,6 +168,10 @@ def main() -> None:
     good = (summary is not None and summary["failed"] is None and summary["recordings"] > 0 and eager_norm > 0
             and loss_error < TOLERANCE and update_error < TOLERANCE)
     good = check_decoding(model, device) and good
+    pinning.stop.set()
+    pinning.join()
+    print(f"another thread pinned host memory {pinning.pins} times meanwhile: {pinning.error or 'no error'}")
+    good = good and pinning.error is None and pinning.pins > 0
     print(f"graph_check={'ok' if good else 'FAILED'}")
     if not good:
         sys.exit(1)

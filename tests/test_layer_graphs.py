@@ -187,3 +187,16 @@ def test_where_training_steps_cannot_be_graphed_sample_answers_still_are(config_
     runner = emulated[-1]
     assert not runner.training and not runner.recordings and runner.decoding.made == 3
     assert got_log == pytest.approx(want_log, rel=1e-5)
+
+
+def test_a_recording_holds_only_its_own_thread_to_what_a_capture_allows(monkeypatch):
+    """Captures are thread-local, as torch.compile's are: in the default (global) mode another thread's CUDA
+    call during a recording (pinned memory for the next batch, say) breaks it and fails in that thread."""
+    import contextlib
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **options: seen.update(options) or contextlib.nullcontext())
+    with layer_graphs.CudaGraph(pool="pool").capture():
+        pass
+    assert seen == {"pool": "pool", "capture_error_mode": "thread_local"}

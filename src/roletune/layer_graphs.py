@@ -57,9 +57,12 @@ class CudaGraph:
         self.graph, self.pool = torch.cuda.CUDAGraph(), pool
 
     def capture(self):
-        # The default error mode, as make_graphed_callables records: the backward's kernels are launched from
-        # autograd's device thread, and an unsafe call there must fail rather than leave a broken graph.
-        return torch.cuda.graph(self.graph, pool=self.pool)
+        # Thread-local, as torch.compile's CUDA graphs capture: only this thread is held to what a capture
+        # allows. In the default (global) mode any other thread's CUDA call while a recording is made (a
+        # DataLoader's pinning thread allocating pinned memory, a server's request thread) breaks the
+        # recording and fails in that thread, where nothing catches it. The backward's kernels, launched from
+        # autograd's device thread onto the capturing stream, are recorded in either mode.
+        return torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local")
 
     def replay(self) -> None:
         self.graph.replay()
