@@ -4,8 +4,9 @@ EmulatedGraph records the operators run while capturing, with the very tensors t
 replay runs them again on those tensors. A replay therefore sees what a CUDA graph's would: the memory that
 was captured, changed in place since, but never a tensor made since (a stale adapter copy, a gradient set
 anew, an input not copied in). Capturing changes no tensor that existed before (a CUDA graph runs nothing
-while recording), and reading a value back to the host while capturing fails, as it does on a GPU. The
-recording itself (torch.cuda.CUDAGraph) is what only a GPU can check (benchmarks/graph_check.py).
+while recording), nor fails on an index that only a running kernel checks, and reading a value back to the
+host while capturing fails, as it does on a GPU. The recording itself (torch.cuda.CUDAGraph) is what only a
+GPU can check (benchmarks/graph_check.py).
 """
 from __future__ import annotations
 
@@ -49,7 +50,14 @@ class _Recorder(TorchDispatchMode):
             raise RuntimeError(f"{func}: a value read back to the host while capturing")
         older = [t for t in _written(func, args, kwargs) if t.untyped_storage().data_ptr() not in self.made]
         before = [t.clone() for t in older]
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except IndexError:
+            # An index a GPU checks only as the kernel runs (a KV cache's last slot written, the step after
+            # it recorded): a capture, which runs nothing, does not fail on it; a replay would.
+            if not (func._schema.is_mutable and older):
+                raise
+            out = args[0]
         for tensor, value in zip(older, before):  # capturing runs nothing
             tensor.copy_(value)
         self.made.update(t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor))

@@ -108,3 +108,16 @@ def test_graphed_decoding_of_a_qlora_run_answers_as_eager_decoding(qlora_run, mo
     assert answers(session, CONVERSATIONS, tokens=8) == want
     decoding = layer_graphs.runner_of(session.model).decoding
     assert decoding.made == 1 and decoding.replays > 0 and decoding.failed is None
+
+
+def test_graphed_beam_search_answers_as_eager_beam_search(trained_run, graphed):
+    """Beam search puts the cache's reordered rows in new tensors at every step: a replay would write into the
+    old ones, so each such step is recorded anew, and the answers are eager beam search's."""
+    eager = generate.load_session(str(trained_run), device="cpu")
+    session, runner = graphed
+
+    def beams(session):
+        config = generate.decoding_config(session, greedy=True, max_new_tokens=10, num_beams=2)
+        return [reply.text for reply in generate.answer_all(session, CONVERSATIONS[:2], config)]
+    assert beams(session) == beams(eager)
+    assert runner.decoding.made > 1 and runner.decoding.failed is None

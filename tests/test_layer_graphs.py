@@ -32,6 +32,11 @@ def test_the_emulated_graph_replays_the_memory_it_captured():
     assert out.tolist() == [6, 6, 6]
     with pytest.raises(RuntimeError, match="read back to the host"), graph.capture():
         (weight * 2).sum().item()
+    slots, late = torch.zeros(3), EmulatedGraph()
+    with late.capture():  # an index only the running kernel checks: a capture does not fail on it
+        slots.index_copy_(0, torch.tensor([3]), torch.ones(1))
+    with pytest.raises(IndexError):
+        late.replay()
 
 
 def masked_attention(query, key, value, cu_seq_lens, scale):

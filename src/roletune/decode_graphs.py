@@ -19,7 +19,8 @@ the cache's length and gives the step's output; on a GPU off the main stream, wh
 recording must not initialise), then the same step is captured, which runs nothing. Later steps copy their
 inputs in and replay: the cache's length tensor says where each writes. A recording belongs to one cache
 and holds it weakly: generate makes a new cache per call, so a call's first decoding step records anew, the
-previous call's recording is dropped, and a cache that is gone is never written by a replay.
+previous call's recording is dropped, and a cache that is gone is never written by a replay. A cache that
+puts new tensors in place of its own (beam search reorders its rows so) is recorded again.
 """
 from __future__ import annotations
 
@@ -70,15 +71,18 @@ class DecodingGraphs:
             recording = self.recordings.get(key)
         except TypeError:
             return None
-        if recording is None or recording.cache() is not cache:
-            return self._record(key, names, tensors, kwargs, cache)
+        held = _held(cache)
+        if held is None:
+            return None
+        if recording is None or recording.cache() is not cache or recording.held != held:
+            return self._record(key, names, tensors, kwargs, cache, held)
         for static, given in zip(recording.inputs, tensors):
             static.copy_(given)
         recording.graph.replay()
         self.replays += 1
         return recording.output.clone()  # the next replay writes over the recording's own
 
-    def _record(self, key, names: list, tensors: list, kwargs: dict, cache) -> torch.Tensor:
+    def _record(self, key, names: list, tensors: list, kwargs: dict, cache, held: tuple) -> torch.Tensor:
         # The recordings of earlier calls (their caches) are done with: dropped first, their memory reused.
         self.recordings = {k: r for k, r in self.recordings.items() if r.cache() is cache}
         started = time.perf_counter()
@@ -102,7 +106,7 @@ class DecodingGraphs:
             log.warning("CUDA graphs: recording a decoding step failed (%s); decoding runs the layers one by one "
                         "from now on", self.failed)
             return output
-        self.recordings[key] = _Recording(graph, static, captured, weakref.ref(cache))
+        self.recordings[key] = _Recording(graph, static, captured, weakref.ref(cache), held)
         self.made += 1
         self.recording_s += time.perf_counter() - started
         return output
@@ -112,6 +116,19 @@ class DecodingGraphs:
                 "failed": self.failed}
 
 
+def _held(cache) -> tuple | None:
+    """Where the cache's keys and values are: a replay writes where the recording did, so a cache that put
+    new tensors in place of its own (beam search reorders its rows so) needs a new recording. None for a
+    cache whose tensors cannot be told."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    try:
+        return tuple(t.data_ptr() for layer in layers for t in (layer.keys, layer.values))
+    except AttributeError:
+        return None
+
+
 class _Recording:
-    def __init__(self, graph, inputs: list, output: torch.Tensor, cache):
-        self.graph, self.inputs, self.output, self.cache = graph, inputs, output, cache
+    def __init__(self, graph, inputs: list, output: torch.Tensor, cache, held: tuple):
+        self.graph, self.inputs, self.output, self.cache, self.held = graph, inputs, output, cache, held

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from roletune.data.prompts import prompt_messages, read_prompts
 from roletune import layer_graphs
+from roletune.data.prompts import prompt_messages, read_prompts
 from roletune.errors import RunError
 from roletune.lora_fused import fuse_lora_layers
 from roletune.model import load_adapter, load_base_model, load_tokenizer, resolve_device, resolve_dtype
