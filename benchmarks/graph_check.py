@@ -15,6 +15,8 @@ Then decoding (roletune.decode_graphs): the graphed model, in eval mode, answers
 greedily from a static KV cache twice, with its decoding steps replayed from CUDA graphs and with them run
 one by one. The same kernels either way, so the same tokens and logits; prints both sides' time per token.
 
+Then, with LoRA dropout on, one micro-batch replayed twice must give two losses: new masks each replay.
+
 All the while another thread allocates pinned host memory, as a DataLoader's pinning thread does: the
 recordings must neither break on it nor break it. Last `graph_check=ok` or `graph_check=FAILED`.
 
@@ -39,13 +41,13 @@ STEPS = [[[30, 50, 20], [40, 40]], [[25, 60], [100, 7, 9, 30]], [[70], [30, 50, 
 TOLERANCE = 0.05  # bf16, and flash attention's backward adds with atomics: not bit for bit
 
 
-def build(graphs: bool, device: torch.device):
+def build(graphs: bool, device: torch.device, dropout: float = 0.0):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=False)
     cfg = config_from_dict({"model": {"path": "narrow-qwen2", "dtype": "bf16", "device": str(device)},
-                            "data": {"path": "unused.json"}, "lora": {"r": 8, "alpha": 32, "dropout": 0.0},
+                            "data": {"path": "unused.json"}, "lora": {"r": 8, "alpha": 32, "dropout": dropout},
                             "output_dir": "unused"}, [f"train.cuda_graphs={str(graphs).lower()}"])
     train.load_base_model = lambda model_cfg, where, dtype: AutoModelForCausalLM.from_config(
         config, dtype=dtype, attn_implementation="sdpa").to(where)
@@ -144,6 +146,31 @@ def check_decoding(model, device: torch.device) -> bool:
         decoding["replays"] == 46
 
 
+def check_fresh_masks(device: torch.device) -> bool:
+    """With LoRA dropout on, a replay must draw new masks (CUDA's generator moves on inside a graph, as it
+    does eagerly): the same micro-batch, replayed twice with the adapter unchanged, gives two losses, where
+    a graph that replayed its recording's masks would give the same one twice."""
+    model = build(True, device, dropout=0.1)
+    with torch.no_grad():  # lora_B starts at zero, where dropout changes nothing
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)
+    inputs = attention.without_mask_building(model, microbatch([30, 50, 20], 0, device))
+    labels = inputs.pop("labels")
+    losses = []
+    for _ in range(3):  # recorded (and replayed), then replayed twice
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**inputs, labels=labels, use_cache=False).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    summary = layer_graphs.summary(model)
+    fresh = summary["recordings"] == 1 and summary["failed"] is None and len(set(losses)) == 3
+    print(f"dropout 0.1, one micro-batch three times: losses {[round(x, 6) for x in losses]}, "
+          f"{'new masks each replay' if fresh else 'NOT new masks each replay'}; graphs: {summary}")
+    return fresh
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("graph_check: needs a CUDA GPU (the CPU's check is tests/test_layer_graphs.py)")
@@ -168,6 +195,7 @@ def main() -> None:
     good = (summary is not None and summary["failed"] is None and summary["recordings"] > 0 and eager_norm > 0
             and loss_error < TOLERANCE and update_error < TOLERANCE)
     good = check_decoding(model, device) and good
+    good = check_fresh_masks(device) and good
     pinning.stop.set()
     pinning.join()
     print(f"another thread pinned host memory {pinning.pins} times meanwhile: {pinning.error or 'no error'}")
