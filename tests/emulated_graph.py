@@ -73,3 +73,18 @@ def _written(func, args, kwargs) -> list:
         value = args[i] if i < len(args) else kwargs.get(argument.name)
         tensors += [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
     return tensors
+
+
+def graphs_on_the_cpu(monkeypatch) -> list:
+    """roletune.layer_graphs installing stand-in graphs where it would refuse for want of a GPU (their training
+    steps still subject to its other checks); returns the runners it installs, in order."""
+    from roletune import layer_graphs
+
+    runners, install = [], layer_graphs.install
+
+    def install_emulated(model, new_graph=None, training=True):
+        runners.append(install(model, EmulatedGraph, training))
+        return runners[-1]
+    monkeypatch.setattr(layer_graphs, "decoding_refusal", lambda *args: None)
+    monkeypatch.setattr(layer_graphs, "install", install_emulated)
+    return runners

@@ -6,7 +6,7 @@ import pytest
 
 from roletune import generate, layer_graphs
 
-from emulated_graph import EmulatedGraph
+from emulated_graph import EmulatedGraph, graphs_on_the_cpu
 from test_quantization import qlora_run  # noqa: F401 - a fixture
 
 CONVERSATIONS = [[{"role": "user", "content": f"第{i}个问题：今天海上风大吗？"}] for i in (3, 10, 7)]
@@ -16,11 +16,7 @@ CONVERSATIONS = [[{"role": "user", "content": f"第{i}个问题：今天海上�
 def graphed(trained_run, monkeypatch):
     """A session of the trained run whose decoding steps are graphed (stand-in graphs); returns (session,
     its runner)."""
-    def install_emulated(model, new_graph=None, training=True):
-        return install(model, EmulatedGraph, training)
-    install = layer_graphs.install
-    monkeypatch.setattr(layer_graphs, "decoding_refusal", lambda *args: None)
-    monkeypatch.setattr(layer_graphs, "install", install_emulated)
+    graphs_on_the_cpu(monkeypatch)
     lines = []
     session = generate.load_session(str(trained_run), device="cpu", cuda_graphs=True, echo=lines.append)
     assert lines == ["CUDA graphs: decoding steps replayed, recorded once a generate call"]
@@ -100,10 +96,7 @@ def test_graphed_decoding_of_a_qlora_run_answers_as_eager_decoding(qlora_run, mo
     """A 4-bit base (bitsandbytes' kernels, here its CPU ones) decodes through the graphs as it does eagerly."""
     cfg, _ = qlora_run
     want = answers(generate.load_session(cfg.output_dir, device="cpu"), CONVERSATIONS, tokens=8)
-    install = layer_graphs.install
-    monkeypatch.setattr(layer_graphs, "decoding_refusal", lambda *args: None)
-    monkeypatch.setattr(layer_graphs, "install", lambda model, new_graph=None, training=True: install(
-        model, EmulatedGraph, training))
+    graphs_on_the_cpu(monkeypatch)
     session = generate.load_session(cfg.output_dir, device="cpu", cuda_graphs=True, echo=lambda *_: None)
     assert answers(session, CONVERSATIONS, tokens=8) == want
     decoding = layer_graphs.runner_of(session.model).decoding

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from roletune import attention, layer_graphs, lora_fused
 from roletune.config import load_config
 
-from emulated_graph import EmulatedGraph
+from emulated_graph import EmulatedGraph, graphs_on_the_cpu
 
 
 def test_the_emulated_graph_replays_the_memory_it_captured():
@@ -54,15 +54,8 @@ def masked_attention(query, key, value, cu_seq_lens, scale):
 @pytest.fixture
 def emulated(monkeypatch):
     """train.cuda_graphs on the CPU: the layers graphed with EmulatedGraph; returns the runners installed."""
-    runners = []
-    install = layer_graphs.install
-
-    def install_emulated(model, new_graph=None, training=True):
-        runners.append(install(model, EmulatedGraph, training))
-        return runners[-1]
-    monkeypatch.setattr(layer_graphs, "decoding_refusal", lambda *args: None)
+    runners = graphs_on_the_cpu(monkeypatch)
     monkeypatch.setattr(layer_graphs, "refusal", lambda *args: None)
-    monkeypatch.setattr(layer_graphs, "install", install_emulated)
     monkeypatch.setattr(attention, "per_example", masked_attention)
     return runners
 

@@ -24,7 +24,6 @@ puts new tensors in place of its own (beam search reorders its rows so) is recor
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
@@ -32,16 +31,9 @@ import weakref
 import torch
 
 from roletune.errors import brief
-from roletune.layer_graphs import autocast_without_cache, split
+from roletune.layer_graphs import autocast_without_cache, kv_cache, side_stream, split
 
 log = logging.getLogger(__name__)
-
-
-def cache_of(kwargs: dict) -> tuple[str, object]:
-    """(argument name, KV cache) of a decoder layer's call: `cache` since transformers 5.2x, before it
-    `past_key_values`."""
-    name = "cache" if "cache" in kwargs else "past_key_values"
-    return name, kwargs.get(name)
 
 
 class DecodingGraphs:
@@ -58,15 +50,16 @@ class DecodingGraphs:
 
     def accepts(self, hidden_states: torch.Tensor, kwargs: dict) -> bool:
         """A decoding step from a static cache, without gradients."""
-        _, cache = cache_of(kwargs)
+        cache = kv_cache(kwargs)
         return (self.failed is None and not torch.is_grad_enabled() and hidden_states.shape[1] == 1
                 and bool(getattr(cache, "is_compileable", False)) and not torch.compiler.is_compiling())
 
     def step(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
         """The layers' output for this step, replayed or recorded; None where it cannot be (an argument that
         cannot be part of a key), for the caller to run the layers one by one."""
-        name, cache = cache_of(kwargs)
-        names, tensors, key = split(hidden_states, {k: v for k, v in kwargs.items() if k != name})
+        cache = kv_cache(kwargs)
+        # The cache is no part of the key: a recording holds it itself, and says whether it is the same.
+        names, tensors, key = split(hidden_states, {k: v for k, v in kwargs.items() if v is not cache})
         try:
             recording = self.recordings.get(key)
         except TypeError:
@@ -88,15 +81,8 @@ class DecodingGraphs:
         started = time.perf_counter()
         static = [t.clone() for t in tensors]
         device = static[0].device.type
-        cuda = device == "cuda"
-        side = torch.cuda.Stream() if cuda else None
-        if cuda:
-            side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if cuda else contextlib.nullcontext(), autocast_without_cache(device):
-            output = self.run_layers(names, static, kwargs)  # the step itself
-        if cuda:
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
+        with side_stream(device), autocast_without_cache(device):
+            output = self.run_layers(names, static, kwargs)  # the step itself, and the warm-up of its recording
         graph = self.new_graph()
         try:
             with autocast_without_cache(device), graph.capture():

@@ -45,6 +45,28 @@ log = logging.getLogger(__name__)
 _capturing = False  # while a recording is made: roletune's LoRA dropout keeps its mask (see capturing())
 
 
+def kv_cache(kwargs: dict):
+    """The KV cache a decoder forward or layer is given, or None: `cache` since transformers 5.2x, before it
+    `past_key_values`."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+@contextlib.contextmanager
+def side_stream(device: str):
+    """Run the block off the main stream and wait for it, as PyTorch's make_graphed_callables warms up before
+    recording: lazy initialisations (cuBLAS workspaces, Triton kernels compiled for new shapes) must not happen
+    inside a recording. Elsewhere than on CUDA, the block just runs."""
+    if device != "cuda":
+        yield
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
 def capturing() -> bool:
     """Whether a graph of the layers is being recorded now (the RNG state cannot be saved and restored)."""
     return _capturing
@@ -238,7 +260,7 @@ class LayerRunner:
         return (self.training and self.failed is None and torch.is_grad_enabled() and self.layers[0].training
                 and not hidden_states.requires_grad
                 and hidden_states.shape[0] == 1 and "cu_seq_lens_q" in kwargs and not kwargs.get("use_cache")
-                and kwargs.get("cache", kwargs.get("past_key_values")) is None and bool(self.weights)
+                and kv_cache(kwargs) is None and bool(self.weights)
                 and self._on_device(hidden_states) and not torch.compiler.is_compiling())
 
     def _run(self, names, tensors, kwargs):
@@ -270,16 +292,11 @@ class LayerRunner:
         return _Recording(forward, backward, static, output.detach(), grad)
 
     def _warm_up(self, names, static, kwargs) -> None:
-        """One forward and backward off the main stream before recording, as PyTorch's make_graphed_callables
-        does: lazy initialisations (cuBLAS workspaces, Triton kernels compiled for new shapes) must not happen
-        inside a recording. The gradients are returned, not added into .grad."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast_without_cache("cuda"):
+        """One forward and backward off the main stream before recording (side_stream). The gradients are
+        returned, not added into .grad."""
+        with side_stream("cuda"), autocast_without_cache("cuda"):
             output = self._run(names, static, kwargs)
             torch.autograd.grad(output, self.weights, torch.zeros_like(output), allow_unused=True)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
         del output
         torch.cuda.empty_cache()  # what the warm-up cached would otherwise sit beside the graphs' own pool
 

@@ -158,20 +158,11 @@ def _autocast(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _cache(kwargs: dict):
-    """The KV cache a forward decodes with, or None."""
-    return kwargs.get("cache", kwargs.get("past_key_values"))  # its name since transformers 5.2x, and before
-
-
 def _global_hooks() -> bool:
     """Whether hooks on every module's calls are set (torch.nn.modules.module.register_module_forward_hook
     and its kin): then each base layer is called as a module, for them to see."""
     return any(getattr(torch.nn.modules.module, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
-
-
-def _no_cache():
-    return None
 
 
 class AdapterCopies:
@@ -201,7 +192,7 @@ class AdapterCopies:
         # answers (fp32) alternate, and CUDA graphs (roletune.layer_graphs) read the training copies by address.
         self.by_dtype: dict = {}
         self.plans = None  # (the state they hold for, every layer's _Plan), as the last forward made them
-        self.cache = _no_cache  # the KV cache of the last forward, weakly
+        self.cache = None  # a weak reference to the KV cache of the last forward, if it had one
 
     def refresh(self, module, args, kwargs) -> None:
         if torch.compiler.is_compiling():
@@ -216,9 +207,9 @@ class AdapterCopies:
         # A generate call's later steps keep the copies and plans of its first: nothing changes the adapter,
         # nor whether it is on, within a call. They are the forwards given the KV cache the last one was: generate
         # makes a new cache per call (told by identity: a static cache's length is only known on the GPU).
-        cache = _cache(kwargs)
-        continues = dtype == self.dtype and cache is not None and self.cache() is cache
-        self.cache = _no_cache if cache is None else weakref.ref(cache)
+        cache = layer_graphs.kv_cache(kwargs)
+        continues = dtype == self.dtype and cache is not None and self.cache is not None and self.cache() is cache
+        self.cache = None if cache is None else weakref.ref(cache)
         if not continues:
             self._copy(dtype)
         first = self.layers[0]  # peft switches adapters on and off, merges and picks them for all layers at once
