@@ -59,12 +59,13 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
       data.path="$shared/data/huanhuan.json" train.memory_budget_gib=24 | tail -8 || echo "the dry run failed"
   # Whether the layers replayed from CUDA graphs train what eager ones train, here (a small model, seconds).
   PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout 120 "$py" "$here/benchmarks/graph_check.py" 2>&1 \
-      | grep -v "it/s" | tail -12 | tee "$out/graph_check.txt" || echo "the graph check failed"
+      | grep -v "it/s" | tail -20 | tee "$out/graph_check.txt" || echo "the graph check failed"
   # The seed recipe and roletune's default path (profiled: with Liger-Kernel importable, its loss and layer
-  # kernels), then in the same launch roletune without each of Liger's (chunked-head, torch-kernels) and roletune
-  # with its layers replayed from CUDA graphs (train.cuda_graphs, last).
+  # kernels), then in the same launch roletune without each of Liger's (chunked-head, torch-kernels), roletune
+  # with q/k/v and gate/up's LoRA work grouped (lora.grouped) and with its layers replayed from CUDA graphs
+  # (train.cuda_graphs, last).
   PYTHONPATH=$PYTHONPATH:$site/liger_kernel timeout "$(left)" "$py" "$here/benchmarks/train_speed.py" ${on[@]+"${on[@]}"} \
-      --profile --levers=chunked-head,torch-kernels --cuda-graphs --steps "$steps" --shared "$shared" \
+      --profile --levers=chunked-head,torch-kernels --grouped-lora --cuda-graphs --steps "$steps" --shared "$shared" \
       --out "$out/train_speed.jsonl" || echo "stopped by the time budget; rows so far are kept"
   # The target itself: a whole 3-epoch run of the fast config, checkpoints and sample answers included (about
   # 200 s with the defaults on the H200 of 2026-11-30), with CUDA graphs, and Liger-Kernel if it loads.

@@ -16,6 +16,7 @@ greedily from a static KV cache twice, with its decoding steps replayed from CUD
 one by one. The same kernels either way, so the same tokens and logits; prints both sides' time per token.
 
 Then, with LoRA dropout on, one micro-batch replayed twice must give two losses: new masks each replay.
+The training check and this one again with lora.grouped (q/k/v and gate/up sharing their LoRA work).
 
 All the while another thread allocates pinned host memory, as a DataLoader's pinning thread does: the
 recordings must neither break on it nor break it. Last `graph_check=ok` or `graph_check=FAILED`.
@@ -41,14 +42,15 @@ STEPS = [[[30, 50, 20], [40, 40]], [[25, 60], [100, 7, 9, 30]], [[70], [30, 50, 
 TOLERANCE = 0.05  # bf16, and flash attention's backward adds with atomics: not bit for bit
 
 
-def build(graphs: bool, device: torch.device, dropout: float = 0.0):
+def build(graphs: bool, device: torch.device, dropout: float = 0.0, grouped: bool = False):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=False)
     cfg = config_from_dict({"model": {"path": "narrow-qwen2", "dtype": "bf16", "device": str(device)},
                             "data": {"path": "unused.json"}, "lora": {"r": 8, "alpha": 32, "dropout": dropout},
-                            "output_dir": "unused"}, [f"train.cuda_graphs={str(graphs).lower()}"])
+                            "output_dir": "unused"},
+                           [f"train.cuda_graphs={str(graphs).lower()}", f"lora.grouped={str(grouped).lower()}"])
     train.load_base_model = lambda model_cfg, where, dtype: AutoModelForCausalLM.from_config(
         config, dtype=dtype, attn_implementation="sdpa").to(where)
     return train.build_model(cfg, device, echo=print).train()
@@ -146,11 +148,11 @@ def check_decoding(model, device: torch.device) -> bool:
         decoding["replays"] == 46
 
 
-def check_fresh_masks(device: torch.device) -> bool:
+def check_fresh_masks(device: torch.device, grouped: bool = False) -> bool:
     """With LoRA dropout on, a replay must draw new masks (CUDA's generator moves on inside a graph, as it
     does eagerly): the same micro-batch, replayed twice with the adapter unchanged, gives two losses, where
     a graph that replayed its recording's masks would give the same one twice."""
-    model = build(True, device, dropout=0.1)
+    model = build(True, device, dropout=0.1, grouped=grouped)
     with torch.no_grad():  # lora_B starts at zero, where dropout changes nothing
         for name, weight in model.named_parameters():
             if "lora_B" in name:
@@ -166,7 +168,8 @@ def check_fresh_masks(device: torch.device) -> bool:
         losses.append(loss.item())
     summary = layer_graphs.summary(model)
     fresh = summary["recordings"] == 1 and summary["failed"] is None and len(set(losses)) == 3
-    print(f"dropout 0.1, one micro-batch three times: losses {[round(x, 6) for x in losses]}, "
+    print(f"dropout 0.1{', grouped' if grouped else ''}, one micro-batch three times: "
+          f"losses {[round(x, 6) for x in losses]}, "
           f"{'new masks each replay' if fresh else 'NOT new masks each replay'}; graphs: {summary}")
     return fresh
 
@@ -177,10 +180,29 @@ def main() -> None:
     device = torch.device("cuda", 0)
     pinning = Pinning()
     pinning.start()
-    eager_losses, eager_updates, eager_s = run(build(False, device), device)
-    model = build(True, device)
+    good, model = check_training(device)
+    good = check_decoding(model, device) and good
+    good = check_fresh_masks(device) and good
+    # The same with the LoRA branches that read one input grouped (lora.grouped): the kept masks are theirs.
+    good = check_training(device, grouped=True)[0] and good
+    good = check_fresh_masks(device, grouped=True) and good
+    pinning.stop.set()
+    pinning.join()
+    print(f"another thread pinned host memory {pinning.pins} times meanwhile: {pinning.error or 'no error'}")
+    good = good and pinning.error is None and pinning.pins > 0
+    print(f"graph_check={'ok' if good else 'FAILED'}")
+    if not good:
+        sys.exit(1)
+
+
+def check_training(device: torch.device, grouped: bool = False):
+    """(whether the graphed layers train the eager layers' adapter, the graphed model)."""
+    eager_losses, eager_updates, eager_s = run(build(False, device, grouped=grouped), device)
+    model = build(True, device, grouped=grouped)
     graph_losses, graph_updates, graph_s = run(model, device)
     summary = layer_graphs.summary(model)
+    if grouped:
+        print("lora.grouped:")
     print(f"losses, eager:  {[round(x, 5) for x in eager_losses]}")
     print(f"losses, graphs: {[round(x, 5) for x in graph_losses]}")
     loss_error = max(abs(g - e) / max(abs(e), 1e-6) for g, e in zip(graph_losses, eager_losses))
@@ -194,15 +216,7 @@ def main() -> None:
           f"graphs {[round(s * 1000, 1) for s in graph_s]} ms")
     good = (summary is not None and summary["failed"] is None and summary["recordings"] > 0 and eager_norm > 0
             and loss_error < TOLERANCE and update_error < TOLERANCE)
-    good = check_decoding(model, device) and good
-    good = check_fresh_masks(device) and good
-    pinning.stop.set()
-    pinning.join()
-    print(f"another thread pinned host memory {pinning.pins} times meanwhile: {pinning.error or 'no error'}")
-    good = good and pinning.error is None and pinning.pins > 0
-    print(f"graph_check={'ok' if good else 'FAILED'}")
-    if not good:
-        sys.exit(1)
+    return good, model
 
 
 if __name__ == "__main__":

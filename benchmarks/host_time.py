@@ -25,14 +25,14 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_speed import LEVERS  # the same lever names and overrides as the training-speed benchmark
+from train_speed import GROUPED, LEVERS  # the same lever names and overrides as the training-speed benchmark
 
 from roletune import attention
 
 # roletune's overrides per variant: peft's stack is every LoRA and activation lever turned back.
 PEFT = ["lora.dtype=fp32", "lora.recompute_dropout=false", "lora.fused=false", "train.lean_activations=false",
         "model.attn_implementation=sdpa"]
-VARIANTS = {"peft": PEFT, "roletune": [], **{name: LEVERS[name] for name in (
+VARIANTS = {"peft": PEFT, "roletune": [], **GROUPED, **{name: LEVERS[name] for name in (
     "unfused-lora", "kept-lora-dropout", "fp32-lora-inputs", "plain-norm-mlp", "sdpa-attention")}}
 COMPILED = {"compile-layers": ["train.compile=layers"]}
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "reshape", "expand", "unsqueeze", "squeeze", "detach", "alias",

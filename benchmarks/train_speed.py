@@ -15,6 +15,7 @@ usage:
   python benchmarks/train_speed.py --no-peer --compile=layers,graphs  # by layer only
   python benchmarks/train_speed.py --no-peer --profile  # where a step's time goes: GPU busy or launching
   python benchmarks/train_speed.py --cuda-graphs        # also roletune with its layers replayed from CUDA graphs
+  python benchmarks/train_speed.py --grouped-lora       # also roletune with q/k/v and gate/up's LoRA work grouped
   python benchmarks/train_speed.py --qlora              # also roletune on a 4-bit base (its memory and speed)
 options: --steps N (optimizer steps per side), --shared DIR (holds bench/, tokenizers/, data/),
          --model-config DIR, --out FILE.jsonl (append each run's figures as soon as it ends)
@@ -67,7 +68,10 @@ COMPILE_CHOICES = {"layers": "+compile-layers", "graphs": "+compile-layers-graph
 # The layers' forward and backward replayed from CUDA graphs recorded without torch.compile (train.cuda_graphs):
 # off by default, on only if this shows it pays.
 GRAPHS = {"+cuda-graphs": ["train.cuda_graphs=true"]}
-VARIANTS = {"roletune": [], **LEVERS, **COMPILE, **GRAPHS, **QLORA}  # every variant's overrides, by name
+# q/k/v and gate/up sharing their dropout draw and lora_A matmuls (lora.grouped): off by default, on only if this
+# shows it pays.
+GROUPED = {"+grouped-lora": ["lora.grouped=true"]}
+VARIANTS = {"roletune": [], **LEVERS, **COMPILE, **GRAPHS, **GROUPED, **QLORA}  # every variant's overrides, by name
 PROFILED_STEPS = 3
 LOGGED_STEPS = 3  # their losses are shown beside the peer's
 TOP_OPERATORS = 15
@@ -91,6 +95,9 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also run roletune with its layers replayed from CUDA graphs (train.cuda_graphs), last "
                              "in roletune's launch")
+    parser.add_argument("--grouped-lora", action="store_true",
+                        help="also run roletune with the LoRA branches that read one input grouped (lora.grouped), in "
+                             "roletune's launch before the graphed layers")
     parser.add_argument("--qlora", action="store_true",
                         help="also run roletune with its base quantised to 4 bits by bitsandbytes (QLoRA)")
     parser.add_argument("--no-peer", action="store_true", help="skip the seed recipe (compare roletune variants only)")
@@ -128,7 +135,8 @@ def main() -> None:
         # classes and to the loaded weights must not reach another variant.
         # The graphed layers last in roletune's launch: a recording that went wrong could leave CUDA unusable.
         graphs = list(GRAPHS) if args.cuda_graphs else []
-        launches = [["roletune", *levers, *graphs], *([COMPILE_CHOICES[choice]] for choice in compiled),
+        grouped = list(GROUPED) if args.grouped_lora else []
+        launches = [["roletune", *levers, *grouped, *graphs], *([COMPILE_CHOICES[choice]] for choice in compiled),
                     *([name] for name in (QLORA if args.qlora else {}))]
         for names in launches:
             # The default path and compiled layers: does a step wait on the GPU or on the host launching it?

@@ -57,6 +57,12 @@ def test_required_keys_and_bad_override_form():
         config_from_dict(MINIMAL, ["nosuch.key=1"])
 
 
+def test_grouped_lora_branches_need_the_fused_ones():
+    with pytest.raises(ConfigError, match="lora.grouped needs lora.fused=true"):
+        config_from_dict(MINIMAL, ["lora.grouped=true", "lora.fused=false"])
+    assert config_from_dict(MINIMAL, ["lora.grouped=true"]).lora.grouped
+
+
 def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")

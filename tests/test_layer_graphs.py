@@ -87,6 +87,19 @@ def test_graphed_layers_train_the_eager_adapter(short_run, tiny_model, emulated,
     assert summary["decoding"] == {**summary["decoding"], "recordings": 3, "replays": 3 * 4, "failed": None}
 
 
+def test_graphed_layers_with_grouped_lora_train_the_eager_adapter(short_run, tiny_model, emulated):
+    """lora.grouped through the graphs: q/k/v and gate/up's shared lora_A work is recorded and replayed like the
+    rest, and trains what it trains eagerly."""
+    sections = {"model": {"path": str(tiny_model), "device": "cpu", **VARLEN},
+                "train": {"grad_accum": 2, "batch_size": 2}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "grouped": True}}
+    want, want_log = short_run("eager", **sections)
+    got, got_log = short_run("graphs", **{**sections, "train": {**sections["train"], "cuda_graphs": True}})
+    assert emulated[0].recordings
+    assert len(got_log) == 8 and got_log == pytest.approx(want_log, rel=1e-4)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_graphed_layers_with_dropout_train(short_run, tiny_model, emulated):
     """With LoRA dropout the recorded masks are new draws each replay (kept for backward, not redrawn): the
     run trains, its losses close to eager's, not equal."""

@@ -97,6 +97,10 @@ class LoraConfig:
         True, "Run each adapted projection's LoRA branch (dropout, both matmuls, scaling, the add) as one autograd "
         "function: peft's masks and gradients from fewer kernel launches and autograd nodes. Applies in training "
         "with lora.dtype auto or bf16 and the dropout redrawn (or 0); not with train.distributed fsdp or deepspeed.")
+    grouped: bool = setting(
+        False, "With lora.fused, the projections that read one input (q/k/v, gate/up) draw their dropout masks as "
+        "one tensor and run their lora_A matmuls as one batched matmul, forward and backward: fewer kernel "
+        "launches. The masks are as random but drawn differently from peft's on a GPU; off until measured there.")
 
 
 @dataclass
@@ -233,6 +237,8 @@ class Config:
         if self.train.lm_head_loss == "chunked" and self.train.distributed in ("fsdp", "deepspeed"):
             problems.append(f"train.lm_head_loss=chunked reads the LM-head weight outside the model's forward, where "
                             f"train.distributed={self.train.distributed} may hold only a shard of it; use auto or full")
+        if self.lora.grouped and not self.lora.fused:
+            problems.append("lora.grouped needs lora.fused=true (it groups the fused branches)")
         if self.model.quantization != "none" and self.train.distributed != "ddp":
             problems.append(f"model.quantization={self.model.quantization} with train.distributed="
                             f"{self.train.distributed} is not supported (sharding a quantised base is untested "

@@ -52,17 +52,21 @@ from roletune.lora_dropout import DeferredDropout, rng_state, set_rng_state
 FUSED_DROPOUT_DEVICES = {"cuda", "xpu"}
 
 
-def fuse_lora_layers(model) -> int:
+def fuse_lora_layers(model, grouped: bool = False) -> int:
     """Give every plain peft LoRA Linear of `model` the fused branch; returns how many. The parameters,
-    the state dict and the saved adapter are unchanged (bitsandbytes LoRA layers are left as they are)."""
+    the state dict and the saved adapter are unchanged (bitsandbytes LoRA layers are left as they are).
+    grouped: the training branches of projections that read one input share their lora_A work
+    (roletune.lora_grouped)."""
     from peft.tuners.lora.layer import Linear
+
+    from roletune.lora_grouped import group_shared_inputs
 
     layers = [module for module in model.modules() if type(module) is Linear]
     for layer in layers:
         replace_forward(layer, _forward, "Fused")
         layer.__dict__[PLAN] = None
     if layers:
-        copies = AdapterCopies(layers)
+        copies = AdapterCopies(layers, group_shared_inputs(model, layers) if grouped else [])
         # On the innermost module every forward passes through, training's (through the PeftModel) and
         # generation's (peft's generate calls the inner CausalLM), so no forward runs on stale copies or plans.
         ancestor = _common_ancestor(model, layers)
@@ -87,6 +91,7 @@ def _common_ancestor(model, layers: list) -> nn.Module:
 
 
 _copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fused layer -> its model's AdapterCopies
+GROUP = "_lora_group"  # a fused layer's roletune.lora_grouped.Group, in its __dict__ (where lora.grouped made one)
 PLAN = "_fused_plan"  # a fused layer's _Plan for the model forward under way, in its __dict__ (read without
 # nn.Module.__getattr__), else None
 
@@ -107,22 +112,34 @@ class _Plan(NamedTuple):
     p: float  # dropout
     dtype: torch.dtype  # what the branch multiplies in (_branch_dtype)
     pair: tuple  # (lora_A, scaling * lora_B) in dtype (_adapter_pair)
+    group: object = None  # the roletune.lora_grouped.Group a training branch joins, if any
 
 
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # Compiled code first, so it neither runs nor guards on what follows; other arguments are peft's to take.
     if torch.compiler.is_compiling() or args or kwargs:
         return layer.plain_forward(x, *args, **kwargs)
+    plan = current_plan(layer, x)
+    if plan is None:
+        return layer.plain_forward(x)
+    result = layer.base_layer(x) if plan.base is None else F.linear(x, *plan.base)
+    if not plan.grad:  # eval and generation: no dropout, nothing kept for a backward
+        return _add_branch(result, x, plan.dtype, *plan.pair)
+    if plan.group is not None:
+        out = plan.group.branch(layer, x, result, plan)
+        if out is not None:
+            return out
+    return _LoraBranch.apply(result, x, plan.weight_a, plan.weight_b, plan.scaling, plan.p, plan.dtype, plan.pair)
+
+
+def current_plan(layer, x: torch.Tensor) -> _Plan | None:
+    """The layer's _Plan for input x: the one its model's forward made, where it still holds, else worked out now
+    (None: peft's forward runs)."""
     plan = layer.__dict__[PLAN]
     if (plan is None or x.dtype != plan.input_dtype or torch.is_grad_enabled() != plan.grad
             or _autocast(plan.device_type) != plan.autocast):
         plan = _plan(layer, x.dtype, x.device.type, _copies.get(layer))
-        if plan is None:
-            return layer.plain_forward(x)
-    result = layer.base_layer(x) if plan.base is None else F.linear(x, *plan.base)
-    if not plan.grad:  # eval and generation: no dropout, nothing kept for a backward
-        return _add_branch(result, x, plan.dtype, *plan.pair)
-    return _LoraBranch.apply(result, x, plan.weight_a, plan.weight_b, plan.scaling, plan.p, plan.dtype, plan.pair)
+    return plan
 
 
 def _plan(layer, input_dtype: torch.dtype, device_type: str, copies, hooked: bool | None = None) -> _Plan | None:
@@ -138,8 +155,9 @@ def _plan(layer, input_dtype: torch.dtype, device_type: str, copies, hooked: boo
         pair = _adapter_pair(copies, (layer, name), weight_a, weight_b, scaling, dtype)
     base = layer._modules["base_layer"]
     plain = not (_global_hooks() if hooked is None else hooked)
+    group = layer.__dict__.get(GROUP) if grad else None
     return _Plan(grad, input_dtype, device_type, _autocast(device_type),
-                 _plain_linear(base) if plain else None, weight_a, weight_b, scaling, p, dtype, pair)
+                 _plain_linear(base) if plain else None, weight_a, weight_b, scaling, p, dtype, pair, group)
 
 
 def _plain_linear(module) -> tuple | None:
@@ -180,11 +198,15 @@ class AdapterCopies:
     adapter added later) casts its own, as before.
     """
 
-    def __init__(self, layers: list):
+    def __init__(self, layers: list, groups: list = ()):
         self.layers = layers
         self.entries = [(layer, name) for layer in layers for name in layer.lora_A]
         self.index = {(id(layer), name): i for i, (layer, name) in enumerate(self.entries)}
         self.sources_a = [layer.lora_A[name].weight for layer, name in self.entries]
+        # roletune.lora_grouped's groups; the lora_A copies of each group's adapter are made as the rows of one
+        # tensor, which its batched matmul reads without stacking them every forward.
+        self.groups = list(groups)
+        self.stacked = [rows for group in self.groups for rows in self._group_rows(group)]
         self.sources_b = [layer.lora_B[name].weight for layer, name in self.entries]
         self.input_dtype = layers[0].base_layer.weight.dtype  # what hidden states come in as without autocast
         self.dtype, self.a, self.b, self.scalings = None, [], [], []
@@ -221,11 +243,25 @@ class AdapterCopies:
         for layer, plan in zip(self.layers, self.plans[1]):
             layer.__dict__[PLAN] = plan
 
+    def _group_rows(self, group) -> list[list[int]]:
+        """For each adapter all of `group`'s layers have with lora_A of one shape, the entries of their lora_A."""
+        rows = []
+        for name in group.members[0].lora_A:
+            where = [self.index.get((id(layer), name)) for layer in group.members]
+            if None not in where and len({self.sources_a[i].shape for i in where}) == 1:
+                rows.append(where)
+        return rows
+
     def _copy(self, dtype: torch.dtype) -> None:
         if dtype not in self.by_dtype:
             with torch.inference_mode(False):  # made during generation, still written by training forwards
-                self.by_dtype[dtype] = ([torch.empty_like(w, dtype=dtype) for w in self.sources_a],
-                                        [torch.empty_like(w, dtype=dtype) for w in self.sources_b])
+                a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
+                for rows in self.stacked:
+                    first = self.sources_a[rows[0]]
+                    stack = torch.empty((len(rows), *first.shape), dtype=dtype, device=first.device)
+                    for i, row in zip(rows, stack.unbind(0)):
+                        a[i] = row
+                self.by_dtype[dtype] = (a, [torch.empty_like(w, dtype=dtype) for w in self.sources_b])
         self.a, self.b = self.by_dtype[dtype]
         self.dtype = dtype
         self.scalings = [layer.scaling[name] for layer, name in self.entries]
@@ -241,6 +277,8 @@ class AdapterCopies:
             return
         for layer in self.layers:
             layer.__dict__[PLAN] = None
+        for group in self.groups:
+            group.pending = None
 
     def get(self, layer, name: str, weight_a, weight_b, scaling: float, dtype: torch.dtype):
         """(lora_A, scaling * lora_B) in `dtype` for this branch, or None where its copies do not match."""
@@ -343,17 +381,15 @@ class _LoraBranch(torch.autograd.Function):
         x, a, b, h, mask = ctx.saved_tensors
         _, needs_x, needs_a, needs_b = ctx.needs_input_grad[:4]
         rows = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-        grad_x = grad_a = grad_b = None
-        if needs_b:  # d(scaling * B) = g^T h, so dB = scaling * g^T h, in the weight's dtype
-            grad_b = _scaled(torch.mm(rows.t(), h), ctx.scaling, ctx.dtypes[1])
-        if needs_x or needs_a:
-            grad_h = torch.mm(rows, b)
+        grad_x = grad_a = None
+        grad_h, grad_b = _lora_b_grads(rows, h, b, ctx.scaling, ctx.dtypes[1], needs_x or needs_a, needs_b)
+        if grad_h is not None:
             dropped = x.reshape(-1, x.shape[-1])
             if mask is not None:
                 mask = _unpacked_bits(mask)
                 dropped = _through_dropout(dropped, mask, ctx.p)  # x * mask / (1 - p), as the forward drew it
             elif ctx.p:
-                dropped, mask = _redraw(x, ctx.p, ctx.rng)
+                dropped, mask = _redraw(dropped, ctx.p, ctx.rng)
             if needs_a:
                 grad_a = torch.mm(grad_h.t(), dropped.to(a.dtype)).to(ctx.dtypes[0])
             if needs_x:
@@ -362,6 +398,32 @@ class _LoraBranch(torch.autograd.Function):
                     grad_x = _through_dropout(grad_x, mask, ctx.p)
                 grad_x = grad_x.view(x.shape)
         return grad, grad_x, grad_a, grad_b, None, None, None, None
+
+
+class LoraB(torch.autograd.Function):
+    """result + scaling * lora_B(h), h the r-wide lora_A product computed elsewhere (roletune.lora_grouped):
+    the second half of _LoraBranch, keeping h and the copy of scaling * lora_B."""
+
+    @staticmethod
+    def forward(ctx, result, h, weight_b, scaling: float, dtype: torch.dtype, b):
+        out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
+        ctx.save_for_backward(h, b)
+        ctx.scaling, ctx.dtype = scaling, weight_b.dtype
+        return out.view(result.shape).to(result.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, b = ctx.saved_tensors
+        _, needs_h, needs_b = ctx.needs_input_grad[:3]
+        rows = grad.reshape(-1, grad.shape[-1]).to(b.dtype)
+        return grad, *_lora_b_grads(rows, h, b, ctx.scaling, ctx.dtype, needs_h, needs_b), None, None, None
+
+
+def _lora_b_grads(rows, h, b, scaling: float, dtype: torch.dtype, needs_h: bool, needs_b: bool):
+    """(the gradient of h, of lora_B) from the output's gradient `rows`: d(scaling * B) = g^T h, so
+    dB = scaling * g^T h, in the weight's dtype."""
+    grad_b = _scaled(torch.mm(rows.t(), h), scaling, dtype) if needs_b else None
+    return (torch.mm(rows, b) if needs_h else None), grad_b
 
 
 def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -411,11 +473,11 @@ def _through_dropout(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.
     return grad * mask
 
 
-def _redraw(x: torch.Tensor, p: float, rng: torch.Tensor):
-    """The forward's dropout of x again, from its RNG state; the random stream goes on as it was."""
-    current = rng_state(x.device)
-    set_rng_state(x.device, rng)
+def _redraw(rows: torch.Tensor, p: float, rng: torch.Tensor):
+    """The forward's dropout of `rows` again, from its RNG state; the random stream goes on as it was."""
+    current = rng_state(rows.device)
+    set_rng_state(rows.device, rng)
     try:
-        return _dropout(x.reshape(-1, x.shape[-1]), p)
+        return _dropout(rows, p)
     finally:
-        set_rng_state(x.device, current)
+        set_rng_state(rows.device, current)

@@ -139,7 +139,7 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
         make_lean(base)  # the norms and MLPs Liger's kernels did not take
     model = apply_lora(base, cfg.lora, checkpointed_layers)
     if cfg.lora.fused and not distributed.sharded(cfg):  # untried on sharded weights, which need several GPUs
-        fuse_lora_layers(model)
+        fuse_lora_layers(model, grouped=cfg.lora.grouped)
     if cfg.train.compile == "layers":
         count = compile_decoder_layers(model, cfg.train.compile_mode)
         echo(f"torch.compile ({cfg.train.compile_mode}): {count} decoder layers, compiled during the first steps")
