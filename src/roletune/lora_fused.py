@@ -203,11 +203,11 @@ class AdapterCopies:
         self.entries = [(layer, name) for layer in layers for name in layer.lora_A]
         self.index = {(id(layer), name): i for i, (layer, name) in enumerate(self.entries)}
         self.sources_a = [layer.lora_A[name].weight for layer, name in self.entries]
+        self.sources_b = [layer.lora_B[name].weight for layer, name in self.entries]
         # roletune.lora_grouped's groups; the lora_A copies of each group's adapter are made as the rows of one
         # tensor, which its batched matmul reads without stacking them every forward.
         self.groups = list(groups)
         self.stacked = [rows for group in self.groups for rows in self._group_rows(group)]
-        self.sources_b = [layer.lora_B[name].weight for layer, name in self.entries]
         self.input_dtype = layers[0].base_layer.weight.dtype  # what hidden states come in as without autocast
         self.dtype, self.a, self.b, self.scalings = None, [], [], []
         # Every dtype's copies, made once and refreshed in place: training (bf16 under autocast) and sample
@@ -255,13 +255,15 @@ class AdapterCopies:
     def _copy(self, dtype: torch.dtype) -> None:
         if dtype not in self.by_dtype:
             with torch.inference_mode(False):  # made during generation, still written by training forwards
-                a = [torch.empty_like(w, dtype=dtype) for w in self.sources_a]
+                a = [None] * len(self.sources_a)
                 for rows in self.stacked:
                     first = self.sources_a[rows[0]]
                     stack = torch.empty((len(rows), *first.shape), dtype=dtype, device=first.device)
                     for i, row in zip(rows, stack.unbind(0)):
                         a[i] = row
-                self.by_dtype[dtype] = (a, [torch.empty_like(w, dtype=dtype) for w in self.sources_b])
+                self.by_dtype[dtype] = ([torch.empty_like(w, dtype=dtype) if t is None else t
+                                         for t, w in zip(a, self.sources_a)],
+                                        [torch.empty_like(w, dtype=dtype) for w in self.sources_b])
         self.a, self.b = self.by_dtype[dtype]
         self.dtype = dtype
         self.scalings = [layer.scaling[name] for layer, name in self.entries]
