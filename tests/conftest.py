@@ -17,6 +17,15 @@ SHARED = ROOT.parent / "shared"
 SEED_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 
 
+def assert_close_at_scale(got, want, tolerance: float, msg: str) -> None:
+    """got equals want within `tolerance` of want's largest element. Float sums taken in another order (chunked
+    logits, compiled code, another CPU's kernels) move the elements near zero by more than any bound of their own,
+    while a wrong gradient is off by the order of the tensor itself."""
+    import torch
+
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item(), msg=msg)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "tokenizers" / "qwen2.5").is_dir():

@@ -8,6 +8,7 @@ from roletune.lora_dropout import recompute_lora_dropout
 from roletune.lora_fused import fuse_lora_layers
 from roletune.model import checkpoint_first_layers
 
+from conftest import assert_close_at_scale
 from test_lora_fused import Calls, lora_layers, step, with_dropout
 
 
@@ -33,10 +34,8 @@ def assert_same_step(got, want, bf16: bool):
     assert torch.equal(got_next, want_next)  # the random stream goes on as it did
     assert got_grads.keys() == want_grads.keys() and all(g is not None for g in got_grads.values())
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-3 if bf16 else 1e-6, atol=0)
-    tolerance = 2e-2 if bf16 else 1e-5  # of each gradient's largest element: the sums' order differs
-    for name, want in want_grads.items():
-        torch.testing.assert_close(got_grads[name], want, rtol=tolerance, atol=tolerance * want.abs().max().item(),
-                                   msg=name)
+    for name, want in want_grads.items():  # the sums' order differs
+        assert_close_at_scale(got_grads[name], want, 2e-2 if bf16 else 1e-5, name)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

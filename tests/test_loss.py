@@ -12,6 +12,8 @@ from roletune.config import load_config
 from roletune.errors import ConfigError
 from roletune.tokenize import IGNORE_INDEX
 
+from conftest import assert_close_at_scale
+
 ROWS = 7  # positions per chunk: fewer than the trained tokens, which it does not divide
 
 
@@ -51,7 +53,7 @@ def test_chunked_loss_and_lora_gradients_equal_the_full_logits(lora_model, featu
     assert got == pytest.approx(want, abs=1e-5)
     assert any(g.abs().sum() > 0 for g in want_grads.values())
     for name in want_grads:
-        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_at_scale(got_grads[name], want_grads[name], 1e-4, name)
 
 
 def test_chunked_loss_is_divided_by_the_steps_token_count(lora_model, features):
