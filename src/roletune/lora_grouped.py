@@ -141,6 +141,7 @@ class SharedInput(torch.autograd.Function):
             grad_h = torch.stack(grads).to(stack.dtype)  # (members, tokens, r)
             if needs_a:
                 grad_a = torch.bmm(grad_h.transpose(1, 2), dropped.to(stack.dtype))
+            del dropped  # members x tokens x width: freed before the input's gradient needs as much again
             if needs_x:  # each member's part through its own mask, then their sum
                 grad_x = lora_fused._through_dropout(torch.bmm(grad_h, stack), mask, ctx.p).sum(0)
         else:
