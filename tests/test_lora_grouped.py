@@ -73,7 +73,9 @@ def test_a_grouped_layer_runs_nine_matmuls_and_six_dropout_draws_fewer(small_lor
     # The first layer's q, k and v read hidden states that need no gradient (the embeddings are frozen): neither
     # path runs the input's gradient there, so that group saves 2 matmuls of its 3 fewer.
     assert sum(want[op] for op in matmuls) - sum(got[op] for op in matmuls) == 9 * layers - 2
-    assert got["bmm"] == 3 * 2 * layers - 1  # lora_A, its gradient and the input's, for each of the two groups
+    # lora_A, its gradient and the input's, for each of the two groups (attention may run batched matmuls of its
+    # own, as many on both paths)
+    assert got["bmm"] - want["bmm"] == 3 * 2 * layers - 1
     assert want["bernoulli_"] - got["bernoulli_"] == 6 * layers
 
 
