@@ -373,10 +373,9 @@ class _LoraBranch(torch.autograd.Function):
         # scaling * B: no separate multiply, forward or backward. `pair`: the plan's (_adapter_pair), else cast here.
         a, b = pair if pair is not None else _cast_pair(weight_a, weight_b, scaling, dtype)
         h = torch.mm(rows.to(dtype), a.t())
-        out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
         ctx.save_for_backward(x, a, b, h, mask)
         ctx.p, ctx.scaling, ctx.dtypes = p, scaling, (weight_a.dtype, weight_b.dtype)
-        return out.view(result.shape).to(result.dtype)
+        return _plus_product(result, h, b, dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -408,10 +407,9 @@ class LoraB(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, h, weight_b, scaling: float, dtype: torch.dtype, b):
-        out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
         ctx.save_for_backward(h, b)
         ctx.scaling, ctx.dtype = scaling, weight_b.dtype
-        return out.view(result.shape).to(result.dtype)
+        return _plus_product(result, h, b, dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -426,6 +424,13 @@ def _lora_b_grads(rows, h, b, scaling: float, dtype: torch.dtype, needs_h: bool,
     dB = scaling * g^T h, in the weight's dtype."""
     grad_b = _scaled(torch.mm(rows.t(), h), scaling, dtype) if needs_b else None
     return (torch.mm(rows, b) if needs_h else None), grad_b
+
+
+def _plus_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """result + h b^T computed in `dtype` (_add_product), in result's shape and dtype: both training branches'
+    last step."""
+    out = _add_product(result.reshape(-1, result.shape[-1]).to(dtype), h, b)
+    return out.view(result.shape).to(result.dtype)
 
 
 def _add_product(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
