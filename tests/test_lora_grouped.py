@@ -6,7 +6,8 @@ import torch
 from roletune import layer_graphs, lora_fused, lora_grouped
 from roletune.lora_dropout import recompute_lora_dropout
 from roletune.lora_fused import fuse_lora_layers
-from roletune.model import checkpoint_first_layers
+from roletune.config import LoraConfig
+from roletune.model import apply_lora, checkpoint_first_layers
 
 from conftest import assert_close_at_scale
 from test_lora_fused import Calls, lora_layers, step, with_dropout
@@ -51,6 +52,31 @@ def test_grouped_branches_give_the_fused_loss_and_gradients(small_lora_model, le
     got = step(grouped, autocast)
     assert led == [3, 2] * grouped.config.num_hidden_layers
     assert_same_step(got, step(fused_model(small_lora_model, p, grouped=False), autocast), bf16=autocast)
+
+
+def test_on_a_bf16_base_each_forward_plans_its_branches_for_its_own_autocast_state(tiny_model, led, monkeypatch):
+    """A bf16 base with fp32 adapters (lora.dtype auto): without autocast peft copies each LoRA input to fp32,
+    a path the fused branch leaves to peft; under autocast (a GPU's training) roletune.model tells the layers
+    they need not. It tells every layer as the model's forward starts, so that each forward's branches are
+    planned for its own autocast state: the first under autocast groups every member (told layer by layer as
+    each was called, k and v and up, not yet called when q and gate led, ran branches of their own there), and
+    the first after it without autocast (sample answers) copies its inputs to fp32 (it ran the fused branch
+    in bf16 there)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+    fuse_lora_layers(model, grouped=True)
+    own = []  # the dtypes of the fused branches run on their own
+    apply = lora_fused._LoraBranch.apply
+    monkeypatch.setattr(lora_fused._LoraBranch, "apply", lambda *args: own.append(args[6]) or apply(*args))
+    layers = model.config.num_hidden_layers
+    for autocast, groups, branches in [(True, [3, 2], [torch.bfloat16] * 2), (False, [], []),
+                                       (True, [3, 2], [torch.bfloat16] * 2)]:
+        led.clear(), own.clear()
+        step(model, autocast)
+        assert led == groups * layers and own == branches * layers  # o_proj and down_proj lead no group
 
 
 def test_a_grouped_layer_runs_nine_matmuls_and_six_dropout_draws_fewer(small_lora_model):

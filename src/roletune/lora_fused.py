@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from roletune import layer_graphs
-from roletune.forwards import replace_forward
+from roletune.forwards import innermost_holder, replace_forward
 from roletune.lora_dropout import DeferredDropout, rng_state, set_rng_state
 
 # Devices where F.dropout runs the fused native_dropout kernel (ATen's is_fused_kernel_acceptable);
@@ -69,25 +69,12 @@ def fuse_lora_layers(model, grouped: bool = False) -> int:
         copies = AdapterCopies(layers, group_shared_inputs(model, layers) if grouped else [])
         # On the innermost module every forward passes through, training's (through the PeftModel) and
         # generation's (peft's generate calls the inner CausalLM), so no forward runs on stale copies or plans.
-        ancestor = _common_ancestor(model, layers)
+        ancestor = innermost_holder(model, layers)
         ancestor.register_forward_pre_hook(copies.refresh, with_kwargs=True)
         ancestor.register_forward_hook(copies.forget, always_call=True)  # even when the forward raised
         for layer in layers:
             _copies[layer] = copies
     return len(layers)
-
-
-def _common_ancestor(model, layers: list) -> nn.Module:
-    """The deepest module of `model` that holds every one of `layers` and is called (for a Qwen2 the decoder,
-    model.model, and not its list of layers, which is only iterated)."""
-    wanted = {id(layer) for layer in layers}
-    ancestor = model
-    while True:
-        holders = [child for child in ancestor.children() if type(child).forward is not nn.Module.forward
-                   and wanted <= {id(m) for m in child.modules()}]
-        if len(holders) != 1:
-            return ancestor
-        ancestor = holders[0]
 
 
 _copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fused layer -> its model's AdapterCopies

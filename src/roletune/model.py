@@ -12,7 +12,7 @@ import torch
 
 from roletune import attention
 from roletune.errors import ConfigError, ModelError, first_line
-from roletune.forwards import replace_forward
+from roletune.forwards import innermost_holder, replace_forward
 from roletune.lora_dropout import recompute_lora_dropout
 
 log = logging.getLogger(__name__)
@@ -291,19 +291,29 @@ def keep_lora_inputs_under_autocast(model) -> None:
     autocast those matmuls run in bf16/fp16 regardless, so the cast only materialises an fp32 copy of
     the activations in every adapted module (seven per decoder layer for the seed recipe), which autocast
     then casts back. peft's own bitsandbytes LoRA layers already skip the cast under autocast; this does
-    the same for plain linear layers. The choice is made per forward call, because the same model also
-    runs without autocast (sample answers during training, CPU training, where Trainer enables no
-    autocast) and then needs the cast; a checkpointed block's recomputation sees the same autocast state.
+    the same for plain linear layers. The choice is made per forward, because the same model also runs
+    without autocast (sample answers during training, CPU training, where Trainer enables no autocast)
+    and then needs the cast; a checkpointed block's recomputation sees the same autocast state.
+
+    It is made for every layer at once as the forward through them starts (forwards.innermost_holder),
+    ahead of any other hook there: roletune.lora_fused plans each layer's branch in its own hook at that
+    point, from the flags set here. Set only as each layer is called, the first forward after a change of
+    autocast state found the layers not yet called still casting, and planned (with lora.grouped, grouped)
+    that forward's branches otherwise than the next ones'. Each layer still decides for itself when it is
+    called on its own.
     """
     from peft.tuners.lora import LoraLayer
 
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.register_forward_pre_hook(_cast_inputs_unless_autocast)
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args: _cast_inputs_unless_autocast([module]))
+    if layers:
+        innermost_holder(model, layers).register_forward_pre_hook(
+            lambda module, args: _cast_inputs_unless_autocast(layers), prepend=True)
 
 
-def _cast_inputs_unless_autocast(module, args) -> None:
-    if args and isinstance(args[0], torch.Tensor):
-        cast = not torch.is_autocast_enabled(args[0].device.type)
-        if module.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
-            module.cast_input_dtype_enabled = cast
+def _cast_inputs_unless_autocast(layers: list) -> None:
+    cast = not torch.is_autocast_enabled(next(layers[0].parameters()).device.type)
+    for layer in layers:
+        if layer.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
+            layer.cast_input_dtype_enabled = cast
