@@ -313,7 +313,7 @@ def keep_lora_inputs_under_autocast(model) -> None:
 
 
 def _cast_inputs_unless_autocast(layers: list) -> None:
-    cast = not torch.is_autocast_enabled(next(layers[0].parameters()).device.type)
+    cast = not torch.is_autocast_enabled(layers[0].get_base_layer().weight.device.type)  # (no walk of the module tree)
     for layer in layers:
         if layer.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
             layer.cast_input_dtype_enabled = cast
