@@ -74,7 +74,8 @@ def test_on_a_bf16_base_each_forward_plans_its_branches_for_its_own_autocast_sta
     layers = model.config.num_hidden_layers
     for autocast, groups, branches in [(True, [3, 2], [torch.bfloat16] * 2), (False, [], []),
                                        (True, [3, 2], [torch.bfloat16] * 2)]:
-        led.clear(), own.clear()
+        led.clear()
+        own.clear()
         step(model, autocast)
         assert led == groups * layers and own == branches * layers  # o_proj and down_proj lead no group
 

@@ -306,14 +306,21 @@ def keep_lora_inputs_under_autocast(model) -> None:
 
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     for layer in layers:
-        layer.register_forward_pre_hook(lambda module, args: _cast_inputs_unless_autocast([module]))
+        layer.register_forward_pre_hook(_cast_input_unless_autocast)
     if layers:
+        first = layers[0].get_base_layer()  # its weight tells the device without a walk of the module tree
         innermost_holder(model, layers).register_forward_pre_hook(
-            lambda module, args: _cast_inputs_unless_autocast(layers), prepend=True)
+            lambda module, args: _set_input_casts(layers, first.weight.device.type), prepend=True)
 
 
-def _cast_inputs_unless_autocast(layers: list) -> None:
-    cast = not torch.is_autocast_enabled(layers[0].get_base_layer().weight.device.type)  # (no walk of the module tree)
+def _cast_input_unless_autocast(layer, args) -> None:
+    # Inside a model forward the decoder's hook has set this already; this serves calls of the layer alone.
+    if args and isinstance(args[0], torch.Tensor):
+        _set_input_casts((layer,), args[0].device.type)
+
+
+def _set_input_casts(layers, device_type: str) -> None:
+    cast = not torch.is_autocast_enabled(device_type)
     for layer in layers:
         if layer.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
             layer.cast_input_dtype_enabled = cast
