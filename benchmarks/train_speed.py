@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,7 @@ LOGGED_STEPS = 3  # their losses are shown beside the peer's
 TOP_OPERATORS = 15
 SHORT_KERNEL_US = 10  # a kernel this short on average is mostly its own launch and tail
 FAILED: list[list[str]] = []  # the runs that exited non-zero
+TOKENIZED: dict = {}  # a worker's tokenizer and data, by what they are made from (tokenized)
 
 
 def main() -> None:
@@ -127,27 +129,37 @@ def main() -> None:
                    if args.device == "cuda" else "")
         peer = Path(args.shared) / "bench" / "seed_recipe.py"
         kept = Kept(results, args.out)
-        for variant in () if args.no_peer else ("seed", "bs16"):
-            run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
+        # timeout(1), which gpu_run.sh stops a launch with, sends SIGTERM: raised here as SystemExit, so the rows the
+        # runs wrote before it (a stopped worker's finished variants included) are still copied to --out.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        try:
+            for variant in () if args.no_peer else ("seed", "bs16"):
+                run([sys.executable, str(peer), variant, str(config_dir), str(steps), str(results), args.shared], env)
+                kept.update()
+            for names in worker_launches(args, levers, compiled):
+                # The default path and compiled layers: does a step wait on the GPU or on the host launching it?
+                # (Not under CUDA graphs, whose recording of a new length should not meet the profiler's hooks.)
+                profile = ["--profile"] if args.profile and names[0] in ("roletune", "+compile-layers") else []
+                run([sys.executable, __file__, "--worker", ",".join(names), "--device", args.device, "--steps", str(steps),
+                     "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results), *profile], env)
+                kept.update()
+        finally:
             kept.update()
-        # roletune and its levers in one launch (imports and CUDA's start paid once, each variant's memory freed
-        # before the next); compiled layers and the 4-bit base each in their own, whose changes to the layers'
-        # classes and to the loaded weights must not reach another variant.
-        # The graphed layers last in roletune's launch: a recording that went wrong could leave CUDA unusable.
-        graphs = list(GRAPHS) if args.cuda_graphs else []
-        grouped = list(GROUPED) if args.grouped_lora else []
-        launches = [["roletune", *levers, *grouped, *graphs], *([COMPILE_CHOICES[choice]] for choice in compiled),
-                    *([name] for name in (QLORA if args.qlora else {}))]
-        for names in launches:
-            # The default path and compiled layers: does a step wait on the GPU or on the host launching it?
-            # (Not under CUDA graphs, whose recording of a new length should not meet the profiler's hooks.)
-            profile = ["--profile"] if args.profile and names[0] in ("roletune", "+compile-layers") else []
-            run([sys.executable, __file__, "--worker", ",".join(names), "--device", args.device, "--steps", str(steps),
-                 "--shared", args.shared, "--model-config", str(config_dir), "--out", str(results), *profile], env)
-            kept.update()
-        report(kept.rows)
+            report(kept.rows)
     if FAILED:
         sys.exit(f"{len(FAILED)} run(s) failed; see above")
+
+
+def worker_launches(args, levers: list[str], compiled: list[str]) -> list[list[str]]:
+    """The roletune variants each worker launch runs, in order.
+    roletune and its levers in one launch (imports and CUDA's start paid once, each variant's memory freed before
+    the next); compiled layers and the 4-bit base each in their own, whose changes to the layers' classes and to
+    the loaded weights must not reach another variant. The graphed layers last in roletune's launch: a recording
+    that went wrong could leave CUDA unusable."""
+    graphs = list(GRAPHS) if args.cuda_graphs else []
+    grouped = list(GROUPED) if args.grouped_lora else []
+    return [["roletune", *levers, *grouped, *graphs], *([COMPILE_CHOICES[choice]] for choice in compiled),
+            *([name] for name in (QLORA if args.qlora else {}))]
 
 
 class Kept:
@@ -160,7 +172,8 @@ class Kept:
             self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def update(self) -> None:
-        lines = self.results.read_text().splitlines() if self.results.exists() else []
+        # Whole lines only: a worker stopped while writing one leaves it unfinished.
+        lines = self.results.read_text().split("\n")[:-1] if self.results.exists() else []
         new = [json.loads(line) for line in lines[len(self.rows):]]
         self.rows += new
         if self.out:
@@ -225,7 +238,7 @@ def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) ->
 
     from roletune import attention, layer_graphs, memory, train
     from roletune.config import config_from_dict
-    from roletune.model import load_tokenizer, resolve_dtype
+    from roletune.model import resolve_dtype
 
     variant_started = time.time()
     # What the variants before it left allocated (none, if each was freed): its peak includes this.
@@ -245,8 +258,7 @@ def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) ->
                       "save_steps": 10**9, "report_to": "none"},
             "output_dir": scratch}
         cfg = config_from_dict(raw, overrides)
-        tokenizer = load_tokenizer(cfg.model)
-        data = train.build_dataset(cfg, tokenizer)
+        tokenizer, data = tokenized(cfg)
         dtype = resolve_dtype(cfg.model.dtype, device)
         decision = memory.for_run(cfg, data.train, device, dtype)
         print(decision.line(), flush=True)
@@ -320,6 +332,21 @@ def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) ->
         if profiler:
             row["profile"] = profiler.summary()
     return row
+
+
+def tokenized(cfg) -> tuple:
+    """(the tokenizer, train.build_dataset's data) for `cfg`, made once per launch for each tokenizer and data
+    setting: the variants of a launch differ in how they train, not in what they read, and tokenizing the
+    3,729 rows again (with the tokenizer loaded again) took 4-5 s of each variant's setup on the 2-core CPU."""
+    from roletune import train
+    from roletune.model import load_tokenizer
+
+    key = (cfg.model.tokenizer or cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, repr(cfg.data),
+           cfg.train.seed)
+    if key not in TOKENIZED:
+        tokenizer = load_tokenizer(cfg.model)
+        TOKENIZED[key] = tokenizer, train.build_dataset(cfg, tokenizer)
+    return TOKENIZED[key]
 
 
 def random_base(model_cfg, where, dtype):
