@@ -117,9 +117,9 @@ class SharedInput(torch.autograd.Function):
             else:
                 ctx.rng = rng_state(x.device)
                 dropped = lora_fused._dropout(each, p)[0]
-            products = torch.bmm(dropped.to(dtype), stack.transpose(1, 2)).unbind(0)
+            products = torch.bmm(lora_fused.as_dtype(dropped, dtype), stack.transpose(1, 2)).unbind(0)
         else:  # one input for all: one matmul against the lora_A rows side by side
-            products = torch.mm(rows.to(dtype), stack.view(members * r, width).t()).split(r, dim=1)
+            products = torch.mm(lora_fused.as_dtype(rows, dtype), stack.view(members * r, width).t()).split(r, dim=1)
         ctx.save_for_backward(x, stack, mask)
         ctx.p, ctx.dtype = p, weights_a[0].dtype  # the members' lora_A share it (_joins)
         return products
@@ -138,19 +138,19 @@ class SharedInput(torch.autograd.Function):
                 dropped = lora_fused._through_dropout(each, mask, ctx.p)
             else:
                 dropped, mask = lora_fused._redraw(each, ctx.p, ctx.rng)
-            grad_h = torch.stack(grads).to(stack.dtype)  # (members, tokens, r)
+            grad_h = lora_fused.as_dtype(torch.stack(grads), stack.dtype)  # (members, tokens, r)
             if needs_a:
-                grad_a = torch.bmm(grad_h.transpose(1, 2), dropped.to(stack.dtype))
+                grad_a = torch.bmm(grad_h.transpose(1, 2), lora_fused.as_dtype(dropped, stack.dtype))
             del dropped  # members x tokens x width: freed before the input's gradient needs as much again
             if needs_x:  # each member's part through its own mask, then their sum
                 grad_x = lora_fused._through_dropout(torch.bmm(grad_h, stack), mask, ctx.p).sum(0)
         else:
-            grad_h = torch.cat(grads, dim=1).to(stack.dtype)  # (tokens, members * r)
+            grad_h = lora_fused.as_dtype(torch.cat(grads, dim=1), stack.dtype)  # (tokens, members * r)
             if needs_a:
-                grad_a = torch.mm(grad_h.t(), rows.to(stack.dtype)).view(members, r, width)
+                grad_a = torch.mm(grad_h.t(), lora_fused.as_dtype(rows, stack.dtype)).view(members, r, width)
             if needs_x:
                 grad_x = torch.mm(grad_h, stack.view(members * r, width))
         if grad_x is not None:
-            grad_x = grad_x.to(x.dtype).view(x.shape)
-        grads_a = [None] * members if grad_a is None else grad_a.to(ctx.dtype).unbind(0)
+            grad_x = lora_fused.as_dtype(grad_x, x.dtype).view(x.shape)
+        grads_a = [None] * members if grad_a is None else lora_fused.as_dtype(grad_a, ctx.dtype).unbind(0)
         return grad_x, None, None, None, *grads_a
