@@ -94,8 +94,8 @@ transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__v
     timeout 60 "$py" "$here/benchmarks/decode_time.py" --device "$dev" | tee "$out/decode_time.txt" \
         || echo "the decoding-time run failed"
   fi
-  # What launching a step's operators costs this machine's host, per lever (under a minute). It prints only at its
-  # end: two rounds, not three, so it ends inside its minute (three did not on the 2-core CPU's rehearsal).
+  # What launching a step's operators costs this machine's host, per lever (under a minute). Its timings print only
+  # at its end: two rounds, not three, so it ends inside its minute (three did not on the 2-core CPU's rehearsal).
   if [ "$(left)" -gt 60 ]; then
     timeout 60 "$py" "$here/benchmarks/host_time.py" --device "$dev" --rounds 2 | tee "$out/host_time.txt" \
         || echo "the host-time run failed"

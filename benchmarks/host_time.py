@@ -95,7 +95,8 @@ def main() -> None:
     variants = {**VARIANTS, **(COMPILED if args.compile else {})}
     models = {name: build(overrides, device, dtype_name) for name, overrides in variants.items()}
     # Cleared as roletune's Trainer clears them (trainer.clear_grads over the listed parameters): model.zero_grad()
-    # walks the 2,333 modules of this stack (as of the 7B model) each step, host time a training step does not spend.
+    # walks the 2,333 modules of this stack (as many as the 7B model's) each step, host time a training step does
+    # not spend.
     trainable = {name: [p for p in model.parameters() if p.requires_grad] for name, model in models.items()}
 
     def step(model, name: str) -> None:
