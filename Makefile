@@ -2,12 +2,18 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Installed first and repeated as a guard, so pip never swaps in a multi-GB CUDA build on a CPU
-# machine. On a GPU machine, install torch for your CUDA first and run `make TORCH=torch`.
-TORCH ?= torch==2.13.0
+# Every package the suite was last run with, at its version: a fresh clone installs exactly that.
+# docs/installs.md says how to refresh them (`make pins`).
+PINS := requirements/pins.txt
+OLDEST_PINS := requirements/pins-oldest.txt
+# torch is pinned by version only, so the same pin takes the CPU wheel on a CPU machine and PyPI's CUDA
+# build elsewhere. It is installed first and repeated as a guard, so pip never swaps in a multi-GB CUDA
+# build on a CPU machine. TORCH names another (`make test TORCH=torch==2.11.0`, the one a GPU has).
+TORCH ?= $(shell grep '^torch==' $(PINS))
+EXTRAS := .[test,demo]
 DEMO_MODEL := .cache/demo-model
 
-.PHONY: demo test test-oldest setup clean
+.PHONY: demo test test-oldest test-latest test-latest-oldest pins setup clean
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(VENV)/bin/roletune train configs/demo.yaml --overwrite
@@ -17,8 +23,8 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 test: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(PY) -m pytest
 
-# The suite again on the oldest transformers pyproject.toml accepts: its 5.x releases rename and drop
-# Trainer arguments, and a run must not depend on which one is installed.
+# The suite again on the oldest transformers pyproject.toml accepts, with pins of its own: its 5.x
+# releases rename and drop Trainer arguments, and a run must not depend on which one is installed.
 OLDEST_VENV := .venv-oldest
 OLDEST := transformers==5.17.0
 test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors
@@ -26,21 +32,51 @@ test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "$(TORCH)" -e ".[test,demo]"
-	touch $@
+# install VENV PINS [EXTRA REQUIREMENTS]: a new environment holding the pinned versions. The pins
+# constrain everything but torch, which TORCH names.
+define install
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q "$(TORCH)"
+	grep -v '^torch==' $(2) > $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt "$(TORCH)" $(3) -e "$(EXTRAS)"
+	touch $(1)/.installed
+endef
 
-$(OLDEST_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH)" "$(OLDEST)" -e ".[test,demo]"
-	touch $@
+$(VENV)/.installed: pyproject.toml $(PINS)
+	$(call install,$(VENV),$(PINS))
+
+$(OLDEST_VENV)/.installed: pyproject.toml $(OLDEST_PINS)
+	$(call install,$(OLDEST_VENV),$(OLDEST_PINS))
+
+# The newest releases pyproject.toml accepts (torch aside: TORCH still names it), in environments made
+# afresh each time. Not part of CI: it tells whether upstream releases broke something before the pins move.
+LATEST_VENV := .venv-latest
+LATEST_OLDEST_VENV := .venv-latest-oldest
+define install_latest
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q "$(TORCH)"
+	$(1)/bin/python -m pip install -q "$(TORCH)" $(2) -e "$(EXTRAS)"
+endef
+
+test-latest: $(DEMO_MODEL)/model.safetensors
+	$(call install_latest,$(LATEST_VENV))
+	$(LATEST_VENV)/bin/python -m pytest
+
+test-latest-oldest: $(DEMO_MODEL)/model.safetensors
+	$(call install_latest,$(LATEST_OLDEST_VENV),$(OLDEST))
+	$(LATEST_OLDEST_VENV)/bin/python -m pytest
+
+# Refresh the pins: when the suite passes on the newest releases (and on them with the oldest
+# transformers), what they installed becomes the pins. Commit requirements/ and docs/installs.md.
+pins: test-latest test-latest-oldest
+	$(PYTHON) requirements/freeze.py $(LATEST_VENV) $(PINS)
+	$(PYTHON) requirements/freeze.py $(LATEST_OLDEST_VENV) $(OLDEST_PINS)
 
 $(DEMO_MODEL)/model.safetensors: $(VENV)/.installed src/roletune/demo/tiny-qwen2.json
 	rm -rf $(DEMO_MODEL)
 	$(PY) -m roletune.demo $(DEMO_MODEL)
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .cache runs
+	rm -rf $(VENV) $(OLDEST_VENV) $(LATEST_VENV) $(LATEST_OLDEST_VENV) .cache runs
