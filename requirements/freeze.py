@@ -41,9 +41,11 @@ def normalize(name: str) -> str:
 
 
 def freeze(venv: Path) -> list[str]:
-    out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--exclude-editable"],
+    # --all: setuptools is a dependency too (torch, swanlab and tensorboard import it); pip itself is not.
+    out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--all", "--exclude-editable"],
                          check=True, capture_output=True, text=True).stdout
-    lines = [line for line in out.splitlines() if "==" in line]  # `name @ file://` lines are not releases
+    lines = [line for line in out.splitlines()
+             if "==" in line and not line.startswith("pip==")]  # `name @ file://` lines are not releases
     return sorted((line.split("+", 1)[0] for line in lines), key=str.lower)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import sysconfig
 from importlib.metadata import distributions
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conftest import ROOT
 tomllib = pytest.importorskip("tomllib")
 REQUIREMENTS = ROOT / "requirements"
 PIN_SETS = {".venv": REQUIREMENTS / "pins.txt", ".venv-oldest": REQUIREMENTS / "pins-oldest.txt"}
-NOT_PINNED = {"roletune", "pip", "setuptools", "wheel"}  # the project itself, and the venv's own tools
+NOT_PINNED = {"roletune", "pip"}  # the project itself, and the installer
 
 spec = importlib.util.spec_from_file_location("freeze", REQUIREMENTS / "freeze.py")
 freeze = importlib.util.module_from_spec(spec)
@@ -37,7 +38,9 @@ def test_the_environment_under_test_holds_exactly_the_pins():
     if venv.parent != ROOT or venv.name not in PIN_SETS:
         pytest.skip(f"{venv} is not one of the pinned environments (make test-latest, or your own install)")
     pins = freeze.read_pins(PIN_SETS[venv.name])
-    installed = {freeze.normalize(d.metadata["Name"]): d.version.split("+")[0] for d in distributions()}
+    # The venv's own site-packages only: setuptools puts the packages it vendors on sys.path once imported.
+    site = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    installed = {freeze.normalize(d.metadata["Name"]): d.version.split("+")[0] for d in distributions(path=site)}
     for name in NOT_PINNED:
         installed.pop(name, None)
     assert installed == pins

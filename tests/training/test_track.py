@@ -1,0 +1,106 @@
+"""Trackers on a tiny run: SwanLab without a login writes a local run; TensorBoard writes events."""
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from roletune import train
+from roletune.config import load_config
+
+SETTINGS = dict(data={"eval_size": 3}, train={"epochs": 2, "logging_steps": 1, "save_steps": 100},
+                eval={"samples": 2, "max_new_tokens": 8})
+
+
+@pytest.fixture(scope="module")
+def swanlab_run(tmp_path_factory, tiny_model):
+    """One run with report_to=swanlab and no SwanLab login anywhere (a fresh HOME)."""
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    os.environ["HOME"], old_home = str(home), os.environ.get("HOME")
+    os.environ.pop("SWANLAB_API_KEY", None)
+    try:
+        yield _train(tmp_path_factory.mktemp("swan"), tiny_model, "swanlab")
+    finally:
+        os.environ["HOME"] = old_home or ""
+
+
+def _train(folder: Path, tiny_model: Path, tracker: str):
+    import yaml
+
+    rows = [{"instruction": f"问题{i}：风大吗？", "output": f"风有{i}级。"} for i in range(11)]
+    (folder / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    raw = {"model": {"path": str(tiny_model), "device": "cpu"},
+           "data": {"path": str(folder / "rows.json"), "max_length": 48, **SETTINGS["data"]},
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+           "train": {"lr": 1.0e-2, "batch_size": 4, "grad_accum": 1, "report_to": tracker, **SETTINGS["train"]},
+           "eval": SETTINGS["eval"], "output_dir": str(folder / "run")}
+    (folder / "c.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return train.run(load_config(folder / "c.yaml"), echo=lambda *_: None)
+
+
+def logged(swanlog: Path, name: str) -> list:
+    """Values SwanLab stored locally for a metric (its own database + per-metric log files)."""
+    (database,) = swanlog.glob("runs.swanlab")
+    with sqlite3.connect(database) as db:
+        rows = db.execute("select folder from tag where name = ?", (name,)).fetchall()
+    assert rows, f"{name} not logged"
+    (run,) = swanlog.glob("run-*")
+    lines = (run / "logs" / rows[0][0]).glob("*.log")
+    return [json.loads(line)["data"] for path in lines for line in path.read_text().splitlines()]
+
+
+def test_swanlab_without_login_keeps_a_local_run_with_the_losses(swanlab_run):
+    swanlog = Path(swanlab_run.output_dir) / "swanlog"
+    train_losses = logged(swanlog, "train/loss")
+    assert train_losses == pytest.approx([loss for _, loss in swanlab_run.losses])
+    assert len(logged(swanlog, "eval/loss")) == 2  # one per epoch
+    assert logged(swanlog, "train/learning_rate") and logged(swanlog, "train/grad_norm")
+    assert logged(swanlog, "train/train_tokens_per_second")
+    assert len(logged(swanlog, "samples/0")) == 3  # before training and after each of 2 epochs
+    (run,) = swanlog.glob("run-*")
+    assert "max_length" in (run / "files" / "config.yaml").read_text(encoding="utf-8")
+
+
+def test_samples_cover_the_start_and_every_epoch(swanlab_run):
+    rows = [json.loads(line) for line in (Path(swanlab_run.output_dir) / "samples.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    heldout = [json.loads(line) for line in (Path(swanlab_run.output_dir) / "heldout.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows[:2]] == [h["messages"][-1]["content"] for h in heldout[:2]]
+    assert all(isinstance(r["answer"], str) and isinstance(r["stopped"], bool) for r in rows)
+
+
+def test_summary_and_loss_picture(swanlab_run):
+    out = Path(swanlab_run.output_dir)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["optimizer_steps"] == swanlab_run.optimizer_steps == 4  # 8 rows / 4, 2 epochs
+    assert summary["real_tokens"] > 0 and summary["real_tokens_per_s"] > 0 and summary["peak_memory_gib"] > 0
+    assert summary["final_train_loss"] == pytest.approx(swanlab_run.losses[-1][1])
+    assert summary["final_eval_loss"] is not None
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_writes_events(tmp_path, tiny_model):
+    result = _train(tmp_path, tiny_model, "tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = Path(result.output_dir) / "tensorboard"
+    assert list(folder.glob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(folder), size_guidance={"tensors": 0, "scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert "train/loss" in tags["scalars"] and "eval/loss" in tags["scalars"]
+    assert any(tag.startswith("samples") for tag in tags["tensors"])
+
+
+def test_a_tracker_that_cannot_start_does_not_stop_training(tmp_path, tiny_model, monkeypatch, caplog):
+    import roletune.training.track as track
+
+    def broken(cfg):
+        raise RuntimeError("dashboard exploded")
+
+    monkeypatch.setattr(track, "SwanLabTracker", broken)
+    result = _train(tmp_path, tiny_model, "swanlab")
+    assert result.optimizer_steps == 4
+    assert "could not start (dashboard exploded)" in caplog.text
