@@ -58,7 +58,7 @@ def trainers(model, tokenizer, folder: Path) -> dict:
     """The peer and roletune's trainer on the same model, each with one AdamW step taken."""
     from transformers import Trainer, TrainingArguments
 
-    from roletune import checkpoints
+    from roletune.training import checkpoints
 
     built = {}
     for name, trainer_class in (("trainer", Trainer), ("roletune", checkpoints.atomic(Trainer))):

@@ -10,7 +10,7 @@ peft's PeftModel.from_pretrained on top (`peft`), then roletune's fused branches
 interleave the variants; each figure is the median of its rounds. Prints ms per token, operators per
 token, the ratio to peft's, and whether every variant with the adapter chose the same tokens. On a GPU a
 fourth variant, `+cuda-graphs`, is roletune's with its decoding steps replayed from CUDA graphs
-(--cuda-graphs: a static KV cache, roletune.decode_graphs); its operators are those left outside the graph.
+(--cuda-graphs: a static KV cache, roletune.speed.decode_graphs); its operators are those left outside the graph.
 
 usage:
   python benchmarks/decode_time.py                 # the CPU, one thread
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from host_time import Operators
 
-from roletune import layer_graphs
+from roletune.speed import layer_graphs
 
 
 def build(folder: Path, dtype: torch.dtype) -> tuple[Path, Path]:
@@ -54,8 +54,8 @@ def variants(base: Path, adapter: Path, device: torch.device, dtype: torch.dtype
     """Each model as `roletune generate` loads it (generate.load_session: the base, the adapter, fused)."""
     from transformers import AutoModelForCausalLM
 
-    from roletune.lora_fused import fuse_lora_layers
     from roletune.model import load_adapter
+    from roletune.speed.lora_fused import fuse_lora_layers
 
     def load(adapted: bool, fused: bool):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)

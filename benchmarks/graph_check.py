@@ -11,7 +11,7 @@ update as Trainer does, and an SGD update large enough for a wrong gradient to s
 losses, how far the adapter's updates differ, the recordings made and the host's time per step (this
 model is too small for its arithmetic to matter).
 
-Then decoding (roletune.decode_graphs): the graphed model, in eval mode, answers three left-padded prompts
+Then decoding (roletune.speed.decode_graphs): the graphed model, in eval mode, answers three left-padded prompts
 greedily from a static KV cache twice, with its decoding steps replayed from CUDA graphs and with them run
 one by one. The same kernels either way, so the same tokens and logits; prints both sides' time per token.
 
@@ -31,9 +31,10 @@ import time
 
 import torch
 
-from roletune import attention, layer_graphs, train
-from roletune.batching import GRAPHED_LENGTH_MULTIPLE, pad_packed
+from roletune import train
 from roletune.config import config_from_dict
+from roletune.speed import attention, layer_graphs
+from roletune.training.batching import GRAPHED_LENGTH_MULTIPLE, pad_packed
 
 VOCAB = 1024
 # Micro-batches of each step, as example lengths: the first step's come back in the fourth.

@@ -27,8 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_speed import GROUPED, LEVERS  # the same lever names and overrides as the training-speed benchmark
 
-from roletune import attention
-from roletune.trainer import clear_grads
+from roletune.speed import attention
+from roletune.training.trainer import clear_grads
 
 # roletune's overrides per variant: peft's stack is every LoRA and activation lever turned back.
 PEFT = ["lora.dtype=fp32", "lora.recompute_dropout=false", "lora.fused=false", "train.lean_activations=false",

@@ -5,7 +5,7 @@ checks them (roletune's non-finite guard), steps the optimizer and the schedule,
 tallies FLOPs, runs the callbacks and collates the next batch. On a GPU the device has nothing queued
 for part of that time, so it adds to every step. transformers walks the whole module tree several times
 in there (2,333 modules for a 7B model with LoRA); roletune's trainer lists what it needs once
-(roletune.trainer.StepBookkeeping). This trains a Qwen2 with Qwen2.5-7B's 28 layers but only 64
+(roletune.training.trainer.StepBookkeeping). This trains a Qwen2 with Qwen2.5-7B's 28 layers but only 64
 wide (arithmetic negligible) through `roletune train`'s own code, with roletune's bookkeeping and with
 Trainer's (roletune's overrides removed), and prints the median host time between two steps and inside
 a step, over alternating runs.
@@ -39,8 +39,9 @@ def narrow_model(folder: Path) -> Path:
 
 def measure(model: Path, folder: Path, steps: int, bookkeeping: str) -> tuple[list[float], list[float]]:
     """(gaps between steps, step times) in seconds, for one training run."""
-    from roletune import train, trainer
+    from roletune import train
     from roletune.config import config_from_dict
+    from roletune.training import trainer
 
     rows = [{"instruction": f"第{i}个问题：" + "风" * (i % 7), "output": "好" * (1 + i % 5) + "。"} for i in range(400)]
     (folder / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")

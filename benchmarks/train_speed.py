@@ -236,9 +236,11 @@ def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) ->
     import torch
     from transformers import TrainerCallback
 
-    from roletune import attention, layer_graphs, memory, train
+    from roletune import train
     from roletune.config import config_from_dict
     from roletune.model import resolve_dtype
+    from roletune.speed import attention, layer_graphs
+    from roletune.training import memory
 
     variant_started = time.time()
     # What the variants before it left allocated (none, if each was freed): its peak includes this.

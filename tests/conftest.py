@@ -185,7 +185,7 @@ def reply_features(tiny_model):
     from transformers import AutoTokenizer
 
     from roletune.data import Message
-    from roletune.tokenize import tokenize_all
+    from roletune.data.tokenize import tokenize_all
 
     replies = ["好。", "风有三级，灯塔照常亮着。", "今晚有雾，船都回港了，你也早点歇着吧。", "嗯"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -221,7 +221,7 @@ def device_waits():
                     return func(*args, **(kwargs or {}))  # a batch being built, on the host
                 caller = next(frame for frame in reversed(stack) if "/torch/" not in frame.filename)
                 ours = "/src/roletune/" in caller.filename
-                where = caller.filename.split("/src/")[-1].split("site-packages/")[-1]  # roletune/guard.py
+                where = caller.filename.split("/src/")[-1].split("site-packages/")[-1]  # roletune/training/stopping.py
                 self.calls.append((func.overloadpacket.__name__, ours, where))
             return func(*args, **(kwargs or {}))
 

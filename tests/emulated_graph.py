@@ -76,9 +76,9 @@ def _written(func, args, kwargs) -> list:
 
 
 def graphs_on_the_cpu(monkeypatch) -> list:
-    """roletune.layer_graphs installing stand-in graphs where it would refuse for want of a GPU (their training
+    """roletune.speed.layer_graphs installing stand-in graphs where it would refuse for want of a GPU (their training
     steps still subject to its other checks); returns the runners it installs, in order."""
-    from roletune import layer_graphs
+    from roletune.speed import layer_graphs
 
     runners, install = [], layer_graphs.install
 

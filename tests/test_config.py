@@ -84,7 +84,7 @@ def test_fast_config_keeps_the_seed_optimization():
     """Only how a step is computed differs: the same rows per optimizer step, model, data, LoRA and schedule."""
     import dataclasses
 
-    from roletune import distributed
+    from roletune.training import distributed
 
     seed, fast = (load_config(ROOT / "configs" / name) for name in ("huanhuan-qwen2.5-7b.yaml",
                                                                      "huanhuan-qwen2.5-7b-fast.yaml"))

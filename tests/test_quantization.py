@@ -82,8 +82,8 @@ def test_memory_estimate_counts_the_quantised_weights_as_loaded(tmp_path, quanti
     pytest.importorskip("bitsandbytes")
     from transformers import AutoConfig
 
-    from roletune import memory
     from roletune.model import DTYPES, load_base_model
+    from roletune.training import memory
 
     config = AutoConfig.for_model("qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)

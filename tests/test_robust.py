@@ -1,7 +1,7 @@
 """Kill a real `python -m roletune train` process at chosen moments, then `--resume` it: the final
 adapter and every logged loss are those of an uninterrupted run with the same seed.
 
-Each moment is reached exactly with the test-only hold (ROLETUNE_TEST_HOLD, see guard.hold_for_tests):
+Each moment is reached exactly with the test-only hold (ROLETUNE_TEST_HOLD, see training.stopping.hold_for_tests):
 the process says where it is on stderr and waits there until the test signals it. All the runs of
 one phase start together, so the file costs about two subprocess lifetimes on two cores.
 """
@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from roletune import checkpoints
+from roletune.training import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6

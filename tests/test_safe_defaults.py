@@ -62,7 +62,7 @@ def test_pickle_adapters_are_refused_unless_allowed(tiny_model, tmp_path):
 
 def test_trainer_never_pushes_to_the_hub(config_file):
     from roletune.config import load_config
-    from roletune.trainer import training_arguments
+    from roletune.training.trainer import training_arguments
 
     args = training_arguments(load_config(config_file()), CPU)
     assert args.push_to_hub is False and args.hub_model_id is None
@@ -74,7 +74,7 @@ def test_swanlab_goes_online_only_when_logged_in(config_file, tmp_path, monkeypa
     import swanlab
 
     from roletune.config import load_config
-    from roletune.track import SwanLabTracker
+    from roletune.training.track import SwanLabTracker
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SWANLAB_API_KEY", raising=False)

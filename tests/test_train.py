@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from roletune import checkpoints, run_dir, train
+from roletune import run_dir, train
 from roletune.config import load_config
 from roletune.errors import RunError
+from roletune.training import checkpoints
 
 from conftest import assert_close_at_scale
 
@@ -114,7 +115,7 @@ def test_seed_config_dry_run_prints_the_seed_figures(shared, capsys):
 
 
 def test_torch_compile_is_off_unless_asked(config_file):
-    from roletune.trainer import training_arguments
+    from roletune.training.trainer import training_arguments
 
     cpu = torch.device("cpu")
     assert training_arguments(load_config(config_file()), cpu).torch_compile is False
@@ -144,7 +145,7 @@ def test_cuda_graph_mode_pads_packed_batches_and_trains_the_same_adapter(short_r
     skips the graphs themselves), and the run trains the eager run's adapter on the same count of real tokens."""
     from torch._dynamo.utils import counters
 
-    from roletune import trainer
+    from roletune.training import trainer
 
     lengths = []
 

@@ -8,7 +8,6 @@ import os
 import shlex
 import sys
 import warnings
-
 from pathlib import Path
 
 from roletune.errors import Interrupted, RoletuneError, RunError
@@ -115,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys = verbs.add_parser("config", help="list every config key with its default and meaning")
     keys.add_argument("config", nargs="?", help="print this config fully resolved instead")
     keys.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    keys.add_argument("--markdown", action="store_true",
+                      help="print the key list as Markdown, the text of docs/config.md")
     return parser
 
 
@@ -132,14 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except Interrupted as exc:  # the run is resumable: say exactly how (rank 0 alone in a launch)
-        from roletune import distributed
+        from roletune.training import distributed
 
         if distributed.current().is_main:
             print(f"roletune: {exc}; resume with: {resume_command(sys.argv[1:] if argv is None else argv, args)}",
                   file=sys.stderr)
         return exc.exit_code
     except RoletuneError as exc:
-        from roletune import distributed
+        from roletune.training import distributed
 
         if distributed.first_to_report(str(exc)):  # a bad config fails on every rank: say it once
             print(f"roletune: error: {exc}", file=sys.stderr)
@@ -163,7 +164,7 @@ def _take_back_override(args) -> None:
 
 def resume_command(argv: list[str], args) -> str:
     """The same `roletune train` command, continuing from the newest checkpoint instead of starting over."""
-    from roletune import distributed
+    from roletune.training import distributed
 
     words, previous = [], None
     for word in argv:
@@ -206,7 +207,7 @@ def dispatch(args) -> int:
         return draw(args.runs, args.out)
     cfg = load_config(args.config, args.overrides)
     if args.verb == "train" and args.nproc is not None:
-        from roletune import distributed
+        from roletune.training import distributed
 
         return distributed.relaunch(args.nproc, train_argv(args))
     if args.verb == "train":
@@ -291,8 +292,8 @@ def _refuse_existing(path: str) -> None:
 
 
 def preview(cfg, n: int, as_json: bool) -> None:
+    from roletune.data.tokenize import mark_trained
     from roletune.model import load_tokenizer
-    from roletune.tokenize import mark_trained
     from roletune.train import build_dataset
 
     tokenizer = load_tokenizer(cfg.model)
@@ -312,8 +313,14 @@ def preview(cfg, n: int, as_json: bool) -> None:
 
 
 def show_config(args) -> int:
-    from roletune.config import describe, dump_config, load_config
+    from roletune.config import describe, dump_config, load_config, reference_markdown
+    from roletune.errors import ConfigError
 
+    if args.markdown:  # docs/config.md: roletune config --markdown > docs/config.md
+        if args.config:
+            raise ConfigError("--markdown prints every key of the schema; it takes no config file")
+        print(reference_markdown(), end="")
+        return 0
     if args.config:
         print(dump_config(load_config(args.config, args.overrides)), end="")
         return 0

@@ -399,7 +399,7 @@ def _type_name(hint) -> str:
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, object, str]]:
-    """(key, default, help) for every setting, for `roletune config keys` and the README."""
+    """(key, default, help) for every setting, for `roletune config` and docs/config.md."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -409,3 +409,44 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, object, str]]:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         rows.append((prefix + f.name, default, f.metadata.get("help", "")))
     return rows
+
+
+def reference_markdown() -> str:
+    """Every setting as Markdown, one table per section: docs/config.md is this text, written by
+    `roletune config --markdown` (tests/test_docs.py checks that the two agree)."""
+
+    def written(value) -> str:  # a default as YAML writes it
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return _yaml_word(value)
+        if isinstance(value, list):
+            return "[" + ", ".join(map(str, value)) + "]"
+        return '""' if value == "" else str(value)
+
+    def table(cls, prefix: str) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            choices = f.metadata.get("choices")
+            kind = "one of " + ", ".join(f"`{_yaml_word(c)}`" for c in choices) if choices else _type_name(hints[f.name])
+            meaning = f.metadata.get("help", "").replace("|", "\\|")
+            lines.append(f"| `{prefix}{f.name}` | {kind} | `{written(default)}` | {meaning} |")
+        return lines
+
+    out = ["# Config reference", "",
+           "<!-- Generated from the schema in src/roletune/config.py: edit the help there, not here, then run",
+           "     roletune config --markdown > docs/config.md -->", "",
+           "Every key a roletune config accepts, with its type, default and meaning. A YAML file sets some of them;",
+           "`section.key=value` after the file on the command line goes on top (`train.lr=2e-4`). Unknown keys",
+           "and bad values are reported together before anything runs; `roletune config FILE [overrides]` prints",
+           "the config fully resolved.", ""]
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [f"## {f.name}", "", *table(hints[f.name], f"{f.name}."), ""]
+    out += ["## Top level", "", *table(Config, "")]
+    return "\n".join(out) + "\n"

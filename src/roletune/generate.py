@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from roletune import layer_graphs
 from roletune.data.prompts import prompt_messages, read_prompts
+from roletune.data.tokenize import end_of_turn_ids
 from roletune.errors import RunError
-from roletune.lora_fused import fuse_lora_layers
 from roletune.model import load_adapter, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from roletune.run_dir import open_run
-from roletune.tokenize import end_of_turn_ids
+from roletune.speed import layer_graphs
+from roletune.speed.lora_fused import fuse_lora_layers
 
 
 @dataclass
@@ -47,10 +47,10 @@ def load_session(location: str, *, device: str = "auto", base_only: bool = False
     """Load the base model once and the adapter on top (unless base_only).
 
     dtype and quantization default to the run's: a QLoRA run answers on the quantised base it trained on.
-    fused: the adapter's branches run as roletune.lora_fused computes them, with fewer kernels and less
+    fused: the adapter's branches run as roletune.speed.lora_fused computes them, with fewer kernels and less
     Python per token than peft's forward (benchmarks/decode_time.py); False keeps peft's own forward (merge
     checks its result against peft's).
-    cuda_graphs: replay each decoding step's layers from a CUDA graph (roletune.decode_graphs), saying
+    cuda_graphs: replay each decoding step's layers from a CUDA graph (roletune.speed.decode_graphs), saying
     whether they can.
     """
     run = open_run(location)

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import torch
 
-from roletune import attention
 from roletune.errors import ConfigError, ModelError, first_line
-from roletune.forwards import innermost_holder, replace_forward
-from roletune.lora_dropout import recompute_lora_dropout
+from roletune.speed import attention
+from roletune.speed.forwards import innermost_holder, replace_forward
+from roletune.speed.lora_dropout import recompute_lora_dropout
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
+# The projections of a decoder layer that read the same input tensor (Qwen2's, Llama's and Mistral's).
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 def resolve_device(spec: str) -> torch.device:
     """`auto`, `cpu`, `cuda` or `cuda:N`; asking for a GPU that is not there is a ConfigError."""
@@ -296,7 +297,7 @@ def keep_lora_inputs_under_autocast(model) -> None:
     and then needs the cast; a checkpointed block's recomputation sees the same autocast state.
 
     It is made for every layer at once as the forward through them starts (forwards.innermost_holder),
-    ahead of any other hook there: roletune.lora_fused plans each layer's branch in its own hook at that
+    ahead of any other hook there: roletune.speed.lora_fused plans each layer's branch in its own hook at that
     point, from the flags set here. Set only as each layer is called, the first forward after a change of
     autocast state found the layers not yet called still casting, and planned (with lora.grouped, grouped)
     that forward's branches otherwise than the next ones'. Each layer still decides for itself when it is

@@ -55,7 +55,7 @@ def find_checkpoint(output_dir: str, resume: str) -> str | None:
     checkpoint (it was stopped before one): training starts over. Anything else must be a checkpoint
     folder, and one with a manifest must verify.
     """
-    from roletune import checkpoints
+    from roletune.training import checkpoints
 
     if resume == "latest":
         found, skipped = checkpoints.newest_good(output_dir)
@@ -81,7 +81,7 @@ def find_checkpoint(output_dir: str, resume: str) -> str | None:
 
 def _only_startup_files(output_dir: str) -> bool:
     """True when output_dir holds nothing a run writes after it starts training steps."""
-    from roletune.checkpoints import STAGING
+    from roletune.training.checkpoints import STAGING
 
     startup = {CONFIG_NAME, HELDOUT_NAME, "samples.jsonl", "swanlog", "tensorboard", STAGING}
     return all(child.name in startup for child in Path(output_dir).iterdir())

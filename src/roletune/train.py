@@ -17,20 +17,30 @@ import torch
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from roletune import attention, distributed, layer_graphs, liger_layers, memory, preflight, run_dir
+from roletune import run_dir
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
+from roletune.data.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
 from roletune.errors import DataError
-from roletune.guard import StopOnSignal, skipped_steps
-from roletune.lean_activations import make_lean
-from roletune.lora_fused import fuse_lora_layers
-from roletune.model import (apply_lora, build_meta_model, check_lora_dtype, compile_decoder_layers, load_base_model,
-                            load_tokenizer, require_bitsandbytes, resolve_dtype)
-from roletune.samples import SampleAnswers, sample_rows
-from roletune.time_spent import TimeSpent
-from roletune.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
-from roletune.track import Tracker, open_tracker
-from roletune.trainer import build_trainer, optimizer_steps
+from roletune.model import (
+    apply_lora,
+    build_meta_model,
+    check_lora_dtype,
+    compile_decoder_layers,
+    load_base_model,
+    load_tokenizer,
+    require_bitsandbytes,
+    resolve_dtype,
+)
+from roletune.speed import attention, layer_graphs, liger_layers
+from roletune.speed.lean_activations import make_lean
+from roletune.speed.lora_grouped import fuse_lora
+from roletune.training import distributed, memory, preflight
+from roletune.training.samples import SampleAnswers, sample_rows
+from roletune.training.stopping import StopOnSignal, skipped_steps
+from roletune.training.time_spent import TimeSpent
+from roletune.training.track import Tracker, open_tracker
+from roletune.training.trainer import build_trainer, optimizer_steps
 
 
 @dataclass
@@ -139,7 +149,7 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
         make_lean(base)  # the norms and MLPs Liger's kernels did not take
     model = apply_lora(base, cfg.lora, checkpointed_layers)
     if cfg.lora.fused and not distributed.sharded(cfg):  # untried on sharded weights, which need several GPUs
-        fuse_lora_layers(model, grouped=cfg.lora.grouped)
+        fuse_lora(model, grouped=cfg.lora.grouped)
     if cfg.train.compile == "layers":
         count = compile_decoder_layers(model, cfg.train.compile_mode)
         echo(f"torch.compile ({cfg.train.compile_mode}): {count} decoder layers, compiled during the first steps")

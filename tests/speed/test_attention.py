@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from roletune import train
-
+from roletune.config import load_config
 from roletune.speed import attention
 from roletune.training.batching import make_collator, reply_token_loss
-from roletune.config import load_config
 
 
 def reference_attention(query, key, value, cu_seq_q, scale, causal, gqa):

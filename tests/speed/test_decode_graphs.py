@@ -3,13 +3,12 @@ graph's semantics (tests/emulated_graph.py)."""
 from __future__ import annotations
 
 import pytest
+from test_quantization import qlora_run  # noqa: F401 - a fixture
 
 from roletune import generate
-
 from roletune.speed import layer_graphs
 
 from emulated_graph import EmulatedGraph, graphs_on_the_cpu
-from test_quantization import qlora_run  # noqa: F401 - a fixture
 
 CONVERSATIONS = [[{"role": "user", "content": f"第{i}个问题：今天海上风大吗？"}] for i in (3, 10, 7)]
 

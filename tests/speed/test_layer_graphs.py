@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from roletune.speed import attention, graphs, layer_graphs, lora_fused
 from roletune.config import load_config
+from roletune.speed import attention, graphs, layer_graphs, lora_fused
 
 from emulated_graph import EmulatedGraph, graphs_on_the_cpu
 

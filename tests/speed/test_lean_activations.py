@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from roletune.training import memory
 from roletune.config import LoraConfig
 from roletune.speed.lean_activations import MLPS, NORMS, LeanRMSNorm, LeanSiLUMul, make_lean
+from roletune.training import memory
 
 
 def qwen2_norm(hidden: int, requires_grad: bool, dtype: torch.dtype):

@@ -3,11 +3,11 @@ dropout draw and lora_A matmuls, and compute what the fused branches of their ow
 import pytest
 import torch
 
+from roletune.config import LoraConfig
+from roletune.model import apply_lora, checkpoint_first_layers
 from roletune.speed import graphs, lora_fused, lora_grouped
 from roletune.speed.lora_dropout import recompute_lora_dropout
 from roletune.speed.lora_grouped import fuse_lora
-from roletune.config import LoraConfig
-from roletune.model import apply_lora, checkpoint_first_layers
 
 from conftest import assert_close_at_scale
 from test_lora_fused import Calls, lora_layers, step, with_dropout

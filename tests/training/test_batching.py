@@ -7,12 +7,19 @@ import pytest
 import torch
 
 from roletune import train
-
-from roletune.speed import attention
-from roletune.training.batching import (REPLY_INDEX, final_hidden_states, labelled_positions, make_collator, pad_packed,
-                               reply_token_loss, with_reply_index)
 from roletune.config import load_config
+from roletune.speed import attention
+from roletune.training.batching import (
+    REPLY_INDEX,
+    final_hidden_states,
+    labelled_positions,
+    make_collator,
+    pad_packed,
+    reply_token_loss,
+    with_reply_index,
+)
 from roletune.training.loss import ChunkedCrossEntropy
+
 
 @pytest.fixture(scope="module")
 def lora_model(small_lora_model):

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from roletune import run_dir
-
-from roletune.training import checkpoints
 from roletune.errors import RunError
+from roletune.training import checkpoints
 
 
 def fake_checkpoint(folder: Path, step: int, sealed: bool = True) -> Path:
@@ -194,9 +193,8 @@ def test_the_optimizer_state_a_seal_writes_is_the_one_at_its_step(config_file, m
     from transformers import Trainer, TrainerCallback
 
     from roletune import train
-
-    from roletune.training import stopping
     from roletune.config import load_config
+    from roletune.training import stopping
 
     at_step_2, step_3_trained = {}, threading.Event()
 

@@ -16,11 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 from roletune import train
-
-from roletune.training import distributed, epoch_order
 from roletune.cli import main
 from roletune.config import load_config
 from roletune.errors import ConfigError
+from roletune.training import distributed, epoch_order
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 240
@@ -225,8 +224,8 @@ def fsdp_worker(config_path: str, report_path: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
 
-    from roletune.training.batching import make_collator, reply_token_loss
     from roletune.model import load_tokenizer
+    from roletune.training.batching import make_collator, reply_token_loss
     from roletune.training.trainer import training_arguments
 
     cfg = load_config(config_path, ["train.distributed=fsdp"])

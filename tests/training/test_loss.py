@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from roletune import train
-
+from roletune.config import load_config
+from roletune.data.tokenize import IGNORE_INDEX
+from roletune.errors import ConfigError
 from roletune.training import loss
 from roletune.training.batching import make_collator, reply_token_loss
-from roletune.config import load_config
-from roletune.errors import ConfigError
-from roletune.data.tokenize import IGNORE_INDEX
 
 from conftest import assert_close_at_scale
 

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from roletune import train
-
-from roletune.training import memory
 from roletune.config import LoraConfig, config_from_dict, load_config
-from roletune.errors import ConfigError
 from roletune.data.tokenize import Example
+from roletune.errors import ConfigError
+from roletune.training import memory
 
 GiB = 2**30
 # The seed's LoRA as peft runs it by default (as the measured peer did): seven projections, fp32 input copies.
@@ -88,9 +87,9 @@ def test_graphed_layers_keep_a_dropout_mask_per_projection_as_estimated(saved_by
     CPU's own noise in the input's dtype (bf16) otherwise."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from roletune.speed import layer_graphs, lora_fused
-    from roletune.speed.lora_fused import fuse_lora_layers
     from roletune.model import apply_lora
+    from roletune.speed import graphs, lora_fused
+    from roletune.speed.lora_fused import fuse_lora_layers
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
@@ -107,7 +106,7 @@ def test_graphed_layers_keep_a_dropout_mask_per_projection_as_estimated(saved_by
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model.base_model.model.model(input_ids=ids, use_cache=False)
     eager = saved_bytes(model, forward)
-    monkeypatch.setattr(layer_graphs, "_capturing", True)
+    monkeypatch.setattr(graphs, "_capturing", True)
     graphed = saved_bytes(model, forward)
     inputs = sum(i for i, _ in memory.Shape.of(config).linears().values())  # the seven projections' input widths
     assert graphed - eager == config.num_hidden_layers * tokens * inputs * 2  # bf16 noise on the CPU
@@ -125,9 +124,9 @@ def test_compiled_layers_keep_no_more_than_the_estimate(saved_bytes):
     bound, or automatic checkpointing would plan too little for a compiled run."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    from roletune.model import apply_lora, compile_decoder_layers
     from roletune.speed.lean_activations import make_lean
     from roletune.speed.lora_fused import fuse_lora_layers
-    from roletune.model import apply_lora, compile_decoder_layers
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
@@ -353,9 +352,9 @@ VARIED_ROWS = [{"instruction": f"第{i}个问题：灯塔还亮着吗？" + "海
 def test_the_largest_microbatch_is_the_largest_trainer_trains_on(config_file, packing, train_settings):
     """The micro-batches a real Trainer trains on, in order, are the ones epoch_order.training_order plans:
     so the planned largest is never exceeded and is reached."""
+    from roletune.model import load_tokenizer
     from roletune.training.batching import labelled_positions
     from roletune.training.epoch_order import training_order
-    from roletune.model import load_tokenizer
     from roletune.training.trainer import build_trainer
 
     cfg = load_config(config_file(VARIED_ROWS, train={"batch_size": 4, "packing": packing, "save_steps": 1000,

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from roletune import train
-
-from roletune.training import preflight
 from roletune.cli import main
 from roletune.config import load_config
+from roletune.training import preflight
 
 Usage = namedtuple("Usage", "total used free")
 

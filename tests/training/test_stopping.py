@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from roletune import train
-
-from roletune.training import checkpoints, stopping
 from roletune.cli import main, resume_command
 from roletune.config import load_config
 from roletune.errors import Interrupted, NonFiniteError
+from roletune.training import checkpoints, stopping
 
 
 @pytest.fixture(autouse=True)

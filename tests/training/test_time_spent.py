@@ -6,9 +6,8 @@ import pytest
 from transformers import Trainer
 
 from roletune import run_dir, train
-
-from roletune.training import batching, samples
 from roletune.config import load_config
+from roletune.training import batching, samples
 from roletune.training.time_spent import TimeSpent
 
 PAUSE = 0.25  # seconds added to each timed piece of work: far above what the tiny model's own takes

@@ -9,9 +9,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from roletune import train
-
-from roletune.training import stopping
 from roletune.config import load_config
+from roletune.training import stopping
 from roletune.training.trainer import StepBookkeeping, clear_grads
 
 

@@ -42,7 +42,7 @@ class DecodingGraphs:
 
     def __init__(self, run_layers, new_graph):
         self.run_layers, self.new_graph = run_layers, new_graph
-        self.recordings: dict = {}  # key (argument shapes and values, see layer_graphs.split) -> _Recording
+        self.recordings: dict = {}  # key (argument shapes and values, see graphs.split) -> _Recording
         self.made = 0  # recordings made so far, one per generate call and batch shape
         self.replays = 0
         self.recording_s = 0.0

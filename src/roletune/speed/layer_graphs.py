@@ -31,7 +31,6 @@ is given, and that tensor is overwritten by the next replay.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -105,8 +104,8 @@ def decoding_refusal(model, world_size: int = 1) -> str | None:
 
 def refusal(model, cfg, world_size: int = 1) -> str | None:
     """Why the training steps of `model` cannot be graphed for this run, or None."""
-    from roletune.speed import attention
     from roletune.model import decoder_layers
+    from roletune.speed import attention
 
     problem = decoding_refusal(model, world_size)
     if problem:

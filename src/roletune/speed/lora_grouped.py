@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from roletune.model import SHARED_INPUTS
 from roletune.speed import graphs, lora_fused
 from roletune.speed.lora_dropout import rng_state
-from roletune.model import SHARED_INPUTS
 
 
 def fuse_lora(model, grouped: bool = False) -> int:

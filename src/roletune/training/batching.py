@@ -21,8 +21,8 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from roletune.speed import attention
 from roletune.data.tokenize import IGNORE_INDEX
+from roletune.speed import attention
 
 
 def make_collator(tokenizer, packing: bool, flash_attention: bool = False):

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from roletune.errors import brief
 from roletune.data.tokenize import IGNORE_INDEX
+from roletune.errors import brief
 
 log = logging.getLogger(__name__)
 

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from roletune.data.tokenize import IGNORE_INDEX
+from roletune.model import SHARED_INPUTS
 
 GiB = 2**30
 # cuBLAS/cuBLASLt workspaces, the rotary tables, masks, labels and other small buffers.
@@ -404,9 +405,9 @@ def for_run(cfg, examples, device: torch.device, dtype: torch.dtype, model_confi
             on_gpu: bool | None = None, world_size: int | None = None) -> Decision:
     """The decision for `cfg` training on `examples`; `on_gpu` defaults to the device's kind and
     `world_size` to this launch's."""
+    from roletune.model import load_model_config
     from roletune.training.batching import length_multiple, padded_length
     from roletune.training.distributed import current, sharded
-    from roletune.model import load_model_config
 
     t = cfg.train
     model_config = model_config if model_config is not None else load_model_config(cfg.model)

@@ -9,9 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from roletune.training.checkpoints import step_of
 from roletune.config import Config
 from roletune.errors import RunError
+from roletune.training.checkpoints import step_of
 
 # Tokenizer files, trainer_state.json, RNG and scheduler state beside each saved adapter (Qwen2.5's
 # tokenizer files are about 11 MB): a generous allowance.

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from roletune.training import checkpoints
 from roletune.errors import Interrupted, NonFiniteError
+from roletune.training import checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,22 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from roletune import run_dir
-
-from roletune.speed import attention, layer_graphs
-
-from roletune.training import checkpoints, distributed, epoch_order
-from roletune.training.batching import (ReplyLossTrainer, length_multiple, make_collator, pad_packed, with_held_out_loss,
-                               with_reply_index)
 from roletune.config import Config
-from roletune.training import stopping
-from roletune.training.stopping import NonFiniteGuard
-from roletune.training.loss import head_loss_for
-from roletune.model import resolve_dtype
-from roletune.training.time_spent import TimedWork, TimeSpent
 from roletune.data.tokenize import Example
+from roletune.model import resolve_dtype
+from roletune.speed import attention, layer_graphs
+from roletune.training import checkpoints, distributed, epoch_order, stopping
+from roletune.training.batching import (
+    ReplyLossTrainer,
+    length_multiple,
+    make_collator,
+    pad_packed,
+    with_held_out_loss,
+    with_reply_index,
+)
+from roletune.training.loss import head_loss_for
+from roletune.training.stopping import NonFiniteGuard
+from roletune.training.time_spent import TimedWork, TimeSpent
 
 
 @dataclass
