@@ -21,7 +21,7 @@ from roletune.config import load_config
 from roletune.errors import ConfigError
 from roletune.training import distributed, epoch_order
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT_S = 240
 # Three rows are held out; the ten trained do not fill the last round of 2 ranks x 2 examples, and
 # the three held out do not fill one eval round: both tails are exercised.

@@ -263,7 +263,7 @@ def test_checkpointing_leaves_the_result_unchanged(config_file, tmp_path):
 def test_dry_run_plans_for_a_budget(shared, capsys):
     from roletune.cli import main
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     assert main(["train", str(root / "configs" / "huanhuan-qwen2.5-7b.yaml"), "--dry-run",
                  f"model.path={shared}/models/qwen2.5-7b-instruct", f"model.tokenizer={shared}/tokenizers/qwen2.5",
                  f"data.path={shared}/data/huanhuan.json", "train.gradient_checkpointing=auto",
