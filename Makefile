@@ -13,22 +13,27 @@ TORCH ?= $(shell grep '^torch==' $(PINS))
 EXTRAS := .[test,demo]
 DEMO_MODEL := .cache/demo-model
 
-.PHONY: demo test test-oldest test-latest test-latest-oldest pins setup clean
+.PHONY: demo test test-slow test-oldest test-latest test-latest-oldest pins setup clean
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(VENV)/bin/roletune train configs/demo.yaml --overwrite
 	$(VENV)/bin/roletune eval runs/demo --max-new-tokens 32
 	@echo "loss curves: runs/demo/loss.png"
 
+# The fast suite (minutes on two cores); test-slow runs the tests marked slow: whole training runs, process
+# launches, compiles, lever A/B runs, and the CPU rehearsal of the GPU benchmark script.
 test: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
 
-# The suite again on the oldest transformers pyproject.toml accepts, with pins of its own: its 5.x
-# releases rename and drop Trainer arguments, and a run must not depend on which one is installed.
+test-slow: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
+	$(PY) -m pytest -m slow
+
+# The suite again (the benchmark rehearsal aside) on the oldest transformers pyproject.toml accepts, with pins
+# of its own: its 5.x releases rename and drop Trainer arguments, and a run must not depend on which one is installed.
 OLDEST_VENV := .venv-oldest
 OLDEST := transformers==5.17.0
 test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors
-	$(OLDEST_VENV)/bin/python -m pytest
+	$(OLDEST_VENV)/bin/python -m pytest -m "not benchmark"
 
 setup: $(VENV)/.installed
 

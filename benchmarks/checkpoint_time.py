@@ -58,10 +58,13 @@ def trainers(model, tokenizer, folder: Path) -> dict:
     """The peer and roletune's trainer on the same model, each with one AdamW step taken."""
     from transformers import Trainer, TrainingArguments
 
-    from roletune.training import checkpoints
+    from roletune.training.checkpoints import AtomicCheckpoints
+
+    class AtomicTrainer(AtomicCheckpoints, Trainer):  # roletune's checkpoint writing, nothing else of its Trainer
+        pass
 
     built = {}
-    for name, trainer_class in (("trainer", Trainer), ("roletune", checkpoints.atomic(Trainer))):
+    for name, trainer_class in (("trainer", Trainer), ("roletune", AtomicTrainer)):
         args = TrainingArguments(output_dir=str(folder / name), use_cpu=True, report_to="none", save_strategy="steps",
                                  save_total_limit=3, learning_rate=1e-4, lr_scheduler_type="cosine")
         trainer = trainer_class(model=model, args=args, processing_class=tokenizer)

@@ -68,7 +68,7 @@ def variants(base: Path, adapter: Path, device: torch.device, dtype: torch.dtype
     models = {"base": load(False, False), "peft": load(True, False), "roletune": load(True, True)}
     if device.type == "cuda":
         graphed = models["+cuda-graphs"] = load(True, True)
-        print(layer_graphs.settle_decoding(graphed))
+        print(layer_graphs.graph_decoding(graphed))
     return models
 
 

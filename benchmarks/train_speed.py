@@ -297,7 +297,8 @@ def measure(name: str, overrides: list[str], args, cuda: bool, profile: bool) ->
         clock = Clock({warm, last_timed})
         profiler = StepProfiler(args.steps - PROFILED_STEPS + 1, cuda) if profile else None
         trainer = train.build_trainer(cfg, model, tokenizer, data.train, [], device,
-                                      (clock, profiler.callback) if profiler else (clock,))
+                                      (clock, profiler.callback) if profiler else (clock,),
+                                      cuda_graphs=layer_graphs.graphs_training(model))
         gc.collect()  # the full-precision weights a quantised base was made from must not count in its peak
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -91,23 +91,36 @@ def config_file(tmp_path, tiny_model, write_json, persona_rows):
     return make
 
 
+_shared_runs: dict = {}  # short_run(shared=True): the resolved config -> what its run returned
+
+
 @pytest.fixture
 def short_run(config_file, tmp_path):
     """Train the tiny model for 4 steps at a high learning rate; keyword arguments update config sections.
-    Returns the adapter's tensors and the logged (loss, grad_norm) of every step, flattened."""
+    Returns the adapter's tensors and the logged (loss, grad_norm) of every step, flattened.
+    shared=True: a baseline several A/B tests compare against, trained once per test session for each
+    resolved config (only for calls that patch nothing, whose result the config alone decides)."""
+    import dataclasses
+
     from safetensors.torch import load_file
 
     from roletune import train
-    from roletune.config import load_config
+    from roletune.config import dump_config, load_config
 
-    def run(name: str, **sections):
+    def run(name: str, shared: bool = False, **sections):
         sections["train"] = {"max_steps": 4, "lr": 1e-2, **sections.get("train", {})}
         cfg = load_config(config_file(output_dir=str(tmp_path / name), **sections))
+        key = dump_config(dataclasses.replace(cfg, output_dir="", data=dataclasses.replace(cfg.data, path="")))
+        if shared and key in _shared_runs:
+            return _shared_runs[key]
         train.run(cfg, echo=lambda *_: None)
         out = Path(cfg.output_dir)
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        return load_file(out / "adapter_model.safetensors"), [v for e in history if "loss" in e
-                                                              for v in (e["loss"], e["grad_norm"])]
+        result = load_file(out / "adapter_model.safetensors"), [v for e in history if "loss" in e
+                                                                for v in (e["loss"], e["grad_norm"])]
+        if shared:
+            _shared_runs[key] = result
+        return result
     return run
 
 

@@ -30,6 +30,7 @@ def heldout_run(tmp_path_factory, tiny_model):
     return train.run(load_config(folder / "c.yaml"), echo=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_eval_reports_every_metric_for_both_models(heldout_run, capsys):
     report = evaluate(heldout_run.output_dir, device="cpu", max_new_tokens=16)
     out = Path(heldout_run.output_dir)
@@ -49,6 +50,7 @@ def test_eval_reports_every_metric_for_both_models(heldout_run, capsys):
     assert report["models"]["tuned"]["bleu4"] == saved["models"]["tuned"]["bleu4"]
 
 
+@pytest.mark.slow
 def test_eval_never_overwrites_silently(heldout_run, tmp_path):
     evaluate(heldout_run.output_dir, device="cpu", max_new_tokens=4, out=str(tmp_path), echo=lambda *_: None)
     with pytest.raises(RunError, match="eval.json: exists; pass --overwrite"):

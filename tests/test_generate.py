@@ -141,6 +141,7 @@ def test_not_a_run_is_one_line(tmp_path, capsys):
     assert "not a roletune run, an adapter folder or a model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_interactive_chat_through_a_pseudo_terminal(trained_run):
     """Drive `roletune chat` as a person would: type, read the streamed reply, /system, /reset, /exit."""
     pid, fd = pty.fork()

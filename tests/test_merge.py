@@ -19,6 +19,7 @@ def merged(trained_run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_merged_folder_is_a_plain_transformers_model(merged, trained_run):
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(merged)
@@ -54,6 +55,7 @@ def test_merged_weight_is_w_plus_scaled_b_a(merged, trained_run, tiny_model):
     assert not torch.equal(result[f"{name}.weight"], base[f"{name}.weight"])
 
 
+@pytest.mark.slow
 def test_merged_model_answers_like_the_adapter(merged, trained_run):
     prompt = [[{"role": "user", "content": QUESTION}]]
     answers = []

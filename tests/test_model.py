@@ -116,6 +116,7 @@ def test_auto_keeps_the_fp32_cast_without_autocast(tiny_model):
     assert all(torch.equal(grads[n], want_grads[n]) for n in want_grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_dtype", ["auto", "bf16"])
 def test_a_bf16_run_on_cpu_trains_and_its_adapter_answers(config_file, lora_dtype):
     import math

@@ -129,12 +129,14 @@ def assert_answers(run: Path, quantization: str):
     assert reply.tokens > 0
 
 
+@pytest.mark.slow
 def test_qlora_4bit_trains_and_its_adapter_answers(qlora_run):
     cfg, result = qlora_run
     assert_loss_falls(result)
     assert_answers(Path(cfg.output_dir), "4bit")
 
 
+@pytest.mark.slow
 def test_qlora_8bit_trains_and_its_adapter_answers(config_file):
     pytest.importorskip("bitsandbytes")
     cfg = load_config(config_file(model={"quantization": "8bit"}, train={"max_steps": 6, "save_steps": 100}))
@@ -142,6 +144,7 @@ def test_qlora_8bit_trains_and_its_adapter_answers(config_file):
     assert_answers(Path(cfg.output_dir), "8bit")
 
 
+@pytest.mark.slow
 def test_merge_folds_a_qlora_adapter_into_the_unquantised_base(qlora_run, tmp_path, tiny_model):
     cfg, _ = qlora_run
     run = Path(cfg.output_dir)

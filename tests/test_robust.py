@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from roletune.training import checkpoints
 
+pytestmark = pytest.mark.slow  # every test here launches, kills and resumes real training processes
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 TIMEOUT_S = 300

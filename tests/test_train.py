@@ -47,6 +47,7 @@ class Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_from", ["latest", "checkpoint-2"])
 def test_resume_after_interruption_ends_with_the_same_adapter(config_file, tmp_path, resume_from):
     settings = dict(train={"max_steps": 6, "save_steps": 2}, lora={"dropout": 0.1})
@@ -71,6 +72,7 @@ def test_resume_after_interruption_ends_with_the_same_adapter(config_file, tmp_p
     assert [loss for _, loss in resumed.losses] == pytest.approx([loss for _, loss in expected.losses], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_never_clobbered(config_file):
     cfg = load_config(config_file(train={"max_steps": 2}))
     train.run(cfg)
@@ -84,6 +86,7 @@ def test_an_earlier_run_is_never_clobbered(config_file):
     assert not stale.exists() and (Path(cfg.output_dir) / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resume_needs_a_checkpoint(config_file, tmp_path):
     cfg = load_config(config_file())
     with pytest.raises(RunError, match="nothing to resume"):
@@ -92,6 +95,7 @@ def test_resume_needs_a_checkpoint(config_file, tmp_path):
         train.run(cfg, resume=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_dry_run_step_count_is_the_trainers_and_nothing_is_written(config_file, capsys):
     cfg = load_config(config_file(train={"epochs": 2, "batch_size": 5, "grad_accum": 2}))
     planned = train.run(cfg, dry_run=True)
@@ -100,6 +104,7 @@ def test_dry_run_step_count_is_the_trainers_and_nothing_is_written(config_file, 
     assert train.run(cfg).optimizer_steps == planned.optimizer_steps  # 12 rows / 5 -> 3 batches -> 2 steps/epoch
 
 
+@pytest.mark.slow
 def test_seed_config_dry_run_prints_the_seed_figures(shared, capsys):
     from roletune.cli import main
 
@@ -123,6 +128,7 @@ def test_torch_compile_is_off_unless_asked(config_file):
     assert training_arguments(load_config(config_file(train={"compile": "layers"})), cpu).torch_compile is False
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_the_same_adapter(short_run, tiny_model):
     """train.compile=layers: each decoder layer compiled (dynamic lengths), the same losses and adapter as
     eager. Dropout off: compiled code draws its dropout masks from another random stream than eager's."""
@@ -140,6 +146,7 @@ def test_compiled_layers_train_the_same_adapter(short_run, tiny_model):
     assert compile_decoder_layers(apply_lora(base, LoraConfig(r=4), checkpointed_layers=1)) == 1  # not the checkpointed
 
 
+@pytest.mark.slow
 def test_cuda_graph_mode_pads_packed_batches_and_trains_the_same_adapter(short_run, monkeypatch, tmp_path):
     """train.compile_mode=reduce-overhead: each packed micro-batch is padded to a multiple of 64 tokens (the CPU
     skips the graphs themselves), and the run trains the eager run's adapter on the same count of real tokens."""
@@ -172,6 +179,7 @@ def test_cuda_graph_mode_pads_packed_batches_and_trains_the_same_adapter(short_r
     assert seen[0] == seen[1] == sum(n for n, _ in lengths)
 
 
+@pytest.mark.slow
 def test_compiled_layers_share_their_code(config_file, monkeypatch):
     """With every lever on (each replaces some module's forward), train.compile=layers compiles one code for
     four layers and two lengths. A forward set per instance made torch.compile compile each layer on its own,

@@ -65,7 +65,7 @@ def load_session(location: str, *, device: str = "auto", base_only: bool = False
         if fused:
             fuse_lora_layers(model)
     if cuda_graphs:
-        echo(layer_graphs.settle_decoding(model))
+        echo(layer_graphs.graph_decoding(model))
     model.eval()
     return Session(model, tokenizer, system if system is not None else run.system_prompt,
                    bool(run.adapter and not base_only), target)

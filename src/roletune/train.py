@@ -92,8 +92,10 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
                             every_rank=distributed.sharded(cfg), time_spent=time_spent)
     watchers = [c for c in (tracker.callback(), samples) if c is not None]
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the step boundary, then Interrupted
+    # Whether training steps replay CUDA graphs (train.cuda_graphs) was decided as the model was built: the
+    # layers refuse them where this run cannot use them (on the CPU, with checkpointed layers, ...).
     trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks),
-                            time_spent)
+                            time_spent, cuda_graphs=layer_graphs.graphs_training(model))
     try:
         time_spent.setup_done()
         started = time.perf_counter()
@@ -139,10 +141,10 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     check_lora_dtype(cfg.lora, dtype)
     base = load_base_model(cfg.model, distributed.load_device(cfg, device), dtype)
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
-    chosen = attention.settle(base, cfg.model.attn_implementation, cfg.train.packing)
+    chosen = attention.choose_for_packing(base, cfg.model.attn_implementation, cfg.train.packing)
     if chosen:
         echo(chosen)
-    chosen = liger_layers.settle(base, cfg.train.liger_kernels, cfg.train.compile)
+    chosen = liger_layers.use_kernels(base, cfg.train.liger_kernels, cfg.train.compile)
     if chosen:
         echo(chosen)
     if cfg.train.lean_activations:
@@ -154,7 +156,7 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
         count = compile_decoder_layers(model, cfg.train.compile_mode)
         echo(f"torch.compile ({cfg.train.compile_mode}): {count} decoder layers, compiled during the first steps")
     if cfg.train.cuda_graphs:
-        echo(layer_graphs.settle(model, cfg, distributed.current().world_size))
+        echo(layer_graphs.graph_layers(model, cfg, distributed.current().world_size))
     echo_trainable(model, echo)
     return model
 
@@ -217,6 +219,7 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent
         "wall_time_s": round(wall_s, 1),  # of train(); setup_s, before it, apart
         **time_spent.summary(wall_s),  # how much of it the steps took, and what the rest went to
         "optimizer_steps": trainer.state.global_step,
+        "grad_accum": cfg.train.grad_accum,  # micro-batches a step: train.grad_accum, or from train.effective_batch
         "real_tokens": tokens,
         "real_tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else None,
         "peak_memory_gib": round(peak_memory_gib(device), 2),

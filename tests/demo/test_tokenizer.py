@@ -78,6 +78,7 @@ def samples(built):
     return TEXTS + [chat] + huanhuan_lines()
 
 
+@pytest.mark.slow
 def test_folder_holds_what_auto_tokenizer_needs(built_dir, built):
     assert {p.name for p in built_dir.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert len(built) == 151665

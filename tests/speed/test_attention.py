@@ -182,6 +182,7 @@ def run(config_file, tmp_path, name, **model_settings):
     return result, lines
 
 
+@pytest.mark.slow
 def test_a_varlen_run_has_the_losses_of_an_sdpa_run(config_file, tmp_path, monkeypatch):
     seen = []
     per_example = attention.per_example

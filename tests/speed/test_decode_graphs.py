@@ -29,6 +29,7 @@ def answers(session, conversations, tokens=24):
     return [(r.text, r.stopped, r.tokens) for r in generate.answer_all(session, conversations, config)]
 
 
+@pytest.mark.slow
 def test_graphed_decoding_answers_as_eager_decoding(trained_run, graphed):
     """Each generate call records its first decoding step (a static cache's) and replays the rest: the same
     greedy answers, stopped at end of turn, as the eager session with generate's default cache. A later
@@ -47,6 +48,7 @@ def test_graphed_decoding_answers_as_eager_decoding(trained_run, graphed):
     assert decoding.made == 2 and len(decoding.recordings) == 1
 
 
+@pytest.mark.slow
 def test_graphed_decoding_follows_the_adapter_switched_off_and_on(trained_run, graphed):
     """compare and eval answer with the adapter off, then on: each call records its own steps."""
     eager = generate.load_session(str(trained_run), device="cpu")
@@ -58,6 +60,7 @@ def test_graphed_decoding_follows_the_adapter_switched_off_and_on(trained_run, g
     assert got[0][0].text != got[0][1].text and runner.decoding.made == 2
 
 
+@pytest.mark.slow
 def test_a_decoding_recording_that_fails_leaves_decoding_eager(trained_run, graphed, monkeypatch, caplog):
     """A capture that raises is reported once; that step's answer is the eager step's, and later steps and
     calls run the layers one by one."""
@@ -93,6 +96,7 @@ def test_chat_with_cuda_graphs_on_the_cpu_says_why_not_and_answers(trained_run, 
     assert out[-1].endswith("灯塔照常亮着。")
 
 
+@pytest.mark.slow
 def test_graphed_decoding_of_a_qlora_run_answers_as_eager_decoding(qlora_run, monkeypatch):
     """A 4-bit base (bitsandbytes' kernels, here its CPU ones) decodes through the graphs as it does eagerly."""
     cfg, _ = qlora_run
@@ -104,6 +108,7 @@ def test_graphed_decoding_of_a_qlora_run_answers_as_eager_decoding(qlora_run, mo
     assert decoding.made == 1 and decoding.replays > 0 and decoding.failed is None
 
 
+@pytest.mark.slow
 def test_graphed_beam_search_answers_as_eager_beam_search(trained_run, graphed):
     """Beam search puts the cache's reordered rows in new tensors at every step: a replay would write into the
     old ones, so each such step is recorded anew, and the answers are eager beam search's."""

@@ -63,6 +63,7 @@ def emulated(monkeypatch):
 VARLEN = {"attn_implementation": "varlen"}
 
 
+@pytest.mark.slow
 def test_graphed_layers_train_the_eager_adapter(short_run, tiny_model, emulated, tmp_path):
     """Four steps of two micro-batches each (gradients added across them by the backward graph), padded to a
     multiple of 64 tokens: the losses, gradient norms and adapter of the eager run. The held-out loss runs
@@ -87,6 +88,7 @@ def test_graphed_layers_train_the_eager_adapter(short_run, tiny_model, emulated,
     assert summary["decoding"] == {**summary["decoding"], "recordings": 3, "replays": 3 * 4, "failed": None}
 
 
+@pytest.mark.slow
 def test_graphed_layers_with_grouped_lora_train_the_eager_adapter(short_run, tiny_model, emulated):
     """lora.grouped through the graphs: q/k/v and gate/up's shared lora_A work is recorded and replayed like the
     rest, and trains what it trains eagerly."""
@@ -100,6 +102,7 @@ def test_graphed_layers_with_grouped_lora_train_the_eager_adapter(short_run, tin
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_graphed_layers_with_dropout_train(short_run, tiny_model, emulated):
     """With LoRA dropout the recorded masks are new draws each replay (kept for backward, not redrawn): the
     run trains, its losses close to eager's, not equal."""
@@ -156,6 +159,7 @@ def test_off_the_gpu_the_layers_run_one_by_one_and_nothing_is_padded(config_file
     assert len(log) == 8
 
 
+@pytest.mark.slow
 def test_a_recording_that_fails_leaves_the_layers_to_run_one_by_one(short_run, tiny_model, emulated, caplog):
     """An optimisation never ends a run: a recording that raises (here: a value read back to the host while
     capturing, which the CPU's per-example attention does) is reported once, and training goes on eagerly."""
@@ -176,6 +180,7 @@ def test_a_recording_that_fails_leaves_the_layers_to_run_one_by_one(short_run, t
     assert got_log == pytest.approx(want_log, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_where_training_steps_cannot_be_graphed_sample_answers_still_are(config_file, short_run, tiny_model,
                                                                         emulated, monkeypatch):
     """A run whose training steps cannot be graphed (here: told so) still graphs its sample answers' decoding:

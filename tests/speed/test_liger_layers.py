@@ -68,7 +68,7 @@ def test_kernels_that_agree_are_used_and_the_model_computes_the_same(tiny_model,
     want_loss, want_grads = loss_and_grads(reference)
 
     model = tiny(tiny_model)
-    line = liger_layers.settle(model, "auto", compiled=False)
+    line = liger_layers.use_kernels(model, "auto", compiled=False)
     assert line == "layer kernels: Liger-Kernel's RMSNorm, SwiGLU and RoPE"
     assert make_lean(model) == 0  # nothing left for the lean modules
     assert {"LigerQwen2RMSNorm", "LigerQwen2MLP"} <= kinds(model) and "Qwen2RMSNorm" not in kinds(model)
@@ -93,7 +93,7 @@ def test_a_kernel_that_differs_or_fails_is_left_out_and_said_why(tiny_model, sta
 
     kernels["SwiGLU"] = no_kernel
     model = tiny(tiny_model)
-    line = liger_layers.settle(model, "auto", compiled=False)
+    line = liger_layers.use_kernels(model, "auto", compiled=False)
     assert line.startswith("layer kernels: Liger-Kernel's RoPE; PyTorch's for the rest (RMSNorm differs from "
                            "PyTorch's by ")
     assert line.endswith("; SwiGLU failed: RuntimeError: no kernel image is available for execution on the device)")
@@ -105,7 +105,7 @@ def test_a_kernel_that_differs_or_fails_is_left_out_and_said_why(tiny_model, sta
 def test_none_is_used_off_a_gpu_without_liger_under_compile_or_when_off(tiny_model, stand_ins, monkeypatch):
     model = tiny(tiny_model)
     before = kinds(model)
-    assert liger_layers.settle(model, "auto", compiled="layers") == (
+    assert liger_layers.use_kernels(model, "auto", compiled="layers") == (
         "layer kernels: PyTorch's (torch.compile traces them; Liger-Kernel's are left out with train.compile)")
 
     for error in (ImportError("No module named 'triton'"), RuntimeError("Triton 3.6 needs torch 2.11\nmore")):
@@ -113,32 +113,32 @@ def test_none_is_used_off_a_gpu_without_liger_under_compile_or_when_off(tiny_mod
             raise error
 
         monkeypatch.setattr(liger_layers, "load", broken)
-        assert liger_layers.settle(model, "auto", compiled=False) == (
+        assert liger_layers.use_kernels(model, "auto", compiled=False) == (
             f"layer kernels: PyTorch's, not Liger-Kernel's ({type(error).__name__}: {str(error).splitlines()[0]})")
     monkeypatch.setattr(liger_layers, "installed", lambda: False)
-    assert liger_layers.settle(model, "auto", compiled=False) is None
+    assert liger_layers.use_kernels(model, "auto", compiled=False) is None
     monkeypatch.setattr(liger_layers, "installed", lambda: True)
     monkeypatch.setattr(liger_layers, "DEVICES", {"cuda"})
-    assert liger_layers.settle(model, "auto", compiled=False) is None  # the CPU again
+    assert liger_layers.use_kernels(model, "auto", compiled=False) is None  # the CPU again
     assert kinds(model) == before and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
 
 
 def test_false_or_a_refused_rope_after_auto_gives_transformers_its_rope_back(tiny_model, stand_ins):
     kernels, _ = stand_ins
-    liger_layers.settle(tiny(tiny_model), "auto", compiled=False)
+    liger_layers.use_kernels(tiny(tiny_model), "auto", compiled=False)
     assert modeling_qwen2.apply_rotary_pos_emb is not PLAIN_ROPE
-    assert liger_layers.settle(tiny(tiny_model), False, compiled=False) is None
+    assert liger_layers.use_kernels(tiny(tiny_model), False, compiled=False) is None
     assert modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
-    liger_layers.settle(tiny(tiny_model), "auto", compiled=False)
+    liger_layers.use_kernels(tiny(tiny_model), "auto", compiled=False)
     rope = kernels["RoPE"]
     kernels["RoPE"] = lambda q, k, cos, sin: tuple(2 * t for t in rope(q, k, cos, sin))
-    line = liger_layers.settle(tiny(tiny_model), "auto", compiled=False)  # a model the kernel fails for
+    line = liger_layers.use_kernels(tiny(tiny_model), "auto", compiled=False)  # a model the kernel fails for
     assert "RoPE differs" in line and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
 
 
 def test_routed_rope_sends_other_devices_and_calls_to_transformers_own(tiny_model, stand_ins, monkeypatch):
     _, calls = stand_ins
-    liger_layers.settle(tiny(tiny_model), "auto", compiled=False)
+    liger_layers.use_kernels(tiny(tiny_model), "auto", compiled=False)
     q, k = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16)
     cos, sin = torch.randn(1, 9, 16), torch.randn(1, 9, 16)
     routed = modeling_qwen2.apply_rotary_pos_emb
@@ -154,6 +154,7 @@ def test_routed_rope_sends_other_devices_and_calls_to_transformers_own(tiny_mode
     assert calls["RoPE"] == 1  # neither went to the kernel
 
 
+@pytest.mark.slow
 def test_a_run_with_the_kernels_trains_the_same_adapter(short_run, stand_ins):
     _, calls = stand_ins
     want, want_log = short_run("torch", lora={"dropout": 0.1}, train={"liger_kernels": False})
@@ -171,7 +172,7 @@ def test_a_model_with_none_of_the_known_modules_is_left_alone(stand_ins):
     _, calls = stand_ins
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     before = kinds(model)
-    assert liger_layers.settle(model, "auto", compiled=False) is None
+    assert liger_layers.use_kernels(model, "auto", compiled=False) is None
     assert kinds(model) == before and not calls and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE
 
 
@@ -181,7 +182,7 @@ def test_the_real_package_loads_and_kernels_that_cannot_run_here_are_left_out(ti
     monkeypatch.setattr(liger_layers, "DEVICES", {"cpu"})  # Triton has no CPU driver: every kernel fails here
     model = tiny(tiny_model)
     before = kinds(model)
-    line = liger_layers.settle(model, "auto", compiled=False)
+    line = liger_layers.use_kernels(model, "auto", compiled=False)
     assert line.startswith("layer kernels: PyTorch's, not Liger-Kernel's (RMSNorm failed: ")
     assert "; SwiGLU failed: " in line and "; RoPE failed: " in line
     assert kinds(model) == before and modeling_qwen2.apply_rotary_pos_emb is PLAIN_ROPE

@@ -201,6 +201,7 @@ def test_pefts_own_forward_runs_wherever_the_fused_one_would_not_compute_the_sam
     assert not fused()
 
 
+@pytest.mark.slow
 def test_training_with_the_fused_branch_ends_with_the_adapter_pefts_branch_trains(short_run, monkeypatch):
     """roletune train, 4 steps at a high learning rate with dropout 0.1, fused and not: the same losses,
     gradient norms and adapter (float32 on the CPU: the fused add may round in another order)."""

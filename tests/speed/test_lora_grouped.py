@@ -175,11 +175,12 @@ def test_the_shared_products_differentiate_through_each_members_mask(monkeypatch
         torch.testing.assert_close(got_weight.grad, want_weight.grad)
 
 
+@pytest.mark.slow
 def test_a_grouped_run_trains_the_fused_runs_adapter(short_run):
     """`lora.grouped: true` end to end, with dropout: on the CPU the same masks, so the same losses, gradient norms
     and adapter as the default run."""
     lora = {"r": 4, "alpha": 8, "dropout": 0.1}
-    want, want_log = short_run("fused", lora=lora)
+    want, want_log = short_run("fused", shared=True, lora=lora)
     got, got_log = short_run("grouped", lora={**lora, "grouped": True})
     assert got_log == pytest.approx(want_log, rel=1e-5)
     for name in want:

@@ -151,6 +151,7 @@ def run(config_file, tmp_path, name, **train_settings):
     return result, [entry["grad_norm"] for entry in history if "grad_norm" in entry]
 
 
+@pytest.mark.slow
 def test_step_loss_is_the_seeds_token_average(config_file, tmp_path):
     # The seed: 4 micro-batches of 4, padded. roletune: one packed micro-batch of 16. Same 16 rows.
     seed, seed_norms = run(config_file, tmp_path, "seed", batch_size=4, grad_accum=4, max_steps=1, packing=False,
@@ -160,6 +161,7 @@ def test_step_loss_is_the_seeds_token_average(config_file, tmp_path):
     assert fast_norms[0] == pytest.approx(seed_norms[0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_short_run_matches_the_plain_trainer_path(config_file, tmp_path):
     plain, _ = run(config_file, tmp_path, "plain", batch_size=4, grad_accum=1, max_steps=4, packing=False,
                    reply_logits_only=False)

@@ -95,6 +95,7 @@ def test_publishing_replaces_an_older_folder_of_the_same_step(tmp_path):
     assert checkpoints.problem(old) is None
 
 
+@pytest.mark.slow
 def test_the_tokenizer_is_serialised_once_and_every_checkpoint_holds_its_files(config_file, monkeypatch):
     """Trainer saves the tokenizer into each checkpoint; roletune serialises it once and writes the same bytes
     after: each checkpoint's tokenizer files are what save_pretrained writes, and their manifests verify."""
@@ -122,6 +123,7 @@ def test_the_tokenizer_is_serialised_once_and_every_checkpoint_holds_its_files(c
             assert filecmp.cmp(folder / name, out / name, shallow=False), (step, name)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_sealed_while_the_next_steps_train(config_file, monkeypatch):
     """Hashing, fsync and the rename run beside training: checkpoint-2's seal holds until step 3 has trained,
     which a seal on the training thread would never see. Every checkpoint is in place when the run ends."""

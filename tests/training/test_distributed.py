@@ -72,6 +72,7 @@ def two_runs(tmp_path_factory, tiny_model):
     return two / "run", Path(single.output_dir), started
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_adapter_one_process_trains(two_runs):
     two, one, _ = two_runs
     got, want = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
@@ -92,6 +93,7 @@ def test_two_ranks_train_the_adapter_one_process_trains(two_runs):
     assert [v for _, v in evals[0]] == pytest.approx([v for _, v in evals[1]], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_two_ranks_resumed_mid_epoch_end_as_if_never_stopped(two_runs, tmp_path):
     """Resumed from checkpoint-3, half-way through the second epoch: that epoch's order must be its own."""
     two, _, _ = two_runs
@@ -110,6 +112,7 @@ def test_two_ranks_resumed_mid_epoch_end_as_if_never_stopped(two_runs, tmp_path)
     assert last[0] == pytest.approx(last[1], abs=1e-6) and last[0]
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes_and_speaks(two_runs):
     two, _, started = two_runs
     swanlog = two / "swanlog"
@@ -119,6 +122,7 @@ def test_only_rank_0_writes_and_speaks(two_runs):
     assert [(r["epoch"], r["prompt"]) for r in samples] == [(e, p) for e in (0, 1, 2) for p in PROMPTS]
     summary = json.loads((two / "train_summary.json").read_text())
     assert summary["optimizer_steps"] == 4
+    assert summary["grad_accum"] == 2  # decided from train.effective_batch=8 on 2 ranks of 2 examples
     assert (two / "checkpoint-2" / "roletune.yaml").is_file()
     assert started.stdout.count("trainable params: ") == 1
     assert started.stdout.count("first example, trained tokens") == 1
@@ -203,6 +207,7 @@ def test_fsdp_arguments_and_where_fsdp_cannot_run(config_file):
         load_config(config_file(train={"distributed": "deepspeed"}))
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_base_and_trains_the_adapter_on_two_cpu_ranks(tmp_path, tiny_model):
     """accelerate routes CPU processes to DDP, so this hands accelerate's own FSDP2 preparation the plugin
     roletune configures for GPUs, and checks sharding, LoRA gradients and the gathered adapter."""
@@ -265,6 +270,7 @@ def fsdp_worker(config_path: str, report_path: str) -> None:
             "max_adapter_diff": max((full[n] - p.detach()).abs().max().item() for n, p in expected.items())}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_nan_on_one_rank_stops_or_skips_the_same_step_on_every_rank(tmp_path, tiny_model, policy):
     """NaN activations on rank 1 only, in step 3 of 5, with no log or checkpoint to read the verdict sooner:

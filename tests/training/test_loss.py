@@ -119,6 +119,7 @@ def logged_losses(config_file, tmp_path, name, **train_settings):
     return [(e["step"], e["loss"], e["grad_norm"]) for e in history if "loss" in e]
 
 
+@pytest.mark.slow
 def test_short_run_logs_the_same_losses_chunked_or_not(config_file, tmp_path):
     full = logged_losses(config_file, tmp_path, "full", lm_head_loss="full")
     chunked = logged_losses(config_file, tmp_path, "chunked", lm_head_loss="chunked", loss_chunk=ROWS)

@@ -44,13 +44,13 @@ def test_parameter_counts_are_the_meta_models(qwen7b, tiny_model):
 
     assert memory.Shape.of(qwen7b).parameters() == 7_615_616_512  # 7,635,801,600 all - 20,185,088 LoRA
     seed = memory.estimate(qwen7b, SEED_LORA, torch.bfloat16, 1, 1, 0)
-    assert seed.adapter == 20_185_088 * memory.ADAPTER_BYTES
+    assert seed.adapter == 20_185_088 * memory.ADAPTER_TRAINING_BYTES
     assert seed.weights == 7_615_616_512 * 2
     lora = LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     meta = apply_lora(build_meta_model(ModelConfig(path=str(tiny_model))), lora)
     trainable, total = meta.get_nb_trainable_parameters()
     tiny = memory.estimate(load_model_config(ModelConfig(path=str(tiny_model))), lora, torch.float32, 1, 1, 0)
-    assert (tiny.adapter // memory.ADAPTER_BYTES, tiny.weights // 4) == (trainable, total - trainable)
+    assert (tiny.adapter // memory.ADAPTER_TRAINING_BYTES, tiny.weights // 4) == (trainable, total - trainable)
 
 
 def test_the_counted_activations_are_what_autograd_keeps(saved_bytes):
@@ -118,6 +118,7 @@ def test_graphed_layers_keep_a_dropout_mask_per_projection_as_estimated(saved_by
     assert per_token[1] - per_token[0] == config.num_hidden_layers * inputs // 8
 
 
+@pytest.mark.slow
 def test_compiled_layers_keep_no_more_than_the_estimate(saved_bytes):
     """train.compile=layers: torch.compile decides what a compiled layer keeps for backward (it may recompute
     cheap elementwise results instead), so the estimate, made for roletune's eager layers, must stay an upper
@@ -241,6 +242,7 @@ def test_a_cpu_run_with_a_tiny_budget_trains_without_checkpointing(config_file, 
     assert "gradient_checkpointing: auto" in (Path(cfg.output_dir) / "roletune.yaml").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_checkpointing_leaves_the_result_unchanged(config_file, tmp_path):
     """Non-reentrant checkpointing replays the RNG state: the same dropout masks, the same adapter.
     So a resumed run may decide auto differently (another GPU) and still continue the same training."""
@@ -347,6 +349,7 @@ VARIED_ROWS = [{"instruction": f"第{i}个问题：灯塔还亮着吗？" + "海
                 "output": "灯塔照常亮着。" * (1 + i * 7 % 5)} for i in range(13)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing, train_settings", [(True, {"epochs": 2, "grad_accum": 2}),
                                                      (False, {"max_steps": 5, "grad_accum": 1})])
 def test_the_largest_microbatch_is_the_largest_trainer_trains_on(config_file, packing, train_settings):
@@ -406,6 +409,7 @@ def test_several_processes_deal_the_padded_order_one_microbatch_each():
         assert epoch_order.training_order(count, per_device, ranks, 3, grad_accum, epochs, None) == dealt
 
 
+@pytest.mark.slow
 def test_one_of_two_layers_checkpointed_trains_the_same_and_only_that_layer_recomputes(config_file, tmp_path):
     """The first layer is checkpointed, the second is not: same losses and adapter as no checkpointing (the
     recomputation replays dropout's RNG), and during training the first layer's MLP runs twice per micro-batch

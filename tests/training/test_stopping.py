@@ -59,6 +59,7 @@ class SendSignal(TrainerCallback):
                 signal.raise_signal(self.signum)
 
 
+@pytest.mark.slow
 def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(config_file, monkeypatch):
     # checkpoint-2's seal is still running when step 3's NaN is found: the message must wait for it
     monkeypatch.setattr(stopping, "hold_for_tests", lambda point, step: time.sleep(1.0) if (point, step) == ("write", 2)
@@ -75,6 +76,7 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
     assert not (out / "checkpoint-4").exists() and not (out / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_skip_drops_exactly_the_poisoned_update(config_file, caplog):
     cfg = load_config(config_file(train={"max_steps": 4, "save_steps": 1, "on_nonfinite": "skip"}))
     with caplog.at_level(logging.WARNING):
@@ -103,6 +105,7 @@ class KeepModel(TrainerCallback):
         self.model = model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim, run_ahead", [("adamw_torch_fused", True), ("adamw_torch_fused", False),
                                               ("adamw_torch", True)],
                          ids=["read-a-step-later", "waiting", "not-fused"])
@@ -124,6 +127,7 @@ def test_between_logs_a_nan_step_still_stops_before_its_update(config_file, opti
     assert all(torch.equal(saved[k], now[k]) for k in saved)  # the model is step 2's
 
 
+@pytest.mark.slow
 def test_between_logs_skip_drops_the_nan_update_on_the_device(config_file, caplog):
     cfg = load_config(config_file(train={"max_steps": 4, "save_steps": 4, "logging_steps": 100,
                                          "on_nonfinite": "skip"}))
@@ -155,6 +159,7 @@ def test_a_stop_signal_at_a_nan_step_does_not_checkpoint_it(config_file):
     assert not (Path(cfg.output_dir) / "checkpoint-3").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_at_the_step_boundary_and_the_run_resumes(config_file, capsys):
     before = signal.getsignal(signal.SIGINT)
     cfg = load_config(config_file(train={"max_steps": 5, "save_steps": 4}))
@@ -179,6 +184,7 @@ class EvalSeen(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+@pytest.mark.slow
 def test_a_stop_at_an_epoch_end_skips_that_epochs_eval_and_sample_answers(config_file):
     """Pre-emption leaves seconds: after the checkpoint nothing slow runs (eval, generation)."""
     cfg = load_config(config_file(data={"eval_size": 4}, train={"epochs": 2, "save_steps": 100}))

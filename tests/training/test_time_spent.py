@@ -30,6 +30,7 @@ def test_time_spent_adds_up_per_kind_and_the_steps_get_the_rest():
         spent.on("logging").__enter__()
 
 
+@pytest.mark.slow
 def test_the_summary_says_how_long_samples_evaluation_and_checkpoints_took(config_file, monkeypatch):
     calls = {"sample_answers": 0, "evaluation": 0, "checkpoints": 0}
 

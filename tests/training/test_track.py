@@ -51,6 +51,7 @@ def logged(swanlog: Path, name: str) -> list:
     return [json.loads(line)["data"] for path in lines for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_swanlab_without_login_keeps_a_local_run_with_the_losses(swanlab_run):
     swanlog = Path(swanlab_run.output_dir) / "swanlog"
     train_losses = logged(swanlog, "train/loss")
@@ -81,6 +82,7 @@ def test_summary_and_loss_picture(swanlab_run):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_tensorboard_writes_events(tmp_path, tiny_model):
     result = _train(tmp_path, tiny_model, "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -94,6 +96,7 @@ def test_tensorboard_writes_events(tmp_path, tiny_model):
     assert any(tag.startswith("samples") for tag in tags["tensors"])
 
 
+@pytest.mark.slow
 def test_a_tracker_that_cannot_start_does_not_stop_training(tmp_path, tiny_model, monkeypatch, caplog):
     import roletune.training.track as track
 

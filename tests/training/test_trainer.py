@@ -41,6 +41,7 @@ def run(config_file, tmp_path, callbacks, **train_settings):
     return train.run(cfg, callbacks=callbacks, echo=lambda *_: None), Path(cfg.output_dir)
 
 
+@pytest.mark.slow
 def test_a_step_does_not_walk_the_module_tree(config_file, tmp_path, monkeypatch):
     """The FLOP count, the clipping, the guard, zeroing the gradients and the loss use what was listed
     once (with transformers' and accelerate's own code: five walks a step)."""
@@ -65,6 +66,7 @@ def test_clearing_the_listed_gradients_is_module_zero_grad(small_lora_model):
         assert any(g is not None for g in states[0]) != set_to_none  # zeroed tensors, or none left
 
 
+@pytest.mark.slow
 def test_the_flop_tally_is_transformers_own(config_file, tmp_path):
     """total_flos is transformers' 6 x tokens x non-embedding parameters, summed over the micro-batches."""
     seen = []
@@ -84,6 +86,7 @@ def test_the_flop_tally_is_transformers_own(config_file, tmp_path):
     assert Trainer.floating_point_ops(stand_in, batch) == per_token * 37
 
 
+@pytest.mark.slow
 def test_the_guard_checks_the_norm_the_trainer_clipped_with(config_file, tmp_path, monkeypatch):
     """Taken from clipping, the guard's norm is the one Trainer logs; the guard computes none of its own
     (tests/test_guard.py checks that it still stops and skips)."""
@@ -115,6 +118,7 @@ def test_the_guard_checks_the_norm_the_trainer_clipped_with(config_file, tmp_pat
     ("sdpa", True, {}),
     ("varlen", False, {"roletune/training/stopping.py": 2}),  # before each update
 ], ids=["varlen", "sdpa", "varlen-waiting"])
+@pytest.mark.slow
 def test_steps_follow_each_other_without_waiting_for_the_device(
         config_file, tmp_path, device_waits, attn_implementation, run_ahead, waits_expected):
     """Trainer reads each micro-batch's loss (its non-finite filter) and token count back from the device,

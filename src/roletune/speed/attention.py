@@ -47,13 +47,13 @@ def register() -> None:
 
 def loaded_as(choice: str) -> str:
     """The implementation to load the model with for model.attn_implementation=`choice` (auto loads as
-    sdpa; `settle` may switch it once the model is on its device)."""
+    sdpa; `choose_for_packing` may switch it once the model is on its device)."""
     if choice == VARLEN:
         register()
     return "sdpa" if choice == "auto" else choice
 
 
-def settle(model, choice: str, packing: bool) -> str | None:
+def choose_for_packing(model, choice: str, packing: bool) -> str | None:
     """For choice "auto", switch a model loaded with sdpa to varlen when packed training can use it.
     Returns what was chosen on a GPU, and why (a line to show), else None."""
     if choice != "auto" or not packing:

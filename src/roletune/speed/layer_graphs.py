@@ -64,7 +64,7 @@ class CudaGraph:
         self.graph.replay()
 
 
-def settle(model, cfg, world_size: int = 1) -> str:
+def graph_layers(model, cfg, world_size: int = 1) -> str:
     """Graph the decoder layers of `model` (a peft model) where this run allows it: training steps, and the
     decoding steps of its sample answers (roletune.speed.decode_graphs). Returns the line to show."""
     problem = decoding_refusal(model, world_size)
@@ -79,7 +79,7 @@ def settle(model, cfg, world_size: int = 1) -> str:
             "sample answers' decoding steps")
 
 
-def settle_decoding(model) -> str:
+def graph_decoding(model) -> str:
     """Graph the decoding steps of `model` (generate, chat, compare, eval); returns the line to show."""
     problem = decoding_refusal(model)
     if problem:

@@ -39,7 +39,7 @@ _KERNELS: dict = {}  # the kernels in use, by name (the replaced forwards look t
 _ROUTED: dict = {}  # modeling module -> its own apply_rotary_pos_emb, for those routed to the kernel
 
 
-def settle(model: nn.Module, choice, compiled) -> str | None:
+def use_kernels(model: nn.Module, choice, compiled) -> str | None:
     """For choice "auto", give a model on a GPU Liger-Kernel's kernels where they compute what they replace.
     Returns what was chosen on a GPU, and why (a line to show), else None."""
     if choice != "auto":

@@ -18,7 +18,7 @@ import weakref
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 from transformers.trainer_utils import EvalLoopOutput
 
 from roletune.data.tokenize import IGNORE_INDEX
@@ -202,16 +202,16 @@ def _norm_output_keeper(model) -> NormOutputKeeper | None:
     return _keepers[model]
 
 
-class ReplyLossTrainer(Trainer):
-    """Trainer whose loss computes logits only where a label is (see the module docstring)."""
+class ReplyLoss:
+    """Trainer mixin: with `reply_logits_only`, the loss computes logits only where a label is (see the module
+    docstring), through `head_loss` (roletune.training.loss; None: all the trained positions' logits at once)."""
 
-    loss_is_scaled_for_ga = True  # normalised by the step's token count, not per micro-batch
-
-    def __init__(self, *args, head_loss=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.head_loss = head_loss  # see roletune.training.loss; None: all the trained positions' logits at once
+    reply_logits_only = False
+    head_loss = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.reply_logits_only:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         loss, outputs = reply_token_loss(model, inputs, labels, num_items_in_batch, self.head_loss)
@@ -243,7 +243,7 @@ class HeldOutLoss:
                 for batch in dataloader:
                     inputs = self._prepare_inputs(batch)
                     labels = inputs.pop("labels")
-                    loss, _ = reply_token_loss(model, inputs, labels, 1, getattr(self, "head_loss", None))  # a sum
+                    loss, _ = reply_token_loss(model, inputs, labels, 1, self.head_loss)  # a sum
                     summed += loss.double()
                     tokens += (labels[:, 1:] != IGNORE_INDEX).sum()
         finally:
@@ -252,7 +252,3 @@ class HeldOutLoss:
         metrics = {f"{metric_key_prefix}_loss": (summed / tokens.clamp(min=1)).item()}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
                               num_samples=len(self.eval_dataset) if self.eval_dataset is not None else 0)
-
-
-def with_held_out_loss(trainer_class: type) -> type:
-    return type(f"HeldOut{trainer_class.__name__}", (HeldOutLoss, trainer_class), {})

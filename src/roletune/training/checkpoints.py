@@ -54,7 +54,7 @@ class AtomicCheckpoints:
     _deferred: list | None = None  # (path, state) the seal writes first, for the checkpoint being written
     _tokenizer_files = None  # TokenizerFiles of processing_class, once a save has written it
     checkpoint_extras = None  # folder -> None: files of roletune's own, written before the manifest seals it
-    hold_for_tests = staticmethod(lambda point, step: None)  # stopping.hold_for_tests, handed in by the trainer
+    hold_for_tests = staticmethod(lambda point, step: None)  # stopping.hold_for_tests, handed in by RoleTrainer
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # Trainer writes the tokenizer into every checkpoint: serialised once, its files written again after.
@@ -182,7 +182,7 @@ def _detached_copy(state):
     return state
 
 
-def settle() -> None:
+def wait_for_seals() -> None:
     """Wait for every checkpoint being sealed in this process, where what is on disk must not depend on thread
     timing: the NaN stop naming the last good checkpoint, and test holds."""
     for thread in list(Sealing.running):
@@ -216,11 +216,6 @@ class TokenizerFiles:
 
 
 @functools.cache
-def atomic(trainer_class: type) -> type:
-    """`trainer_class` (Trainer or a subclass) with crash-safe checkpoints."""
-    return type(f"Atomic{trainer_class.__name__}", (AtomicCheckpoints, trainer_class), {})
-
-
 def publish(staging: Path, final: Path) -> None:
     """Seal `staging` with its manifest and move it to `final` with one rename."""
     write_manifest(staging)

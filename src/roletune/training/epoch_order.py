@@ -3,7 +3,7 @@
 Trainer draws a seeded permutation of the examples every epoch (seed + epoch) and cuts it into
 micro-batches; under several processes accelerate deals those out to the ranks, one each, round by
 round. roletune keeps that order and changes one thing: an epoch whose examples do not fill the
-last round is completed by a filler without labels instead of repeated examples (EvenTailTrainer).
+last round is completed by a filler without labels instead of repeated examples (EvenTail).
 `training_order` writes the whole run's micro-batches out in advance, for the memory estimate.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from roletune.data.tokenize import IGNORE_INDEX
 
 
-class EvenTailTrainer:
+class EvenTail:
     """Trainer mixin: a distributed epoch ends without repeated examples.
 
     accelerate deals the seeded permutation out to the ranks one micro-batch each, round by round.
@@ -66,7 +66,7 @@ def training_order(count: int, batch_size: int, world_size: int, seed: int, grad
     of a distributed tail); None when Trainer orders the examples some other way than modelled here.
 
     In one process Trainer trains on `seeded_order` in micro-batches of `batch_size` consecutive indices,
-    the last one shorter. In W processes EvenTailTrainer pads the permutation to whole rounds and accelerate
+    the last one shorter. In W processes EvenTail pads the permutation to whole rounds and accelerate
     deals it round by round, one micro-batch to each rank. An epoch is ceil(micro-batches per rank /
     grad_accum) optimizer steps; the run is max_steps of them, or epochs x that, and the last step takes
     its grad_accum micro-batches whole. Written out here, not read from a Trainer, because memory.for_run
@@ -74,7 +74,7 @@ def training_order(count: int, batch_size: int, world_size: int, seed: int, grad
     """
     from transformers import TrainingArguments
 
-    # train_sampling_strategy stays at Trainer's default in roletune (and EvenTailTrainer pads only that one).
+    # train_sampling_strategy stays at Trainer's default in roletune (and EvenTail pads only that one).
     if getattr(TrainingArguments, "train_sampling_strategy", None) != "random":
         return None
     per_round = batch_size * world_size
@@ -91,10 +91,6 @@ def training_order(count: int, batch_size: int, world_size: int, seed: int, grad
         used = min(per_rank, epoch_steps * grad_accum) * world_size
         batches += [indices[start:start + batch_size] for start in range(0, used * batch_size, batch_size)]
     return batches
-
-
-def with_even_tail(trainer_class: type) -> type:
-    return type(f"EvenTail{trainer_class.__name__}", (EvenTailTrainer, trainer_class), {})
 
 
 class WithFiller:

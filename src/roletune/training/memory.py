@@ -75,7 +75,7 @@ WORKSPACE_BYTES = 256 * 2**20
 # allocator's fragmentation and the estimate's own error.
 USABLE_FRACTION = 0.9
 LOGIT_BYTES = 12  # fp32 log-softmax output + the fp32 gradient into it + the one it returns
-ADAPTER_BYTES = 4 + 4 + 8  # per LoRA parameter: fp32 weight, fp32 gradient, AdamW's two fp32 moments
+ADAPTER_TRAINING_BYTES = 4 + 4 + 8  # per LoRA parameter: fp32 weight, fp32 gradient, AdamW's two fp32 moments
 # Per decoder Linear weight. NF4 with double quantisation: a 4-bit code, a uint8 absmax per block of 64
 # and an fp32 absmax per 256 of those. LLM.int8: an int8 code (and an fp32 scale per output row).
 QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
@@ -173,7 +173,7 @@ def estimate(model_config, lora, dtype: torch.dtype, tokens_per_microbatch: int,
     full_layers = shape.layers - checkpointed_layers
     kept = tokens_per_microbatch * (checkpointed_layers * shape.hidden * size + full_layers * per_layer + final_norm)
     rebuilt = tokens_per_microbatch * per_layer if checkpointed_layers else 0
-    adapter = shape.layers * sum(lora.r * (i + o) for i, o in targets.values()) * ADAPTER_BYTES
+    adapter = shape.layers * sum(lora.r * (i + o) for i, o in targets.values()) * ADAPTER_TRAINING_BYTES
     return Estimate(weights=weight_bytes(shape, size, quantization), adapter=adapter, kept_activations=kept,
                     rebuilt_layer=rebuilt, logits=labelled_positions * shape.vocab * LOGIT_BYTES,
                     workspace=WORKSPACE_BYTES, checkpointed_layers=checkpointed_layers)

@@ -16,7 +16,7 @@ from roletune.training.checkpoints import step_of
 # Tokenizer files, trainer_state.json, RNG and scheduler state beside each saved adapter (Qwen2.5's
 # tokenizer files are about 11 MB): a generous allowance.
 EXTRA_BYTES_PER_SAVE = 32 * 2**20
-ADAPTER_BYTES = 4  # peft keeps LoRA weights in fp32
+ADAPTER_FILE_BYTES = 4  # peft keeps LoRA weights in fp32
 OPTIMIZER_BYTES = 8  # AdamW: two fp32 moments per trainable parameter
 
 
@@ -71,8 +71,8 @@ def disk_needed(cfg: Config, trainable: int, steps: int) -> tuple[int, str]:
     limit = cfg.train.save_total_limit
     # With a limit, a new checkpoint is complete before the oldest is rotated out: limit + 1 at the peak.
     at_once = min(saves, limit + 1) if limit else saves
-    checkpoint = trainable * (ADAPTER_BYTES + OPTIMIZER_BYTES) + EXTRA_BYTES_PER_SAVE
-    adapter = trainable * ADAPTER_BYTES + EXTRA_BYTES_PER_SAVE
+    checkpoint = trainable * (ADAPTER_FILE_BYTES + OPTIMIZER_BYTES) + EXTRA_BYTES_PER_SAVE
+    adapter = trainable * ADAPTER_FILE_BYTES + EXTRA_BYTES_PER_SAVE
     detail = f"{at_once} checkpoints of {_size(checkpoint)} and the adapter"
     return at_once * checkpoint + adapter, detail
 

@@ -97,10 +97,10 @@ class NonFiniteGuard(TrainerCallback):
     (StopOnSignal).
     """
 
-    def __init__(self, policy: str = "stop", run_ahead: bool = True):
+    def __init__(self, policy: str = "stop", run_ahead: bool = True, step_grad_norm=lambda: None):
         self.policy, self.run_ahead = policy, run_ahead
         # Where the trainer hands over the norm it already computed for this step (None: compute it here).
-        self.step_grad_norm = lambda: None
+        self.step_grad_norm = step_grad_norm
         self._trainable: list | None = None  # listed once: walking the module tree every step costs host time
         self._pending: Verdict | None = None  # a step's check still on its way to the host
 
@@ -117,7 +117,7 @@ class NonFiniteGuard(TrainerCallback):
         step = state.global_step + 1
         skipper = on_device_skipper(optimizer) if self.run_ahead else None
         if skipper is not None:
-            self.settle(args, state)  # the previous step's verdict, long arrived
+            self.act_on_verdict(args, state)  # the previous step's verdict, long arrived
             bad = on_any_rank_on_device(~torch.isfinite(norm), args)  # every rank skips, or none
             skipper.found_inf = bad.float()  # 1: the fused update leaves parameters and moments as they are
             self._pending = Verdict(step, norm, bad)
@@ -131,15 +131,15 @@ class NonFiniteGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if (control.should_log or control.should_save or control.should_evaluate or control.should_training_stop
                 or state.global_step >= state.max_steps):
-            self.settle(args, state)
+            self.act_on_verdict(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.settle(args, state)  # before the epoch's sample answers and eval
+        self.act_on_verdict(args, state)  # before the epoch's sample answers and eval
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.settle(args, state)
+        self.act_on_verdict(args, state)
 
-    def settle(self, args, state) -> None:
+    def act_on_verdict(self, args, state) -> None:
         """Act on the pending verdict, if any (waiting for it if it has not arrived)."""
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -150,7 +150,7 @@ class NonFiniteGuard(TrainerCallback):
     def _judge(self, step: int, norm: float, args, state) -> None:
         """Step `step` had a non-finite gradient norm, and its update was not made: stop, or count it."""
         if self.policy == "stop":
-            checkpoints.settle()  # a checkpoint still being sealed in the background counts once it is in place
+            checkpoints.wait_for_seals()  # a checkpoint still being sealed in the background counts once it is in place
             good, _ = checkpoints.newest_good(args.output_dir)
             kept = f"the last good checkpoint is {good}" if good else "no checkpoint had been written yet"
             raise NonFiniteError(
@@ -240,7 +240,7 @@ def hold_for_tests(point: str, step: int) -> None:
     """
     if os.environ.get(HOLD_ENV) != f"{point}:{step}":
         return
-    checkpoints.settle()  # a checkpoint sealed in the background is in place (or, holding inside its seal, left aside)
+    checkpoints.wait_for_seals()  # a checkpoint sealed in the background is in place (or, holding inside its seal, left aside)
     print(f"roletune-test: holding at {point}:{step}", file=sys.stderr, flush=True)
     deadline = time.monotonic() + 120
     while not _signalled and time.monotonic() < deadline:

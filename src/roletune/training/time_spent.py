@@ -35,14 +35,14 @@ class TimeSpent:
         if self.inside[kind]:
             yield
             return
-        _settle_gpu()
+        _wait_for_gpu()
         started = time.perf_counter()
         self.inside[kind] += 1
         try:
             yield
         finally:
             self.inside[kind] -= 1
-            _settle_gpu()
+            _wait_for_gpu()
             self.seconds[kind] += time.perf_counter() - started
 
     def summary(self, wall_s: float) -> dict:
@@ -52,7 +52,7 @@ class TimeSpent:
         return {**setup, "steps_s": round(max(wall_s - sum(self.seconds.values()), 0.0), 1), **spent}
 
 
-def _settle_gpu() -> None:
+def _wait_for_gpu() -> None:
     # Only where CUDA is already in use: a CPU run must not initialise it.
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

@@ -1,5 +1,6 @@
-"""How roletune sets up transformers.Trainer: arguments from the config, the device the user
-asked for (not Trainer's cuda:0), the collator, and callbacks that keep checkpoints self-describing."""
+"""roletune's Trainer (RoleTrainer, one class with each concern in a base of its own) and how it is set up:
+arguments from the config, the device the user asked for (not Trainer's cuda:0), the collator, and
+checkpoints that describe themselves."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,20 +15,14 @@ from roletune import run_dir
 from roletune.config import Config
 from roletune.data.tokenize import Example
 from roletune.model import resolve_dtype
-from roletune.speed import attention, layer_graphs
-from roletune.training import checkpoints, distributed, epoch_order, stopping
-from roletune.training.batching import (
-    ReplyLossTrainer,
-    length_multiple,
-    make_collator,
-    pad_packed,
-    with_held_out_loss,
-    with_reply_index,
-)
+from roletune.speed import attention
+from roletune.training import distributed, stopping
+from roletune.training.batching import HeldOutLoss, ReplyLoss, length_multiple, make_collator, pad_packed, with_reply_index
+from roletune.training.checkpoints import AtomicCheckpoints
+from roletune.training.epoch_order import EvenTail
 from roletune.training.loss import head_loss_for
 from roletune.training.stopping import NonFiniteGuard
 from roletune.training.time_spent import TimedWork, TimeSpent
-
 
 @dataclass
 class PinnedDeviceArguments(TrainingArguments):
@@ -187,35 +182,59 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
     )
 
 
+class RoleTrainer(TimedWork, StepBookkeeping, GraphedLengths, AtomicCheckpoints, EvenTail, HeldOutLoss, ReplyLoss,
+                  Trainer):
+    """transformers.Trainer as roletune trains with it. Each base adds one concern, and a method is looked up
+    in this order:
+
+    TimedWork (time_spent.py)           checkpoints and evaluation passes timed for the run's summary
+    StepBookkeeping (here)              the per-step bookkeeping without walking the module tree
+    GraphedLengths (here)               packed micro-batches padded to lengths CUDA graphs were recorded for
+    AtomicCheckpoints (checkpoints.py)  checkpoint-N appears only complete, sealed by a manifest
+    EvenTail (epoch_order.py)           a distributed epoch ends without repeated examples
+    HeldOutLoss (batching.py)           the eval loss over every trained token of the held-out rows
+    ReplyLoss (batching.py)             logits only where a label is (train.reply_logits_only)
+
+    The non-finite guard is made here too, last among the callbacks, and given this step's gradient norm
+    from clipping (StepBookkeeping.take_step_grad_norm).
+    """
+
+    def __init__(self, *, reply_logits_only: bool, head_loss, length_multiple: int, pad_id: int,
+                 on_nonfinite: str, guard_runs_ahead: bool, checkpoint_extras=None, hold_for_tests=None,
+                 time_spent: TimeSpent | None = None, callbacks=(), **trainer_arguments):
+        self.reply_logits_only, self.head_loss = reply_logits_only, head_loss
+        # The reply-only loss is normalised by the step's token count, not per micro-batch.
+        self.loss_is_scaled_for_ga = True if reply_logits_only else None
+        self.length_multiple, self.pad_id = length_multiple, pad_id
+        self.checkpoint_extras, self.time_spent = checkpoint_extras, time_spent
+        if hold_for_tests is not None:
+            self.hold_for_tests = hold_for_tests
+        guard = NonFiniteGuard(on_nonfinite, guard_runs_ahead, step_grad_norm=self.take_step_grad_norm)
+        super().__init__(callbacks=[*callbacks, guard], **trainer_arguments)  # the guard last: see NonFiniteGuard
+
+
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
-                  device: torch.device, callbacks: tuple = (), time_spent: TimeSpent | None = None) -> Trainer:
+                  device: torch.device, callbacks: tuple = (), time_spent: TimeSpent | None = None,
+                  cuda_graphs: bool = False) -> RoleTrainer:
+    """The Trainer for this run. cuda_graphs: whether the layers' training steps replay CUDA graphs
+    (layer_graphs.graphs_training, decided as the model was built), so micro-batches are padded for them."""
     # Flash kernels take the packed examples' boundaries from the batch, and sdpa has no use for them.
     boundaries = attention.active(model) in ("flash_attention_2", attention.VARLEN)
-    collator = with_reply_index(make_collator(tokenizer, cfg.train.packing, boundaries))
     t = cfg.train
-    trainer_class = with_held_out_loss(ReplyLossTrainer if t.reply_logits_only else Trainer)
-    trainer_class = epoch_order.with_even_tail(trainer_class)
-    trainer_class = checkpoints.atomic(trainer_class)  # checkpoint-N appears only complete, with a manifest
-    trainer_class = type(trainer_class.__name__, (TimedWork, StepBookkeeping, GraphedLengths, trainer_class), {})
-    guard = NonFiniteGuard(t.on_nonfinite, t.run_ahead and not distributed.sharded(cfg))  # untried on shards
-    loss_args = {}
-    if t.reply_logits_only:
-        loss_args["head_loss"] = head_loss_for(t.lm_head_loss, t.loss_chunk, device, distributed.sharded(cfg))
-    trainer = trainer_class(model=model, args=training_arguments(cfg, device, bool(heldout)), **loss_args,
-                            train_dataset=[e.as_features() for e in train],
-                            eval_dataset=[e.as_features() for e in heldout] or None,
-                            processing_class=tokenizer, data_collator=collator,
-                            callbacks=[*callbacks, guard])  # the guard last: see NonFiniteGuard
-    guard.step_grad_norm = trainer.take_step_grad_norm
-    trainer.time_spent = time_spent
-    if t.cuda_graphs and not layer_graphs.graphs_training(model):  # refused (on the CPU, say): nothing to pad for
-        t = dataclasses.replace(t, cuda_graphs=False)
-    trainer.length_multiple = length_multiple(t)
-    trainer.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # The resolved config goes inside every checkpoint, under its manifest: any checkpoint is self-describing.
-    trainer.checkpoint_extras = lambda folder: run_dir.write_config(folder, cfg)
-    trainer.hold_for_tests = stopping.hold_for_tests
-    return trainer
+    sharded = distributed.sharded(cfg)
+    return RoleTrainer(
+        model=model, args=training_arguments(cfg, device, bool(heldout)),
+        train_dataset=[e.as_features() for e in train], eval_dataset=[e.as_features() for e in heldout] or None,
+        processing_class=tokenizer, data_collator=with_reply_index(make_collator(tokenizer, t.packing, boundaries)),
+        callbacks=callbacks, time_spent=time_spent,
+        reply_logits_only=t.reply_logits_only,
+        head_loss=head_loss_for(t.lm_head_loss, t.loss_chunk, device, sharded) if t.reply_logits_only else None,
+        length_multiple=length_multiple(dataclasses.replace(t, cuda_graphs=cuda_graphs)),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        on_nonfinite=t.on_nonfinite, guard_runs_ahead=t.run_ahead and not sharded,  # untried on shards
+        # The resolved config goes inside every checkpoint, under its manifest: any checkpoint is self-describing.
+        checkpoint_extras=lambda folder: run_dir.write_config(folder, cfg),
+        hold_for_tests=stopping.hold_for_tests)  # read now: a test may have put its own in place
 
 
 def optimizer_steps(trainer: Trainer) -> int:
