@@ -37,40 +37,34 @@ test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors
 
 setup: $(VENV)/.installed
 
-# install VENV PINS [EXTRA REQUIREMENTS]: a new environment holding the pinned versions. The pins
-# constrain everything but torch, which TORCH names.
+# install VENV [PINS] [EXTRA REQUIREMENTS]: a new environment. With PINS it holds the pinned versions (they
+# constrain everything but torch, which TORCH names); without, the newest releases pyproject.toml accepts.
 define install
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q "$(TORCH)"
-	grep -v '^torch==' $(2) > $(1)/constraints.txt
-	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt "$(TORCH)" $(3) -e "$(EXTRAS)"
-	touch $(1)/.installed
+	$(if $(2),grep -v '^torch==' $(2) > $(1)/constraints.txt)
+	$(1)/bin/python -m pip install -q $(if $(2),-c $(1)/constraints.txt) "$(TORCH)" $(3) -e "$(EXTRAS)"
 endef
 
 $(VENV)/.installed: pyproject.toml $(PINS)
 	$(call install,$(VENV),$(PINS))
+	touch $@
 
 $(OLDEST_VENV)/.installed: pyproject.toml $(OLDEST_PINS)
 	$(call install,$(OLDEST_VENV),$(OLDEST_PINS))
+	touch $@
 
 # The newest releases pyproject.toml accepts (torch aside: TORCH still names it), in environments made
 # afresh each time. Not part of CI: it tells whether upstream releases broke something before the pins move.
 LATEST_VENV := .venv-latest
 LATEST_OLDEST_VENV := .venv-latest-oldest
-define install_latest
-	rm -rf $(1)
-	$(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q "$(TORCH)"
-	$(1)/bin/python -m pip install -q "$(TORCH)" $(2) -e "$(EXTRAS)"
-endef
-
 test-latest: $(DEMO_MODEL)/model.safetensors
-	$(call install_latest,$(LATEST_VENV))
+	$(call install,$(LATEST_VENV))
 	$(LATEST_VENV)/bin/python -m pytest
 
 test-latest-oldest: $(DEMO_MODEL)/model.safetensors
-	$(call install_latest,$(LATEST_OLDEST_VENV),$(OLDEST))
+	$(call install,$(LATEST_OLDEST_VENV),,$(OLDEST))
 	$(LATEST_OLDEST_VENV)/bin/python -m pytest
 
 # Refresh the pins: when the suite passes on the newest releases (and on them with the oldest

@@ -51,7 +51,7 @@ def build(folder: Path, dtype: torch.dtype) -> tuple[Path, Path]:
 
 
 def variants(base: Path, adapter: Path, device: torch.device, dtype: torch.dtype) -> dict:
-    """Each model as `roletune generate` loads it (generate.load_session: the base, the adapter, fused)."""
+    """Each model as `roletune generate` loads it (roletune.decoding.load_session: the base, the adapter, fused)."""
     from transformers import AutoModelForCausalLM
 
     from roletune.model import load_adapter
@@ -73,7 +73,7 @@ def variants(base: Path, adapter: Path, device: torch.device, dtype: torch.dtype
 
 
 def decode(model, prompts: torch.Tensor, tokens: int) -> torch.Tensor:
-    # As roletune.generate.decoding_config asks for a model whose decoding steps are graphed.
+    # As roletune.decoding.decoding_config asks for a model whose decoding steps are graphed.
     static = {"cache_implementation": "static", "disable_compile": True} if layer_graphs.installed(model) else {}
     with torch.inference_mode():
         return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from roletune import generate
+from roletune import decoding
 
 
 def main():
@@ -24,19 +24,19 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    session = generate.load_session(args.model, device=args.device)
-    config = generate.decoding_config(session, greedy=True, max_new_tokens=args.tokens)
+    session = decoding.load_session(args.model, device=args.device)
+    config = decoding.decoding_config(session, greedy=True, max_new_tokens=args.tokens)
     config.min_new_tokens = args.tokens
     topics = ["灯塔", "海风", "渔船", "猫", "奶奶的信", "台风", "海蛎煎", "星星"]
     prompts = [[{"role": "user", "content": f"给我讲讲{topics[i % len(topics)]}的事，第{i}次。"}]
                for i in range(args.prompts)]
 
-    generate.answer_batch(session, prompts[:2], config)  # warm-up (allocator, kernels)
+    decoding.answer_batch(session, prompts[:2], config)  # warm-up (allocator, kernels)
     start = time.perf_counter()
-    one_by_one = [generate.answer_batch(session, [p], config)[0] for p in prompts]
+    one_by_one = [decoding.answer_batch(session, [p], config)[0] for p in prompts]
     loop_s = time.perf_counter() - start
     start = time.perf_counter()
-    batched = generate.answer_all(session, prompts, config, batch_size=args.batch_size)
+    batched = decoding.answer_all(session, prompts, config, batch_size=args.batch_size)
     batch_s = time.perf_counter() - start
 
     tokens = sum(r.tokens for r in batched)

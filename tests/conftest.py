@@ -110,7 +110,8 @@ def short_run(config_file, tmp_path):
     def run(name: str, shared: bool = False, **sections):
         sections["train"] = {"max_steps": 4, "lr": 1e-2, **sections.get("train", {})}
         cfg = load_config(config_file(output_dir=str(tmp_path / name), **sections))
-        key = dump_config(dataclasses.replace(cfg, output_dir="", data=dataclasses.replace(cfg.data, path="")))
+        key = dump_config(dataclasses.replace(cfg, output_dir="", data=dataclasses.replace(cfg.data, path=""))) \
+            if shared else None
         if shared and key in _shared_runs:
             return _shared_runs[key]
         train.run(cfg, echo=lambda *_: None)
@@ -177,13 +178,13 @@ def small_lora_model(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from roletune.config import LoraConfig
-    from roletune.model import apply_lora
+    from roletune.speed.levers import add_lora
 
     def build(**load_kwargs):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa",
                                                     **load_kwargs)
-        model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+        model = add_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:

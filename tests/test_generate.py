@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from roletune import generate
+from roletune import decoding, generate
 from roletune.cli import main
 from roletune.errors import DataError, RunError
 
@@ -18,11 +18,11 @@ QUESTION = "第3个问题：今天海上风大吗？"
 
 @pytest.fixture(scope="module")
 def session(trained_run):
-    return generate.load_session(str(trained_run), device="cpu")
+    return decoding.load_session(str(trained_run), device="cpu")
 
 
 def greedy(session, tokens=24):
-    return generate.decoding_config(session, greedy=True, max_new_tokens=tokens)
+    return decoding.decoding_config(session, greedy=True, max_new_tokens=tokens)
 
 
 def test_session_reuses_what_training_used(session, trained_run):
@@ -37,24 +37,24 @@ def test_a_session_answers_through_the_fused_adapter_and_as_pefts_forward_does(s
     def fused_layers(model) -> int:
         return sum(type(m).__name__.startswith("Fused") for m in model.modules())
 
-    plain = generate.load_session(str(trained_run), device="cpu", fused=False)
+    plain = decoding.load_session(str(trained_run), device="cpu", fused=False)
     assert fused_layers(session.model) == 14 and fused_layers(plain.model) == 0  # 2 layers x 7 projections
     conversations = [[{"role": "user", "content": QUESTION}], [{"role": "user", "content": "你好"}]]
-    want = [r.text for r in generate.answer_all(plain, conversations, greedy(plain))]
-    assert [r.text for r in generate.answer_all(session, conversations, greedy(session))] == want
+    want = [r.text for r in decoding.answer_all(plain, conversations, greedy(plain))]
+    assert [r.text for r in decoding.answer_all(session, conversations, greedy(session))] == want
 
 
 def test_decoding_follows_the_generation_config_and_stops_at_end_of_turn(session):
-    config = generate.decoding_config(session)
+    config = decoding.decoding_config(session)
     assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == \
         (True, 0.7, 0.8, 20, 1.05)
     assert IM_END in config.eos_token_id and 151643 in config.eos_token_id
-    override = generate.decoding_config(session, temperature=0.2)
+    override = decoding.decoding_config(session, temperature=0.2)
     assert override.temperature == 0.2
 
 
 def test_tuned_answer_stops_at_end_of_turn(session):
-    (reply,) = generate.answer_batch(session, [[{"role": "user", "content": QUESTION}]], greedy(session))
+    (reply,) = decoding.answer_batch(session, [[{"role": "user", "content": QUESTION}]], greedy(session))
     assert reply.stopped and reply.tokens < 24
     assert reply.text.endswith("灯塔照常亮着。")
 
@@ -63,8 +63,8 @@ def test_batched_generation_keeps_order_and_matches_one_at_a_time(session):
     prompts = [[{"role": "user", "content": q}] for q in
                [QUESTION, "你好", "第10个问题：今天海上风大吗？", "Tell me about the lighthouse, please, at length."]]
     config = greedy(session, 12)
-    batched = generate.answer_all(session, prompts, config, batch_size=4)
-    single = [generate.answer_batch(session, [p], config)[0] for p in prompts]
+    batched = decoding.answer_all(session, prompts, config, batch_size=4)
+    single = [decoding.answer_batch(session, [p], config)[0] for p in prompts]
     assert [r.text for r in batched] == [r.text for r in single]
 
 

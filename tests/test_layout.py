@@ -104,3 +104,12 @@ def test_the_graph_holds_lazy_imports_and_packages(tmp_path, monkeypatch):
 def test_the_top_of_the_package_holds_at_most_16_modules():
     top = sorted(path.name for path in PACKAGE.glob("*.py"))
     assert len(top) <= 16, top
+
+
+def test_the_levers_are_applied_through_one_entry_point():
+    """Outside roletune.speed, only speed.levers applies levers (in its written order); speed.attention is
+    read too, by loading and batching, for which attention a model runs."""
+    graph = import_graph()
+    reached = {(name, target) for name, targets in graph.items() if not name.startswith("roletune.speed")
+               for target in targets if target.startswith("roletune.speed.")}
+    assert {target for _, target in reached} <= {"roletune.speed.levers", "roletune.speed.attention"}, sorted(reached)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from roletune import generate
+from roletune import decoding
 from roletune.cli import main
 from roletune.merge import merge, probe_inputs
 
@@ -32,8 +32,8 @@ def test_merged_folder_is_a_plain_transformers_model(merged, trained_run):
 
 
 def test_merged_logits_equal_adapter_logits(merged, trained_run):
-    tuned = generate.load_session(str(trained_run), device="cpu")
-    plain = generate.load_session(str(merged), device="cpu")
+    tuned = decoding.load_session(str(trained_run), device="cpu")
+    plain = decoding.load_session(str(merged), device="cpu")
     assert plain.system_prompt == tuned.system_prompt and not plain.has_adapter
     inputs = probe_inputs(tuned)
     with torch.inference_mode():
@@ -60,8 +60,8 @@ def test_merged_model_answers_like_the_adapter(merged, trained_run):
     prompt = [[{"role": "user", "content": QUESTION}]]
     answers = []
     for location in (trained_run, merged):
-        session = generate.load_session(str(location), device="cpu")
-        answers.append(generate.answer_batch(session, prompt, generate.decoding_config(session, greedy=True,
+        session = decoding.load_session(str(location), device="cpu")
+        answers.append(decoding.answer_batch(session, prompt, decoding.decoding_config(session, greedy=True,
                                                                                         max_new_tokens=20))[0].text)
     assert answers[0] == answers[1]
 

@@ -61,11 +61,12 @@ def test_modelscope_without_the_package_says_what_to_install(monkeypatch):
 def lora_model(tiny_model, lora_dtype: str, dropout: float = 0.0):
     """The tiny model loaded in bf16 with LoRA; lora_B drawn at random so the adapter changes the output."""
     from roletune.model import load_base_model
+    from roletune.speed.levers import add_lora
 
     cfg = config_from_dict({"model": {"path": str(tiny_model), "dtype": "bf16"}, "data": {"path": "x"},
                             "lora": {"r": 4, "alpha": 8, "dropout": dropout, "dtype": lora_dtype}})
     torch.manual_seed(0)
-    model = apply_lora(load_base_model(cfg.model, torch.device("cpu"), torch.bfloat16), cfg.lora)
+    model = add_lora(load_base_model(cfg.model, torch.device("cpu"), torch.bfloat16), cfg.lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
@@ -121,16 +122,16 @@ def test_auto_keeps_the_fp32_cast_without_autocast(tiny_model):
 def test_a_bf16_run_on_cpu_trains_and_its_adapter_answers(config_file, lora_dtype):
     import math
 
-    from roletune import generate, train
+    from roletune import decoding, train
     from roletune.config import load_config
 
     cfg = load_config(config_file(model={"dtype": "bf16"}, lora={"dtype": lora_dtype},
                                   train={"max_steps": 6, "save_steps": 100}))
     losses = [loss for _, loss in train.run(cfg, echo=lambda *_: None).losses]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.3, losses
-    session = generate.load_session(cfg.output_dir, device="cpu")  # PeftModel.from_pretrained
-    config = generate.decoding_config(session, greedy=True, max_new_tokens=6)
-    (reply,) = generate.answer_batch(session, [[{"role": "user", "content": "今天海上风大吗？"}]], config)
+    session = decoding.load_session(cfg.output_dir, device="cpu")  # PeftModel.from_pretrained
+    config = decoding.decoding_config(session, greedy=True, max_new_tokens=6)
+    (reply,) = decoding.answer_batch(session, [[{"role": "user", "content": "今天海上风大吗？"}]], config)
     assert reply.tokens > 0
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from roletune import generate, train
+from roletune import decoding, train
 from roletune.config import config_from_dict, load_config
 from roletune.errors import ConfigError
 from roletune.merge import merge, probe_inputs
@@ -50,11 +50,12 @@ def test_bf16_adapters_on_a_quantised_base(config_file, quantization):
 def test_only_an_fp16_quantised_base_gets_fp32_norms_and_embeddings(tiny_model, dtype, kept):
     """peft's k-bit preparation guards fp16 against overflow; in bf16 it would only cost memory."""
     pytest.importorskip("bitsandbytes")
-    from roletune.model import DTYPES, apply_lora, load_base_model
+    from roletune.model import DTYPES, load_base_model
+    from roletune.speed.levers import add_lora
 
     cfg = config_from_dict({"model": {"path": str(tiny_model), "quantization": "4bit", "dtype": dtype},
                             "data": {"path": "x"}})
-    model = apply_lora(load_base_model(cfg.model, torch.device("cpu"), DTYPES[dtype]), cfg.lora)
+    model = add_lora(load_base_model(cfg.model, torch.device("cpu"), DTYPES[dtype]), cfg.lora)
     assert model.get_input_embeddings().weight.dtype == kept
     assert model.get_base_model().model.norm.weight.dtype == kept
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
@@ -122,10 +123,10 @@ def assert_loss_falls(result):
 
 def assert_answers(run: Path, quantization: str):
     """chat / compare load the base as training did: quantised, with the adapter on top."""
-    session = generate.load_session(str(run), device="cpu")
+    session = decoding.load_session(str(run), device="cpu")
     assert type(base_layer(session.model)).__name__ == QUANTISED_LINEAR[quantization]
-    config = generate.decoding_config(session, greedy=True, max_new_tokens=6)
-    (reply,) = generate.answer_batch(session, [[{"role": "user", "content": "今天海上风大吗？"}]], config)
+    config = decoding.decoding_config(session, greedy=True, max_new_tokens=6)
+    (reply,) = decoding.answer_batch(session, [[{"role": "user", "content": "今天海上风大吗？"}]], config)
     assert reply.tokens > 0
 
 
@@ -166,7 +167,7 @@ def test_merge_folds_a_qlora_adapter_into_the_unquantised_base(qlora_run, tmp_pa
     # and it answers like the adapter on the unquantised base
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
-    unquantised = generate.load_session(str(run), device="cpu", dtype="fp32", quantization="none")
+    unquantised = decoding.load_session(str(run), device="cpu", dtype="fp32", quantization="none")
     inputs = probe_inputs(unquantised)
     with torch.inference_mode():
         want, got = unquantised.model(**inputs).logits, merged(**inputs).logits

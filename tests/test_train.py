@@ -135,7 +135,8 @@ def test_compiled_layers_train_the_same_adapter(short_run, tiny_model):
     from transformers import AutoModelForCausalLM
 
     from roletune.config import LoraConfig
-    from roletune.model import apply_lora, compile_decoder_layers
+    from roletune.speed.compiled_layers import compile_decoder_layers
+    from roletune.speed.levers import add_lora
 
     (want, want_log), (got, got_log) = (short_run(name, train={"compile": mode})
                                         for name, mode in (("eager", False), ("layers", "layers")))
@@ -143,7 +144,7 @@ def test_compiled_layers_train_the_same_adapter(short_run, tiny_model):
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    assert compile_decoder_layers(apply_lora(base, LoraConfig(r=4), checkpointed_layers=1)) == 1  # not the checkpointed
+    assert compile_decoder_layers(add_lora(base, LoraConfig(r=4), checkpointed_layers=1)) == 1  # not the checkpointed
 
 
 @pytest.mark.slow

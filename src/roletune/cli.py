@@ -227,7 +227,7 @@ def train_argv(args) -> list[str]:
 
 
 def use_run(args) -> int:
-    from roletune import generate
+    from roletune import decoding, generate
 
     if args.verb == "merge":
         from roletune.merge import merge
@@ -241,10 +241,10 @@ def use_run(args) -> int:
         records = read_prompts(args.prompts) if args.prompts else [{"prompt": p} for p in args.prompt]
     if args.verb == "compare" and args.out:
         _refuse_existing(args.out)
-    session = generate.load_session(args.run, device=args.device, base_only=getattr(args, "base", False),
+    session = decoding.load_session(args.run, device=args.device, base_only=getattr(args, "base", False),
                                     system=args.system, cuda_graphs=args.cuda_graphs)
     greedy = not args.sample if args.verb == "compare" else args.greedy
-    config = generate.decoding_config(session, greedy=greedy, max_new_tokens=args.max_new_tokens,
+    config = decoding.decoding_config(session, greedy=greedy, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       repetition_penalty=args.repetition_penalty)
     import transformers

@@ -20,8 +20,8 @@ from roletune import metrics, run_dir
 from roletune.config import DataConfig
 from roletune.data import load_conversations
 from roletune.data.tokenize import IGNORE_INDEX, Example, tokenize_all
+from roletune.decoding import Session, answer_all, decoding_config, load_session
 from roletune.errors import RunError
-from roletune.generate import Session, answer_all, decoding_config, load_session
 
 ROWS = [("loss", "reply loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu4", "BLEU-4", "{:.2f}"),
         ("rouge_l", "ROUGE-L", "{:.2f}"), ("distinct_1", "distinct-1", "{:.3f}"), ("distinct_2", "distinct-2", "{:.3f}"),

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from roletune import __version__
+from roletune.decoding import Session, load_session, stop_token_ids, with_system
 from roletune.errors import RunError
-from roletune.generate import Session, load_session, stop_token_ids, with_system
 from roletune.run_dir import MERGE_RECORD, open_run
 
 # Largest |merged - adapter| logit difference a dtype explains, relative to the largest |logit|:

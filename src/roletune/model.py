@@ -2,7 +2,6 @@
 device and dtype, quantise the base for QLoRA (bitsandbytes), and apply LoRA with peft."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import warnings
@@ -12,8 +11,6 @@ import torch
 
 from roletune.errors import ConfigError, ModelError, first_line
 from roletune.speed import attention
-from roletune.speed.forwards import innermost_holder, replace_forward
-from roletune.speed.lora_dropout import recompute_lora_dropout
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +192,6 @@ def apply_lora(model, lora_cfg, checkpointed_layers: int = 0):
         for name, param in model.named_parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
-    elif lora_cfg.dtype == "auto":
-        keep_lora_inputs_under_autocast(model)
-    if lora_cfg.recompute_dropout and lora_cfg.dtype != "fp32":
-        recompute_lora_dropout(model)
     if checkpointed_layers:
         checkpoint_first_layers(model.get_base_model(), checkpointed_layers)
     return model
@@ -235,47 +228,6 @@ def decoder_layers(model) -> list:
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
-def compile_decoder_layers(model, mode: str = "default") -> int:
-    """torch.compile each decoder layer of `model` that is not checkpointed, on its own (regional
-    compilation); returns how many.
-
-    Whole-model compilation traces the model at once, the same decoder layer 28 times over for a 7B one;
-    compiled one layer at a time, the layers share their compiled code (their weights are inputs to it,
-    not constants): one graph in all. The first layer's input, the frozen embeddings' output, needs no
-    gradient where every other layer's does, and torch.compile would compile that layer on its own (a
-    second graph, about 40% more compile time on the CPU); so the embeddings' output is marked as needing
-    one, which costs that layer's backward the input gradients of its projections (about 1% of a step's
-    matmuls for 28 layers). Sequence lengths are marked dynamic up front: every packed micro-batch has a new
-    length, and a shape-specialised code would recompile for each. The LoRA, lean-activation and
-    dropout-recompute code runs inside the compiled region, the loss and the optimizer outside.
-    Checkpointed layers stay eager: torch.compile captures next to nothing of a layer whose forward runs
-    inside activation checkpointing (seen with transformers 5.24 and torch 2.13), so compiling them would
-    only cost compile time. `mode` is torch.compile's (train.compile_mode).
-
-    What is compiled is the layer's forward, not the whole call as Module.compile does: module hooks stay
-    outside. transformers' output capture (which the reply-only loss uses for the final hidden states) hooks
-    every layer with a read of a ContextVar, which torch.compile cannot trace; compiled with the layer, it
-    split each one into three compiled pieces.
-    """
-    layers = decoder_layers(model)
-    compiled = [layer for layer in layers if not layer.gradient_checkpointing]
-    for layer in compiled:
-        replace_forward(layer, _compiled_forward(type(layer), mode), "Compiled")
-    if compiled and compiled[0] is layers[0]:
-        model.get_input_embeddings().register_forward_hook(_needs_grad_in_training)
-    return len(compiled)
-
-
-def _needs_grad_in_training(module, args, output: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and not output.requires_grad:
-        output.requires_grad_()
-
-
-@functools.cache
-def _compiled_forward(layer_class: type, mode: str):
-    return torch.compile(layer_class.forward, dynamic=True, mode=mode)  # one per class: the layers share it
-
-
 def check_lora_dtype(lora_cfg, dtype: torch.dtype) -> None:
     """bf16 adapters belong on a bf16 base: on fp32 they only lose precision, and on fp16 they would mix two
     half formats under fp16's loss scaler."""
@@ -283,45 +235,3 @@ def check_lora_dtype(lora_cfg, dtype: torch.dtype) -> None:
         loads = {value: name for name, value in DTYPES.items()}[dtype]
         raise ConfigError(f"lora.dtype=bf16 needs bf16 base weights, but the base loads in {loads}; "
                           "set model.dtype=bf16 (auto means fp32 on CPU, fp16 on GPUs without bf16) or lora.dtype=auto")
-
-
-def keep_lora_inputs_under_autocast(model) -> None:
-    """Under mixed precision, feed each LoRA layer its bf16/fp16 input instead of an fp32 copy.
-
-    peft casts a LoRA layer's input to the adapter's dtype (fp32) before the two small matmuls. Under
-    autocast those matmuls run in bf16/fp16 regardless, so the cast only materialises an fp32 copy of
-    the activations in every adapted module (seven per decoder layer for the seed recipe), which autocast
-    then casts back. peft's own bitsandbytes LoRA layers already skip the cast under autocast; this does
-    the same for plain linear layers. The choice is made per forward, because the same model also runs
-    without autocast (sample answers during training, CPU training, where Trainer enables no autocast)
-    and then needs the cast; a checkpointed block's recomputation sees the same autocast state.
-
-    It is made for every layer at once as the forward through them starts (forwards.innermost_holder),
-    ahead of any other hook there: roletune.speed.lora_fused plans each layer's branch in its own hook at that
-    point, from the flags set here. Set only as each layer is called, the first forward after a change of
-    autocast state found the layers not yet called still casting, and planned (with lora.grouped, grouped)
-    that forward's branches otherwise than the next ones'. Each layer still decides for itself when it is
-    called on its own.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
-    for layer in layers:
-        layer.register_forward_pre_hook(_cast_input_unless_autocast)
-    if layers:
-        first = layers[0].get_base_layer()  # its weight tells the device without a walk of the module tree
-        innermost_holder(model, layers).register_forward_pre_hook(
-            lambda module, args: _set_input_casts(layers, first.weight.device.type), prepend=True)
-
-
-def _cast_input_unless_autocast(layer, args) -> None:
-    # Inside a model forward the decoder's hook has set this already; this serves calls of the layer alone.
-    if args and isinstance(args[0], torch.Tensor):
-        _set_input_casts((layer,), args[0].device.type)
-
-
-def _set_input_casts(layers, device_type: str) -> None:
-    cast = not torch.is_autocast_enabled(device_type)
-    for layer in layers:
-        if layer.cast_input_dtype_enabled != cast:  # Module.__setattr__ costs host time: only on a change
-            layer.cast_input_dtype_enabled = cast

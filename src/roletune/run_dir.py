@@ -47,46 +47,6 @@ def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> No
                        "pass --resume to continue it or --overwrite to replace it")
 
 
-def find_checkpoint(output_dir: str, resume: str) -> str | None:
-    """The checkpoint `--resume` continues from.
-
-    `latest`: the newest checkpoint-N whose manifest verifies; newer incomplete or corrupt ones are
-    skipped with a warning. None when output_dir holds only what a run writes before its first
-    checkpoint (it was stopped before one): training starts over. Anything else must be a checkpoint
-    folder, and one with a manifest must verify.
-    """
-    from roletune.training import checkpoints
-
-    if resume == "latest":
-        found, skipped = checkpoints.newest_good(output_dir)
-        if found is None and skipped:
-            raise RunError(f"{output_dir}: no complete checkpoint to resume from: {'; '.join(skipped)}; "
-                           "pass --resume CHECKPOINT to use one anyway")
-        if skipped:
-            log.warning("%s: skipped %s; resuming from %s", output_dir, "; ".join(skipped), found.name)
-        if found is None and Path(output_dir).is_dir() and _only_startup_files(output_dir):
-            log.warning("%s: stopped before its first checkpoint; starting again from step 0", output_dir)
-            return None
-        if found is None:
-            raise RunError(f"{output_dir}: no checkpoint-N folder to resume from")
-        return str(found)
-    if not (Path(resume) / "trainer_state.json").is_file():
-        raise RunError(f"{resume}: not a training checkpoint (no trainer_state.json)")
-    if not checkpoints.has_manifest(resume):
-        log.warning("%s: no %s, so it cannot be verified; resuming from it as asked", resume, checkpoints.MANIFEST)
-    elif why := checkpoints.problem(resume):
-        raise RunError(f"{resume}: incomplete or corrupt checkpoint ({why})")
-    return resume
-
-
-def _only_startup_files(output_dir: str) -> bool:
-    """True when output_dir holds nothing a run writes after it starts training steps."""
-    from roletune.training.checkpoints import STAGING
-
-    startup = {CONFIG_NAME, HELDOUT_NAME, "samples.jsonl", "swanlog", "tensorboard", STAGING}
-    return all(child.name in startup for child in Path(output_dir).iterdir())
-
-
 def clear(output_dir: str) -> None:
     """Empty output_dir for --overwrite, once everything else has been checked."""
     path = Path(output_dir)

@@ -26,16 +26,13 @@ from roletune.model import (
     apply_lora,
     build_meta_model,
     check_lora_dtype,
-    compile_decoder_layers,
     load_base_model,
     load_tokenizer,
     require_bitsandbytes,
     resolve_dtype,
 )
-from roletune.speed import attention, layer_graphs, liger_layers
-from roletune.speed.lean_activations import make_lean
-from roletune.speed.lora_grouped import fuse_lora
-from roletune.training import distributed, memory, preflight
+from roletune.speed import levers
+from roletune.training import checkpoints, distributed, memory, preflight
 from roletune.training.samples import SampleAnswers, sample_rows
 from roletune.training.stopping import StopOnSignal, skipped_steps
 from roletune.training.time_spent import TimeSpent
@@ -74,7 +71,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
         return plan(cfg, tokenizer, data, device, echo)
     if launch.is_main:  # only rank 0 writes to output_dir, so only rank 0 checks it (never racing its writes)
         run_dir.check_output_dir(cfg.output_dir, resume, overwrite)
-    checkpoint = run_dir.find_checkpoint(cfg.output_dir, resume) if resume else None
+    checkpoint = checkpoints.find_checkpoint(cfg.output_dir, resume) if resume else None
     if launch.is_main:
         preflight.check(cfg, len(data.train), checkpoint)
 
@@ -95,7 +92,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     # Whether training steps replay CUDA graphs (train.cuda_graphs) was decided as the model was built: the
     # layers refuse them where this run cannot use them (on the CPU, with checkpointed layers, ...).
     trainer = build_trainer(cfg, model, tokenizer, data.train, data.heldout, device, (*watchers, stop, *callbacks),
-                            time_spent, cuda_graphs=layer_graphs.graphs_training(model))
+                            time_spent, cuda_graphs=levers.training_from_graphs(model))
     try:
         time_spent.setup_done()
         started = time.perf_counter()
@@ -141,22 +138,8 @@ def build_model(cfg: Config, device: torch.device, echo=print, checkpointed_laye
     check_lora_dtype(cfg.lora, dtype)
     base = load_base_model(cfg.model, distributed.load_device(cfg, device), dtype)
     base.config.use_cache = False  # a KV cache in training forwards defeats packed-sequence attention
-    chosen = attention.choose_for_packing(base, cfg.model.attn_implementation, cfg.train.packing)
-    if chosen:
-        echo(chosen)
-    chosen = liger_layers.use_kernels(base, cfg.train.liger_kernels, cfg.train.compile)
-    if chosen:
-        echo(chosen)
-    if cfg.train.lean_activations:
-        make_lean(base)  # the norms and MLPs Liger's kernels did not take
-    model = apply_lora(base, cfg.lora, checkpointed_layers)
-    if cfg.lora.fused and not distributed.sharded(cfg):  # untried on sharded weights, which need several GPUs
-        fuse_lora(model, grouped=cfg.lora.grouped)
-    if cfg.train.compile == "layers":
-        count = compile_decoder_layers(model, cfg.train.compile_mode)
-        echo(f"torch.compile ({cfg.train.compile_mode}): {count} decoder layers, compiled during the first steps")
-    if cfg.train.cuda_graphs:
-        echo(layer_graphs.graph_layers(model, cfg, distributed.current().world_size))
+    model = levers.for_training(base, cfg, checkpointed_layers=checkpointed_layers, sharded=distributed.sharded(cfg),
+                                world_size=distributed.current().world_size, echo=echo)
     echo_trainable(model, echo)
     return model
 
@@ -227,7 +210,7 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent
         "estimated_peak_gib": round(decision.estimate.peak / memory.GiB, 2),
         "gradient_checkpointing": decision.checkpointing,
         "checkpointed_layers": decision.layers,  # the first this many decoder layers
-        "cuda_graphs": layer_graphs.summary(trainer.model),  # train.cuda_graphs: recordings made, time spent
+        "cuda_graphs": levers.graphs_summary(trainer.model),  # train.cuda_graphs: recordings made, time spent
         "decoder_layers": decision.total_layers,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "final_train_loss": series["train"][-1][1] if series["train"] else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_quantization import qlora_run  # noqa: F401 - a fixture
 
-from roletune import generate
+from roletune import decoding, generate
 from roletune.speed import layer_graphs
 
 from emulated_graph import EmulatedGraph, graphs_on_the_cpu
@@ -19,14 +19,14 @@ def graphed(trained_run, monkeypatch):
     its runner)."""
     graphs_on_the_cpu(monkeypatch)
     lines = []
-    session = generate.load_session(str(trained_run), device="cpu", cuda_graphs=True, echo=lines.append)
+    session = decoding.load_session(str(trained_run), device="cpu", cuda_graphs=True, echo=lines.append)
     assert lines == ["CUDA graphs: decoding steps replayed, recorded once a generate call"]
     return session, layer_graphs.runner_of(session.model)
 
 
 def answers(session, conversations, tokens=24):
-    config = generate.decoding_config(session, greedy=True, max_new_tokens=tokens)
-    return [(r.text, r.stopped, r.tokens) for r in generate.answer_all(session, conversations, config)]
+    config = decoding.decoding_config(session, greedy=True, max_new_tokens=tokens)
+    return [(r.text, r.stopped, r.tokens) for r in decoding.answer_all(session, conversations, config)]
 
 
 @pytest.mark.slow
@@ -34,28 +34,28 @@ def test_graphed_decoding_answers_as_eager_decoding(trained_run, graphed):
     """Each generate call records its first decoding step (a static cache's) and replays the rest: the same
     greedy answers, stopped at end of turn, as the eager session with generate's default cache. A later
     call, of another batch, records anew and drops the earlier call's recording with its cache."""
-    eager = generate.load_session(str(trained_run), device="cpu")
+    eager = decoding.load_session(str(trained_run), device="cpu")
     session, runner = graphed
-    config = generate.decoding_config(session, greedy=True)
+    config = decoding.decoding_config(session, greedy=True)
     assert config.cache_implementation == "static" and config.disable_compile
     want = answers(eager, CONVERSATIONS)
     assert all(stopped for _, stopped, _ in want) and "灯塔照常亮着。" in want[0][0]
     assert answers(session, CONVERSATIONS) == want
-    decoding = runner.decoding
-    assert decoding.made == 1 and decoding.replays == max(tokens for *_, tokens in want) - 1
-    assert decoding.failed is None and not runner.recordings  # no training step recorded
+    steps = runner.decoding
+    assert steps.made == 1 and steps.replays == max(tokens for *_, tokens in want) - 1
+    assert steps.failed is None and not runner.recordings  # no training step recorded
     assert answers(session, CONVERSATIONS[1:]) == answers(eager, CONVERSATIONS[1:])
-    assert decoding.made == 2 and len(decoding.recordings) == 1
+    assert steps.made == 2 and len(steps.recordings) == 1
 
 
 @pytest.mark.slow
 def test_graphed_decoding_follows_the_adapter_switched_off_and_on(trained_run, graphed):
     """compare and eval answer with the adapter off, then on: each call records its own steps."""
-    eager = generate.load_session(str(trained_run), device="cpu")
+    eager = decoding.load_session(str(trained_run), device="cpu")
     session, runner = graphed
-    config = generate.decoding_config(session, greedy=True, max_new_tokens=12)
+    config = decoding.decoding_config(session, greedy=True, max_new_tokens=12)
     got = generate.compare(session, CONVERSATIONS, config)
-    want = generate.compare(eager, CONVERSATIONS, generate.decoding_config(eager, greedy=True, max_new_tokens=12))
+    want = generate.compare(eager, CONVERSATIONS, decoding.decoding_config(eager, greedy=True, max_new_tokens=12))
     assert [(b.text, t.text) for b, t in got] == [(b.text, t.text) for b, t in want]
     assert got[0][0].text != got[0][1].text and runner.decoding.made == 2
 
@@ -69,7 +69,7 @@ def test_a_decoding_recording_that_fails_leaves_decoding_eager(trained_run, grap
     def broken(self):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(EmulatedGraph, "capture", broken)
-    want = answers(generate.load_session(str(trained_run), device="cpu"), CONVERSATIONS)
+    want = answers(decoding.load_session(str(trained_run), device="cpu"), CONVERSATIONS)
     assert answers(session, CONVERSATIONS) == want
     assert answers(session, CONVERSATIONS) == want
     assert runner.decoding.made == 0 and "stream is capturing" in runner.decoding.failed
@@ -80,10 +80,10 @@ def test_a_decoding_recording_that_fails_leaves_decoding_eager(trained_run, grap
 
 def test_off_the_gpu_decoding_is_not_graphed(trained_run):
     lines = []
-    session = generate.load_session(str(trained_run), device="cpu", cuda_graphs=True, echo=lines.append)
+    session = decoding.load_session(str(trained_run), device="cpu", cuda_graphs=True, echo=lines.append)
     assert lines == ["CUDA graphs: off, decoding runs the layers one by one (they need a GPU)"]
     assert not layer_graphs.installed(session.model)
-    assert generate.decoding_config(session).cache_implementation is None
+    assert decoding.decoding_config(session).cache_implementation is None
 
 
 def test_chat_with_cuda_graphs_on_the_cpu_says_why_not_and_answers(trained_run, capsys):
@@ -100,23 +100,23 @@ def test_chat_with_cuda_graphs_on_the_cpu_says_why_not_and_answers(trained_run, 
 def test_graphed_decoding_of_a_qlora_run_answers_as_eager_decoding(qlora_run, monkeypatch):
     """A 4-bit base (bitsandbytes' kernels, here its CPU ones) decodes through the graphs as it does eagerly."""
     cfg, _ = qlora_run
-    want = answers(generate.load_session(cfg.output_dir, device="cpu"), CONVERSATIONS, tokens=8)
+    want = answers(decoding.load_session(cfg.output_dir, device="cpu"), CONVERSATIONS, tokens=8)
     graphs_on_the_cpu(monkeypatch)
-    session = generate.load_session(cfg.output_dir, device="cpu", cuda_graphs=True, echo=lambda *_: None)
+    session = decoding.load_session(cfg.output_dir, device="cpu", cuda_graphs=True, echo=lambda *_: None)
     assert answers(session, CONVERSATIONS, tokens=8) == want
-    decoding = layer_graphs.runner_of(session.model).decoding
-    assert decoding.made == 1 and decoding.replays > 0 and decoding.failed is None
+    steps = layer_graphs.runner_of(session.model).decoding
+    assert steps.made == 1 and steps.replays > 0 and steps.failed is None
 
 
 @pytest.mark.slow
 def test_graphed_beam_search_answers_as_eager_beam_search(trained_run, graphed):
     """Beam search puts the cache's reordered rows in new tensors at every step: a replay would write into the
     old ones, so each such step is recorded anew, and the answers are eager beam search's."""
-    eager = generate.load_session(str(trained_run), device="cpu")
+    eager = decoding.load_session(str(trained_run), device="cpu")
     session, runner = graphed
 
     def beams(session):
-        config = generate.decoding_config(session, greedy=True, max_new_tokens=10, num_beams=2)
-        return [reply.text for reply in generate.answer_all(session, CONVERSATIONS[:2], config)]
+        config = decoding.decoding_config(session, greedy=True, max_new_tokens=10, num_beams=2)
+        return [reply.text for reply in decoding.answer_all(session, CONVERSATIONS[:2], config)]
     assert beams(session) == beams(eager)
     assert runner.decoding.made > 1 and runner.decoding.failed is None

@@ -44,10 +44,10 @@ def test_the_dropped_out_inputs_are_no_longer_kept(small_lora_model, saved_bytes
 def test_applied_unless_lora_inputs_are_copied_to_fp32_anyway(tiny_model, dtype, deferred):
     from transformers import AutoModelForCausalLM
 
-    from roletune.model import apply_lora
+    from roletune.speed.levers import add_lora
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.1, dtype=dtype))
+    model = add_lora(base, LoraConfig(r=4, alpha=8, dropout=0.1, dtype=dtype))
     assert any(isinstance(m, DeferredDropout) for m in model.modules()) is deferred
 
 

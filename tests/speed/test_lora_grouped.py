@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from roletune.config import LoraConfig
-from roletune.model import apply_lora, checkpoint_first_layers
+from roletune.model import checkpoint_first_layers
 from roletune.speed import graphs, lora_fused, lora_grouped
+from roletune.speed.levers import add_lora
 from roletune.speed.lora_dropout import recompute_lora_dropout
 from roletune.speed.lora_grouped import fuse_lora
 
@@ -66,7 +67,7 @@ def test_on_a_bf16_base_each_forward_plans_its_branches_for_its_own_autocast_sta
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+    model = add_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
     fuse_lora(model, grouped=True)
     own = []  # the dtypes of the fused branches run on their own
     apply = lora_fused._LoraBranch.apply

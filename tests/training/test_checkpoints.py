@@ -51,7 +51,7 @@ def test_resume_takes_the_newest_good_checkpoint_and_warns_about_newer_broken_on
     (fake_checkpoint(tmp_path, 12) / "optimizer.pt").write_bytes(b"torn")
     fake_checkpoint(tmp_path, 14, sealed=False)
     with caplog.at_level(logging.WARNING):
-        found = run_dir.find_checkpoint(str(tmp_path), "latest")
+        found = checkpoints.find_checkpoint(str(tmp_path), "latest")
     assert found == str(tmp_path / "checkpoint-10")  # by step number, not name order (checkpoint-2 > checkpoint-10)
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "skipped checkpoint-14 (no roletune_checkpoint.json" in warning
@@ -61,17 +61,17 @@ def test_resume_takes_the_newest_good_checkpoint_and_warns_about_newer_broken_on
 def test_no_good_checkpoint_is_a_clear_error(tmp_path):
     fake_checkpoint(tmp_path, 4, sealed=False)
     with pytest.raises(RunError, match=r"no complete checkpoint to resume from: checkpoint-4 \(no roletune_checkpoint"):
-        run_dir.find_checkpoint(str(tmp_path), "latest")
+        checkpoints.find_checkpoint(str(tmp_path), "latest")
 
 
 def test_a_named_checkpoint_must_verify_if_it_has_a_manifest(tmp_path, caplog):
     broken = fake_checkpoint(tmp_path, 4)
     (broken / "trainer_state.json").write_text("{}")
     with pytest.raises(RunError, match="incomplete or corrupt checkpoint .trainer_state.json has 2 bytes"):
-        run_dir.find_checkpoint(str(tmp_path), str(broken))
+        checkpoints.find_checkpoint(str(tmp_path), str(broken))
     legacy = fake_checkpoint(tmp_path, 6, sealed=False)  # e.g. written by plain transformers
     with caplog.at_level(logging.WARNING):
-        assert run_dir.find_checkpoint(str(tmp_path), str(legacy)) == str(legacy)
+        assert checkpoints.find_checkpoint(str(tmp_path), str(legacy)) == str(legacy)
     assert "cannot be verified; resuming from it as asked" in caplog.text
 
 
@@ -79,11 +79,11 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over(tmp_path, caplog)
     (tmp_path / "roletune.yaml").write_text("model: {}")
     (tmp_path / checkpoints.STAGING / "checkpoint-2").mkdir(parents=True)  # killed while writing it
     with caplog.at_level(logging.WARNING):
-        assert run_dir.find_checkpoint(str(tmp_path), "latest") is None
+        assert checkpoints.find_checkpoint(str(tmp_path), "latest") is None
     assert "starting again from step 0" in caplog.text
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")  # a finished run is never silently restarted
     with pytest.raises(RunError, match="no checkpoint-N folder to resume from"):
-        run_dir.find_checkpoint(str(tmp_path), "latest")
+        checkpoints.find_checkpoint(str(tmp_path), "latest")
 
 
 def test_publishing_replaces_an_older_folder_of_the_same_step(tmp_path):
@@ -192,7 +192,7 @@ def test_the_optimizer_state_a_seal_writes_is_the_one_at_its_step(config_file, m
     import threading
 
     import torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
     from roletune import train
     from roletune.config import load_config

@@ -87,15 +87,15 @@ def test_graphed_layers_keep_a_dropout_mask_per_projection_as_estimated(saved_by
     CPU's own noise in the input's dtype (bf16) otherwise."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from roletune.model import apply_lora
     from roletune.speed import graphs, lora_fused
+    from roletune.speed.levers import add_lora
     from roletune.speed.lora_fused import fuse_lora_layers
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)
     lora = LoraConfig(r=8, dropout=0.1)
-    model = apply_lora(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa"),
+    model = add_lora(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa"),
                        lora)
     fuse_lora_layers(model)
     model.train()
@@ -125,8 +125,9 @@ def test_compiled_layers_keep_no_more_than_the_estimate(saved_bytes):
     bound, or automatic checkpointing would plan too little for a compiled run."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from roletune.model import apply_lora, compile_decoder_layers
+    from roletune.speed.compiled_layers import compile_decoder_layers
     from roletune.speed.lean_activations import make_lean
+    from roletune.speed.levers import add_lora
     from roletune.speed.lora_fused import fuse_lora_layers
 
     torch.manual_seed(0)
@@ -135,7 +136,7 @@ def test_compiled_layers_keep_no_more_than_the_estimate(saved_bytes):
     lora = LoraConfig(r=8, dropout=0.0)
     base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     make_lean(base)
-    model = apply_lora(base, lora)
+    model = add_lora(base, lora)
     fuse_lora_layers(model)
     assert compile_decoder_layers(model) == 2
     model.train()

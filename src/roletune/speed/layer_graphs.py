@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from roletune.errors import brief
-from roletune.speed import graphs
+from roletune.model import decoder_layers
+from roletune.speed import attention, graphs
 from roletune.speed.decode_graphs import DecodingGraphs
 from roletune.speed.graphs import autocast_without_cache, kv_cache, side_stream, split, unflatten
 
@@ -104,9 +105,6 @@ def decoding_refusal(model, world_size: int = 1) -> str | None:
 
 def refusal(model, cfg, world_size: int = 1) -> str | None:
     """Why the training steps of `model` cannot be graphed for this run, or None."""
-    from roletune.model import decoder_layers
-    from roletune.speed import attention
-
     problem = decoding_refusal(model, world_size)
     if problem:
         return problem
@@ -122,8 +120,6 @@ def refusal(model, cfg, world_size: int = 1) -> str | None:
 def install(model, new_graph=None, training: bool = True) -> "LayerRunner":
     """Make the decoder of `model` run its layers through a LayerRunner; returns it. `new_graph`: see
     LayerRunner. training: graph training steps too, not only decoding steps."""
-    from roletune.model import decoder_layers
-
     layers = decoder_layers(model)
     # The decoder's own list (model.model.layers for a Qwen2), which its forward iterates.
     holder = next(module for module in model.modules() if isinstance(module, nn.ModuleList)

@@ -30,7 +30,7 @@ F.linear rather than as a module.
 
 The fused path runs only where it computes what peft would: a training forward with gradients or an eval
 forward without, one active plain LoRA adapter without bias, in training its dropout redrawn (or none) and
-the input either in the adapter's dtype or under autocast (roletune.model.keep_lora_inputs_under_autocast).
+the input either in the adapter's dtype or under autocast (roletune.speed.lora_inputs).
 Anything else (adapters disabled or merged, lora.dtype=fp32's fp32 copies in training, peft's kept dropout,
 torch.compile, which traces peft's own ops) runs peft's forward unchanged.
 """

@@ -36,6 +36,7 @@ from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
+from roletune import run_dir
 from roletune.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,42 @@ STAGING = ".partial"
 MANIFEST = "roletune_checkpoint.json"
 HASH_LIMIT = 1 << 30  # larger files are checked by size only, so verifying stays quick
 _NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def find_checkpoint(output_dir: str, resume: str) -> str | None:
+    """The checkpoint `--resume` continues from.
+
+    `latest`: the newest checkpoint-N whose manifest verifies; newer incomplete or corrupt ones are
+    skipped with a warning. None when output_dir holds only what a run writes before its first
+    checkpoint (it was stopped before one): training starts over. Anything else must be a checkpoint
+    folder, and one with a manifest must verify.
+    """
+    if resume == "latest":
+        found, skipped = newest_good(output_dir)
+        if found is None and skipped:
+            raise RunError(f"{output_dir}: no complete checkpoint to resume from: {'; '.join(skipped)}; "
+                           "pass --resume CHECKPOINT to use one anyway")
+        if skipped:
+            log.warning("%s: skipped %s; resuming from %s", output_dir, "; ".join(skipped), found.name)
+        if found is None and Path(output_dir).is_dir() and _only_startup_files(output_dir):
+            log.warning("%s: stopped before its first checkpoint; starting again from step 0", output_dir)
+            return None
+        if found is None:
+            raise RunError(f"{output_dir}: no checkpoint-N folder to resume from")
+        return str(found)
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise RunError(f"{resume}: not a training checkpoint (no trainer_state.json)")
+    if not has_manifest(resume):
+        log.warning("%s: no %s, so it cannot be verified; resuming from it as asked", resume, MANIFEST)
+    elif why := problem(resume):
+        raise RunError(f"{resume}: incomplete or corrupt checkpoint ({why})")
+    return resume
+
+
+def _only_startup_files(output_dir: str) -> bool:
+    """True when output_dir holds nothing a run writes after it starts training steps."""
+    startup = {run_dir.CONFIG_NAME, run_dir.HELDOUT_NAME, "samples.jsonl", "swanlog", "tensorboard", STAGING}
+    return all(child.name in startup for child in Path(output_dir).iterdir())
 
 
 class AtomicCheckpoints:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from roletune.generate import Session, answer_all, decoding_config
+from roletune.decoding import Session, answer_all, decoding_config
 from roletune.training.time_spent import TimeSpent
 from roletune.training.track import Tracker
 

@@ -17,12 +17,20 @@ from roletune.data.tokenize import Example
 from roletune.model import resolve_dtype
 from roletune.speed import attention
 from roletune.training import distributed, stopping
-from roletune.training.batching import HeldOutLoss, ReplyLoss, length_multiple, make_collator, pad_packed, with_reply_index
+from roletune.training.batching import (
+    HeldOutLoss,
+    ReplyLoss,
+    length_multiple,
+    make_collator,
+    pad_packed,
+    with_reply_index,
+)
 from roletune.training.checkpoints import AtomicCheckpoints
 from roletune.training.epoch_order import EvenTail
 from roletune.training.loss import head_loss_for
 from roletune.training.stopping import NonFiniteGuard
 from roletune.training.time_spent import TimedWork, TimeSpent
+
 
 @dataclass
 class PinnedDeviceArguments(TrainingArguments):
@@ -150,7 +158,7 @@ def training_arguments(cfg: Config, device: torch.device, has_eval: bool = False
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        torch_compile=t.compile is True,  # train.compile=layers is done by model.compile_decoder_layers
+        torch_compile=t.compile is True,  # train.compile=layers is done by speed.compiled_layers
         torch_compile_mode=t.compile_mode if t.compile is True else None,
         # Trainer's activation (formerly gradient) checkpointing stays at its default, off: it would switch
         # every layer on at train(), and model.checkpoint_first_layers checkpoints only the layers
