@@ -17,8 +17,10 @@ DEMO_MODEL := .cache/demo-model
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(VENV)/bin/roletune train configs/demo.yaml --overwrite
-	$(VENV)/bin/roletune eval runs/demo --max-new-tokens 32
-	@echo "loss curves: runs/demo/loss.png"
+	$(VENV)/bin/roletune eval runs/demo --overwrite
+	@echo "loss curves: runs/demo/loss.png; model card: runs/demo/README.md"
+	@echo "roletune is installed in $(VENV): run $(VENV)/bin/roletune, or 'source $(VENV)/bin/activate' first,"
+	@echo "then for instance: roletune chat runs/demo"
 
 # The fast suite (minutes on two cores); test-slow runs the tests marked slow: whole training runs, process
 # launches, compiles, lever A/B runs, and the CPU rehearsal of the GPU benchmark script.

@@ -56,7 +56,7 @@ def test_bad_data_is_one_line_and_writes_nothing(capsys, tmp_path, config_file, 
     (["train.learning_rate=1e-4"], ["unknown key train.learning_rate"]),
     (["train.lr"], ["override 'train.lr' is not of the form key.sub=value"]),
     (["train.batch_size=many"], ["train.batch_size='many': expected an integer"]),
-    (["model.path=/nonexistent/model"], ["/nonexistent/model: cannot load the tokenizer"]),
+    (["model.path=/nonexistent/model"], ["/nonexistent/model: no such folder"]),
 ])
 def test_bad_settings_are_one_line_and_write_nothing(capsys, tmp_path, config_file, overrides, fragments):
     code, _, err = run_cli(capsys, "train", config_file(), *overrides)
@@ -110,3 +110,78 @@ def test_an_override_after_resume_is_an_override(config_file, monkeypatch):
     assert seen["resume"] == "latest" and seen["cfg"].train.lr == 0.25
     assert main(["train", str(config_file()), "--resume", "runs/x/checkpoint-4"]) == 0
     assert seen["resume"] == "runs/x/checkpoint-4"
+
+
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"roletune {version('roletune')}"
+
+
+def test_output_to_a_reader_that_is_gone_goes_nowhere_and_the_work_goes_on():
+    import os
+
+    from roletune.terminal import OutlivesReader
+
+    read, write = os.pipe()
+    stream = OutlivesReader(os.fdopen(write, "w"))
+    stream.write("first line\n")
+    stream.flush()
+    os.close(read)  # the reader (tee, head) exits
+    for _ in range(3):
+        assert stream.write("x" * 100_000) == 100_000  # more than a pipe buffers: the write reaches the pipe
+        stream.flush()
+    assert stream.isatty() is False
+
+
+@pytest.mark.slow
+def test_ctrl_c_through_a_dying_pipe_still_leaves_a_checkpoint_that_resumes(config_file, tmp_path):
+    """`roletune train ... 2>&1 | tee log`, then Ctrl-C: the signal ends tee as well, so the checkpoint the
+    signal asked for is saved while every write to the pipe fails."""
+    import signal
+    import subprocess
+    import sys
+
+    from roletune import train
+    from roletune.config import load_config
+    from roletune.training import checkpoints
+
+    path = config_file(train={"max_steps": 60, "save_steps": 1000, "logging_steps": 1})
+    child = subprocess.Popen([sys.executable, "-m", "roletune", "train", str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in child.stdout:
+            if "loss" in line:  # the first step's log: training is under way
+                break
+        child.stdout.close()  # tee is gone
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=180) == 130
+    finally:
+        child.kill()
+    cfg = load_config(path)
+    saved = sorted(Path(cfg.output_dir).glob("checkpoint-*"))
+    assert len(saved) == 1 and checkpoints.problem(str(saved[0])) is None
+    assert not (Path(cfg.output_dir) / "adapter_model.safetensors").exists()  # stopped, not finished
+    assert train.run(cfg, resume="latest", echo=lambda *_: None).optimizer_steps == 60
+
+
+def test_preview_of_a_bare_data_file_shows_layout_counts_and_records_without_a_model(write_json, persona_rows,
+                                                                                      capsys):
+    path = write_json([*persona_rows[:3], {"instruction": "", "input": "", "output": "先开口"}], "bare.json")
+    assert main(["data", "preview", str(path), "-n", "2", "data.system_prompt=你是守灯人。"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: 4 records, layout alpaca (detected; data.format sets it); 1 left out with an empty prompt"
+    assert out[1:5] == ["--- conversation 0 ---", "system: 你是守灯人。", "user: 第0个问题：今天海上风大吗？",
+                        "assistant: 风有0级，灯塔照常亮着。"]
+    assert out.count("--- conversation 1 ---") == 1 and "--- conversation 2 ---" not in out
+    assert "⟦" not in "\n".join(out) and out[-1].startswith("tokens and the trained spans: add --model")
+
+
+def test_preview_of_a_bare_data_file_with_a_model_marks_the_trained_tokens(write_json, persona_rows, tiny_model,
+                                                                            capsys):
+    path = write_json(persona_rows[:2], "bare.jsonl", jsonl=True)
+    assert main(["data", "preview", str(path), "--model", str(tiny_model), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "examples: 2 read, 2 kept" in out and "⟦风有0级，灯塔照常亮着。<|im_end|>⟧" in out

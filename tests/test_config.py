@@ -96,3 +96,13 @@ def test_fast_config_keeps_the_seed_optimization():
         rows = per_device.batch_size * distributed.grad_accum(per_device, world) * world
         assert rows == seed.train.batch_size * seed.train.grad_accum == 16, world
     assert fast.train.gradient_checkpointing == "auto" and fast.train.batch_size == 16
+
+
+def test_a_bad_override_is_named_as_the_command_lines_and_a_bad_file_key_as_the_files():
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({**MINIMAL, "train": {"epochs": "many"}}, ["train.batch_size=lots", "lora.r=4"],
+                         source="c.yaml")
+    assert str(caught.value) == ("c.yaml: train.epochs='many': expected a number; "
+                                 "command-line override: train.batch_size='lots': expected an integer")
+    with pytest.raises(ConfigError, match=r"^command-line override: unknown key train.learning_rate$"):
+        config_from_dict(MINIMAL, ["train.learning_rate=1e-4"], source="c.yaml")

@@ -189,4 +189,80 @@ def test_a_base_model_that_cannot_be_found_is_one_line(trained_run, tmp_path, ca
     (moved / "roletune.yaml").write_text(yaml.safe_dump(record, allow_unicode=True), encoding="utf-8")
     assert main(["chat", str(moved), "--prompt", "x", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{tmp_path / 'gone'}: cannot load the model" in err[0]
+    assert len(err) == 1 and f"its base model {tmp_path / 'gone'} (model.path in its roletune.yaml)" in err[0]
+    assert "no such folder; pass --base-model PATH_OR_ID" in err[0]
+
+
+def test_compare_caps_replies_as_the_runs_sample_answers_did(trained_run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from roletune.run_dir import reply_cap
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    record = yaml.safe_load((run / "roletune.yaml").read_text(encoding="utf-8"))
+    record["eval"]["max_new_tokens"] = 2
+    (run / "roletune.yaml").write_text(yaml.safe_dump(record, allow_unicode=True), encoding="utf-8")
+    assert reply_cap(str(run), 512) == 2 and reply_cap(str(tmp_path), 512) == 512
+    out = tmp_path / "compare.jsonl"
+    assert main(["compare", str(run), "--prompt", "第3个问题：今天海上风大吗？", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    row = json.loads(out.read_text(encoding="utf-8"))
+    assert all(0 < len(tokenizer(row[side], add_special_tokens=False)["input_ids"]) <= 2 for side in ("base", "tuned"))
+
+
+def test_chat_commands_help_and_a_mistyped_command_never_reach_the_model(session, monkeypatch):
+    asked = []
+    monkeypatch.setattr(generate, "answer_batch", lambda *args, **kwargs: asked.append(args) or [])
+    typed = iter(["/help", "/sytem 你是别人。", "/system 你是别人。", KeyboardInterrupt, "/reset", KeyboardInterrupt,
+                  KeyboardInterrupt, "never read"])
+
+    def read(_):
+        item = next(typed)
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return item
+
+    shown = []
+    generate.chat(session, greedy(session), read=read, write=shown.append, who="the tuned model")
+    assert shown[0] == "roletune chat with the tuned model; /help lists the commands"
+    assert shown[1] == generate.CHAT_HELP and shown[2] == f"(no command /sytem)\n{generate.CHAT_HELP}"
+    assert shown[3] == "(system prompt: 你是别人。)" and shown[4] == "\n(Ctrl-C again, or Ctrl-D, to quit)"
+    assert shown[5:] == ["(history cleared)", "\n(Ctrl-C again, or Ctrl-D, to quit)"]  # the second Ctrl-C quits
+    assert asked == [] and next(typed) == "never read"
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_pseudo_terminal_stops_the_reply_and_ctrl_d_quits(trained_run):
+    """The base model (random weights) would talk for 4000 tokens: Ctrl-C stops that reply alone, the chat
+    goes on, and Ctrl-D at the prompt ends it."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "roletune", "chat", str(trained_run), "--base", "--greedy",
+                                  "--device", "cpu", "--max-new-tokens", "4000"])
+    transcript = b""
+
+    def read_until(marker: bytes, after: int = 0, timeout=120):
+        nonlocal transcript
+        deadline = time.time() + timeout
+        while marker not in transcript[after:]:
+            assert time.time() < deadline, transcript.decode(errors="replace")
+            transcript += os.read(fd, 4096)
+        return len(transcript)
+
+    read_until(b"you> ")
+    assert "roletune chat with the base model, its adapter off (--base)".encode() in transcript
+    os.write(fd, "/help\n".encode())
+    seen = read_until(b"you> ", read_until(b"/reset"))
+    os.write(fd, QUESTION.encode() + b"\n")
+    read_until(b"\n", read_until(QUESTION.encode(), seen) + 200)  # the reply is streaming
+    os.write(fd, b"\x03")  # Ctrl-C
+    read_until(b"you> ", read_until(b"(reply stopped)", seen))
+    os.write(fd, b"\x04")  # Ctrl-D
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -9,6 +9,8 @@ from roletune import decoding
 from roletune.cli import main
 from roletune.merge import merge, probe_inputs
 
+from conftest import LIGHTHOUSE_SYSTEM
+
 QUESTION = "第3个问题：今天海上风大吗？"
 
 
@@ -23,7 +25,8 @@ def merged(trained_run, tmp_path_factory):
 def test_merged_folder_is_a_plain_transformers_model(merged, trained_run):
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    assert tokenizer.chat_template == (trained_run / "chat_template.jinja").read_text(encoding="utf-8")
+    trained_template = (trained_run / "chat_template.jinja").read_text(encoding="utf-8")
+    assert tokenizer.chat_template == decoding.with_default_system(trained_template, LIGHTHOUSE_SYSTEM)
     assert 151645 in model.generation_config.eos_token_id
     assert (merged / "model.safetensors").is_file()
     record = json.loads((merged / "roletune_merge.json").read_text(encoding="utf-8"))
@@ -88,3 +91,45 @@ def test_merge_failing_its_check_writes_nothing(trained_run, tmp_path, monkeypat
 def test_merge_needs_an_adapter(tiny_model, tmp_path, capsys):
     assert main(["merge", str(tiny_model), "--out", str(tmp_path / "m")]) == 1
     assert "no adapter to merge" in capsys.readouterr().err
+
+
+def test_the_merged_template_opens_with_the_persona_and_generation_stops_at_end_of_turn(merged, trained_run):
+    """A user of the merged folder renders prompts with its template alone: without a system message they
+    get the run's persona, not Qwen's default; a system message of their own still wins."""
+    from transformers import GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered.startswith(f"<|im_start|>system\n{LIGHTHOUSE_SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}")
+    assert "Qwen" not in rendered
+    trained = AutoTokenizer.from_pretrained(trained_run)
+    conversation = [{"role": "system", "content": "另一个角色"}, {"role": "user", "content": QUESTION}]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == \
+        trained.apply_chat_template(conversation, tokenize=False)
+    stops = GenerationConfig.from_pretrained(merged).eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops and tokenizer.eos_token_id in stops
+
+
+def test_a_persona_with_quotes_and_template_syntax_stays_text():
+    from roletune.decoding import with_default_system
+
+    persona = '他说："别走。" \\ {{ name }} {% if %} 换行\n之后'
+    template = "{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}"
+    import jinja2
+
+    rendered = jinja2.Environment().from_string(with_default_system(template, persona)).render(
+        messages=[{"role": "user", "content": "hi"}])
+    assert rendered == f"[system:{persona}][user:hi]"
+    assert with_default_system(template, None) == template
+
+
+def test_the_merged_folder_and_the_run_have_model_cards(merged, trained_run):
+    for folder, library in ((trained_run, "peft"), (merged, "transformers")):
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        assert card.startswith("---\n") and f"library_name: {library}" in card, folder
+        assert "More Information Needed" not in card
+        assert f"> {LIGHTHOUSE_SYSTEM}" in card and "## Training" in card and "r=8, alpha=16" in card
+        assert "## Sample answers" not in card  # the run answered no sample prompts (eval.samples needs held-out rows)
+    assert "max length 64" in (trained_run / "README.md").read_text(encoding="utf-8")
+    assert f"from_pretrained({str(merged)!r})" in (merged / "README.md").read_text(encoding="utf-8")

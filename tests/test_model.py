@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -142,3 +144,64 @@ def test_bf16_adapters_need_a_bf16_base():
     check_lora_dtype(cfg.lora, torch.bfloat16)
     with pytest.raises(ConfigError, match="lora.dtype=bf16 needs bf16 base weights, but the base loads in fp32"):
         check_lora_dtype(cfg.lora, resolve_dtype("auto", torch.device("cpu")))
+
+
+def test_a_folder_without_tokenizer_files_says_so(tiny_model, tmp_path):
+    import shutil
+
+    from roletune.errors import ModelError
+    from roletune.model import load_tokenizer
+
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, weights_only / name)
+    with pytest.raises(ModelError, match=r"weights: no tokenizer files in this folder \(tokenizer.json, "
+                                         r"tokenizer_config.json\); set model.tokenizer"):
+        load_tokenizer(ModelConfig(path=str(weights_only)))
+
+
+@pytest.mark.parametrize("location", ["./models/qwen", "/no/such/model", "~/no/such/model", "models/qwen/7b"])
+def test_a_missing_local_folder_is_no_such_folder_never_a_hub_lookup(location):
+    from roletune.errors import ModelError
+    from roletune.model import resolve_source
+
+    with pytest.raises(ModelError, match=f"^{location}: no such folder$"):
+        resolve_source(location)
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_fails_after_one_request_and_says_how_to_work_offline(tmp_path):
+    """HF_ENDPOINT points at a local port that accepts and drops every connection: the command asks once,
+    then says in one line how to go on without the hub (transformers' own download retries for most of a
+    minute)."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    attempts = []
+
+    def drop_every_connection():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            attempts.append(1)
+            connection.close()
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"))
+    try:
+        done = subprocess.run([sys.executable, "-m", "roletune", "chat", "someone/no-such-model", "--prompt", "x",
+                               "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.close()
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(err) == 1, done.stderr
+    assert "someone/no-such-model: the Hugging Face hub cannot be reached" in err[0]
+    assert "not in the local cache; give a local folder" in err[0] and "HF_HUB_OFFLINE=1" in err[0]
+    assert 1 <= len(attempts) <= 2  # the hub client asks again once on a dropped connection; transformers: 7 times

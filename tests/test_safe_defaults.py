@@ -71,6 +71,8 @@ def test_trainer_never_pushes_to_the_hub(config_file):
 
 @pytest.mark.parametrize("logged_in, mode", [(False, "local"), (True, "online")])
 def test_swanlab_goes_online_only_when_logged_in(config_file, tmp_path, monkeypatch, logged_in, mode):
+    from types import SimpleNamespace
+
     import swanlab
 
     from roletune.config import load_config
@@ -81,7 +83,7 @@ def test_swanlab_goes_online_only_when_logged_in(config_file, tmp_path, monkeypa
     if logged_in:
         monkeypatch.setenv("SWANLAB_API_KEY", "test-key")
     started = {}
-    monkeypatch.setattr(swanlab, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(swanlab, "init", lambda **kwargs: started.update(kwargs) or SimpleNamespace(id="r1"))
     tracker = SwanLabTracker(load_config(config_file(train={"report_to": "swanlab"})))
     assert started["mode"] == mode
     assert ("cloud" in tracker.where) == logged_in

@@ -119,6 +119,26 @@ def test_seed_config_dry_run_prints_the_seed_figures(shared, capsys):
     assert "-> 702 optimizer steps" in out
 
 
+@pytest.mark.slow
+def test_the_small_model_recipe_plans_on_the_0_5b_architecture(shared, capsys):
+    import json
+
+    from roletune.cli import main
+
+    model = shared / "models" / "qwen2.5-0.5b-instruct"
+    code = main(["train", str(ROOT / "configs" / "huanhuan-qwen2.5-0.5b.yaml"), "--dry-run", f"model.path={model}",
+                 f"model.tokenizer={shared}/tokenizers/qwen2.5", f"data.path={shared}/data/huanhuan.json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    c = json.loads((model / "config.json").read_text())
+    kv = c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+    shapes = [(c["hidden_size"], c["hidden_size"])] * 2 + [(c["hidden_size"], kv)] * 2 + \
+        [(c["hidden_size"], c["intermediate_size"])] * 3  # q, o; k, v; gate, up, down (in + out alike)
+    lora = 8 * sum(a + b for a, b in shapes) * c["num_hidden_layers"]
+    assert f"trainable params: {lora:,d} ||" in out
+    assert "examples: 3629 read" in out and "held out for evaluation: 100 rows" in out  # 3729 - 100
+
+
 def test_torch_compile_is_off_unless_asked(config_file):
     from roletune.training.trainer import training_arguments
 
@@ -206,3 +226,32 @@ def test_compiled_layers_share_their_code(config_file, monkeypatch):
     # Nothing in the graph keeps torch.compile from caching it for the next run (roletune's autograd
     # Functions, such as the lean norm and MLP, are left out under compile).
     assert counters["aot_autograd"]["total"] and not counters["aot_autograd"]["autograd_cache_bypass"]
+
+
+def test_a_data_file_with_one_empty_prompt_record_trains_and_says_so(config_file, persona_rows, capsys, caplog):
+    rows = [*persona_rows[:6], {"instruction": "", "input": "", "output": "（林小满先开口）风来了。"}, *persona_rows[6:]]
+    cfg = load_config(config_file(rows, train={"max_steps": 2}))
+    assert train.run(cfg).optimizer_steps == 2
+    assert "records: 1 left out with an empty prompt" in capsys.readouterr().out
+    assert "left out 1 record(s) with an empty prompt (instruction and input both empty): record 6" in caplog.text
+
+
+def test_a_run_folder_holds_no_pickle_one_tokenizer_copy_for_its_checkpoints_and_umask_permissions(config_file):
+    import os
+
+    cfg = load_config(config_file(train={"max_steps": 6, "save_steps": 2, "save_total_limit": 2}))
+    train.run(cfg, echo=lambda *_: None)
+    out = Path(cfg.output_dir)
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    for folder in (out, out / "checkpoint-6"):
+        assert json.loads((folder / checkpoints.TRAINING_ARGS_JSON).read_text())["max_steps"] == 6
+    # checkpoint-2, which the tokenizer was first written into, was rotated away: its files live on in the links
+    four, six = (os.stat(out / name / "tokenizer.json") for name in ("checkpoint-4", "checkpoint-6"))
+    assert four.st_ino == six.st_ino and six.st_nlink == 2
+    assert checkpoints.problem(str(out / "checkpoint-6")) is None
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (out / "adapter_model.safetensors", out / "roletune.yaml", out / "checkpoint-6" / "roletune.yaml",
+                 out / "checkpoint-6" / "adapter_model.safetensors", out / "loss.png", out / "README.md"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path

@@ -13,12 +13,17 @@ from pathlib import Path
 from roletune.errors import Interrupted, RoletuneError, RunError
 
 OVERRIDES_HELP = "settings on top of the config file, e.g. train.lr=2e-4 model.device=cuda:1"
+BASE_MODEL_HELP = ("another copy of the base the run was trained on, a folder or hub id, in place of the one "
+                   "the run records (a run copied from another machine)")
 CUDA_GRAPHS_HELP = ("replay each decoding step's layers from a CUDA graph (a static KV cache; recorded once a "
                     "generate call): far less host time a token on a GPU; says so and decodes as usual elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from roletune import __version__
+
     parser = argparse.ArgumentParser(prog="roletune", description="Turn a chat LLM into a character with LoRA.")
+    parser.add_argument("--version", action="version", version=f"roletune {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     train = verbs.add_parser("train", help="fine-tune a LoRA adapter from a config",
@@ -36,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="inspect training data").add_subparsers(dest="data_verb", required=True,
                                                                                  metavar="DATA_COMMAND")
     preview = data.add_parser("preview", help="show tokenized examples with the trained tokens marked")
-    preview.add_argument("config", help="YAML config file")
+    preview.add_argument("config", help="YAML config file, or a data file (.json / .jsonl) on its own")
     preview.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    preview.add_argument("--model", metavar="PATH_OR_ID",
+                         help="with a data file: the model whose tokenizer and chat template render it")
     preview.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
     preview.add_argument("--json", action="store_true", help="one JSON object per example: input_ids and labels")
 
@@ -53,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     from_script.add_argument("--context", type=int, default=0, metavar="K",
                              help="with --format messages: keep up to K earlier turns of the scene")
     from_script.add_argument("--format", choices=["alpaca", "messages"], default="alpaca", help="output layout")
-    from_script.add_argument("--out", required=True, help="output .json (alpaca) or .jsonl (messages) file")
+    from_script.add_argument("--out", required=True, help="output file: .jsonl for JSON Lines, else one JSON list")
 
     decoding = argparse.ArgumentParser(add_help=False)
     decoding.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    decoding.add_argument("--base-model", metavar="PATH_OR_ID", help=BASE_MODEL_HELP)
     decoding.add_argument("--system", help="system prompt instead of the one training used")
-    decoding.add_argument("--max-new-tokens", type=int, default=512, help="reply length cap (default 512)")
+    decoding.add_argument("--max-new-tokens", type=int,
+                          help="reply length cap (default 512; compare: the run's eval.max_new_tokens)")
     decoding.add_argument("--temperature", type=float, help="override the model's generation config")
     decoding.add_argument("--top-p", type=float, help="override the model's generation config")
     decoding.add_argument("--top-k", type=int, help="override the model's generation config")
@@ -95,13 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="new folder for the merged model")
     merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     merge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    merge.add_argument("--base-model", metavar="PATH_OR_ID", help=BASE_MODEL_HELP)
 
     evaluate = verbs.add_parser("eval", help="base vs tuned on held-out rows: loss, BLEU-4, ROUGE-L, ...")
     evaluate.add_argument("run", help="a training run's output_dir or an adapter folder")
     evaluate.add_argument("--data", metavar="FILE", help="rows to evaluate instead of the run's held-out split")
     evaluate.add_argument("--n", type=int, help="only the first N rows")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
+    evaluate.add_argument("--base-model", metavar="PATH_OR_ID", help=BASE_MODEL_HELP)
+    evaluate.add_argument("--max-new-tokens", type=int,
+                          help="reply length cap (default: the run's eval.max_new_tokens, else 256)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--out", metavar="DIR", help="where eval.json and eval.md go (default: RUN)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval.json")
@@ -130,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     _take_back_override(args)
     _quiet_libraries()
+    from roletune.terminal import output_outlives_reader
+
+    with output_outlives_reader():
+        return _run(args, argv)
+
+
+def _run(args, argv) -> int:
     try:
         return dispatch(args)
     except Interrupted as exc:  # the run is resumable: say exactly how (rank 0 alone in a launch)
@@ -148,9 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("roletune: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into `head` and closed early: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def _take_back_override(args) -> None:
@@ -201,10 +217,15 @@ def dispatch(args) -> int:
         from roletune.evaluate import evaluate
 
         evaluate(args.run, data=args.data, n=args.n, device=args.device, max_new_tokens=args.max_new_tokens,
-                 batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, cuda_graphs=args.cuda_graphs)
+                 batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, cuda_graphs=args.cuda_graphs,
+                 base_model=args.base_model)
         return 0
     if args.verb == "plot":
         return draw(args.runs, args.out)
+    if args.verb == "data" and Path(args.config).suffix.lower() in (".json", ".jsonl"):
+        return preview_file(args.config, args.model, args.overrides, args.n, args.json)
+    if getattr(args, "model", None):
+        raise RunError(f"--model goes with a data file; {args.config} is a config (set model.path in it)")
     cfg = load_config(args.config, args.overrides)
     if args.verb == "train" and args.nproc is not None:
         from roletune.training import distributed
@@ -227,12 +248,12 @@ def train_argv(args) -> list[str]:
 
 
 def use_run(args) -> int:
-    from roletune import decoding, generate
+    from roletune import decoding, generate, run_dir
 
     if args.verb == "merge":
         from roletune.merge import merge
 
-        merge(args.run, args.out, dtype=args.dtype, device=args.device)
+        merge(args.run, args.out, dtype=args.dtype, device=args.device, base_model=args.base_model)
         return 0
     records = None
     if args.verb == "compare":
@@ -242,16 +263,20 @@ def use_run(args) -> int:
     if args.verb == "compare" and args.out:
         _refuse_existing(args.out)
     session = decoding.load_session(args.run, device=args.device, base_only=getattr(args, "base", False),
+                                    base_model=args.base_model,
                                     system=args.system, cuda_graphs=args.cuda_graphs)
     greedy = not args.sample if args.verb == "compare" else args.greedy
-    config = decoding.decoding_config(session, greedy=greedy, max_new_tokens=args.max_new_tokens,
+    cap = args.max_new_tokens or (run_dir.reply_cap(args.run, 512) if args.verb == "compare" else 512)
+    config = decoding.decoding_config(session, greedy=greedy, max_new_tokens=cap,
                                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                       repetition_penalty=args.repetition_penalty)
     import transformers
 
     transformers.set_seed(args.seed)
     if args.verb == "chat":
-        generate.chat(session, config, prompt=args.prompt, context_tokens=args.max_context)
+        who = ("the base model, its adapter off (--base)" if args.base else
+               "the tuned model (base + adapter)" if session.has_adapter else "the model")
+        generate.chat(session, config, prompt=args.prompt, context_tokens=args.max_context, who=who)
     elif args.verb == "generate":
         generate.generate_file(session, config, args.input, args.output, args.batch_size)
     else:
@@ -310,6 +335,36 @@ def preview(cfg, n: int, as_json: bool) -> None:
         print(f"--- example {index} ({len(example.input_ids)} tokens; trained tokens "
               f"{'in green' if color else 'inside ⟦ ⟧'}) ---")
         print(mark_trained(example, tokenizer, color=color))
+
+
+def preview_file(path: str, model: str | None, overrides: list[str], n: int, as_json: bool) -> int:
+    """`data preview FILE.json`: with --model, as a config with that model and file would show it; without,
+    the layout, the counts and the first conversations, for a file that has no model yet."""
+    from roletune.config import config_from_dict
+    from roletune.data import detect_format, load_conversations, read_records
+
+    cfg = config_from_dict({"model": {"path": model or "none"}, "data": {"path": path}}, overrides,
+                           source="command line")
+    if model:
+        preview(cfg, n, as_json)
+        return 0
+    left_out: list[int] = []
+    conversations = load_conversations(cfg.data, left_out)
+    if as_json:
+        for conversation in conversations[:n]:
+            print(json.dumps({"messages": [m.as_dict() for m in conversation]}, ensure_ascii=False))
+        return 0
+    layout = cfg.data.format
+    if layout == "auto":
+        layout = f"{detect_format(read_records(path, cfg.data.split)[1][0])} (detected; data.format sets it)"
+    print(f"{path}: {len(conversations) + len(left_out)} records, layout {layout}"
+          + (f"; {len(left_out)} left out with an empty prompt" if left_out else ""))
+    for index, conversation in enumerate(conversations[:n]):
+        print(f"--- conversation {index} ---")
+        for message in conversation:
+            print(f"{message.role}: {message.content}")
+    print("tokens and the trained spans: add --model PATH_OR_ID (the model you will train)")
+    return 0
 
 
 def show_config(args) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class DataConfig:
         "assistant", "Which tokens carry loss: every assistant turn, the last assistant turn, or all tokens.",
         choices=["assistant", "last", "all"])
     split: str = setting("train", "Split to read when data.path is a hub dataset.")
+    strict: bool = setting(
+        False, "Refuse the whole file for a record with an empty prompt (instruction and input both empty), "
+        "instead of leaving it out with a warning. A record without a reply is refused either way.")
     eval_size: float = setting(
         0, "Rows held out from training for eval loss, sample answers and `roletune eval`: "
         "a count (>= 1) or a fraction (< 1); drawn with train.seed and saved with the run.",
@@ -281,8 +285,18 @@ def config_from_dict(raw: dict, overrides: typing.Sequence[str] = (), source: st
     if not problems:
         problems.extend(cfg.cross_field_problems())
     if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
+        # A problem with a key the command line set is the command line's, not the file's.
+        keys = [item.partition("=")[0].strip() for item in overrides]
+        mine = [p for p in problems if p.startswith("override ") or any(_mentions(p, key) for key in keys if key)]
+        parts = [*([f"{source}: " + "; ".join(p for p in problems if p not in mine)] if len(mine) < len(problems)
+                   else []),
+                 *(["command-line override: " + "; ".join(mine)] if mine else [])]
+        raise ConfigError("; ".join(parts))
     return cfg
+
+
+def _mentions(problem: str, key: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", problem) is not None
 
 
 def dump_config(cfg: Config) -> str:

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import torch
 
 from roletune.data.tokenize import end_of_turn_ids
-from roletune.model import load_adapter, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from roletune.model import (
+    check_weight_files,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from roletune.run_dir import open_run
 from roletune.speed import levers
 
@@ -33,11 +41,12 @@ class Reply:
     tokens: int
 
 
-def load_session(location: str, *, device: str = "auto", base_only: bool = False,
+def load_session(location: str, *, device: str = "auto", base_only: bool = False, base_model: str | None = None,
                  system: str | None = None, dtype: str | None = None, quantization: str | None = None,
                  fused: bool = True, cuda_graphs: bool = False, echo=print) -> Session:
     """Load the base model once and the adapter on top (unless base_only).
 
+    base_model: another copy of the run's base (a folder or hub id) in place of the one it records.
     dtype and quantization default to the run's: a QLoRA run answers on the quantised base it trained on.
     fused: the adapter's branches run as roletune.speed.lora_fused computes them, with fewer kernels and less
     Python per token than peft's forward (benchmarks/decode_time.py); False keeps peft's own forward (merge
@@ -45,14 +54,16 @@ def load_session(location: str, *, device: str = "auto", base_only: bool = False
     cuda_graphs: replay each decoding step's layers from a CUDA graph (roletune.speed.decode_graphs), saying
     whether they can.
     """
-    run = open_run(location)
+    run = open_run(location, base_model)
     target = resolve_device(device)
     model_cfg = dataclasses.replace(run.model_cfg, path=run.base, tokenizer=run.tokenizer,
                                     dtype=dtype or run.model_cfg.dtype,
                                     quantization=quantization or run.model_cfg.quantization)
+    adapted = bool(run.adapter) and not base_only
+    if adapted:
+        check_weight_files(run.adapter)  # before the base loads, which takes minutes for a large one
     tokenizer = load_tokenizer(model_cfg)
     model = load_base_model(model_cfg, target, resolve_dtype(model_cfg.dtype, target))
-    adapted = bool(run.adapter) and not base_only
     if adapted:
         model = load_adapter(model, run.adapter, run.model_cfg.allow_pickle)
     levers.for_decoding(model, fused=fused and adapted, cuda_graphs=cuda_graphs, echo=echo)
@@ -93,6 +104,18 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     if system and (not messages or messages[0]["role"] != "system"):
         return [{"role": "system", "content": system}, *messages]
     return list(messages)
+
+
+def with_default_system(template: str, system: str | None) -> str:
+    """A chat template that opens every conversation without a system message with `system` (the persona),
+    in place of the template's own default ("You are Qwen, created by Alibaba Cloud" for Qwen2.5): for a
+    merged model, whose users render prompts with the template alone."""
+    if not system:
+        return template
+    literal = json.dumps(system, ensure_ascii=False)  # a valid Jinja string literal, quotes and escapes included
+    return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+            "{%- endif -%}" + template)
 
 
 def answer_batch(session: Session, conversations: list[list[dict]], config, streamer=None) -> list[Reply]:

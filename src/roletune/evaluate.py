@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq
 
 from roletune import metrics, run_dir
+from roletune.card import write_run_card
 from roletune.config import DataConfig
 from roletune.data import load_conversations
 from roletune.data.tokenize import IGNORE_INDEX, Example, tokenize_all
@@ -29,17 +30,18 @@ ROWS = [("loss", "reply loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}")
 
 
 def evaluate(location: str, *, data: str | None = None, n: int | None = None, device: str = "auto",
-             max_new_tokens: int = 256, batch_size: int = 16, out: str | None = None, overwrite: bool = False,
-             cuda_graphs: bool = False, echo=print) -> dict:
-    run = run_dir.open_run(location)
+             max_new_tokens: int | None = None, batch_size: int = 16, out: str | None = None, overwrite: bool = False,
+             cuda_graphs: bool = False, base_model: str | None = None, echo=print) -> dict:
+    run = run_dir.open_run(location, base_model)
     if not run.adapter:
         raise RunError(f"{location}: eval compares a tuned model with its base; this is a plain model")
     target = Path(out or location)
     if (target / "eval.json").exists() and not overwrite:
         raise RunError(f"{target / 'eval.json'}: exists; pass --overwrite or --out DIR")
     conversations = load_rows(location, run, data)[:n or None]
+    max_new_tokens = max_new_tokens or run_dir.reply_cap(location, 256)
     max_length = _run_max_length(location)
-    session = load_session(location, device=device, cuda_graphs=cuda_graphs, echo=echo)
+    session = load_session(location, device=device, base_model=base_model, cuda_graphs=cuda_graphs, echo=echo)
     config = decoding_config(session, greedy=True, max_new_tokens=max_new_tokens)
     models = {}
     for name in ("base", "tuned"):
@@ -55,6 +57,8 @@ def evaluate(location: str, *, data: str | None = None, n: int | None = None, de
     (target / "eval.md").write_text(f"# eval of {location} on {report['rows']} rows\n\n{table}\n", encoding="utf-8")
     echo(table)
     echo(f"wrote {target / 'eval.json'} and {target / 'eval.md'}")
+    if target.resolve() == Path(location).resolve() and (target / run_dir.CONFIG_NAME).is_file():
+        write_run_card(target)  # the run's README.md gains the table
     return report
 
 

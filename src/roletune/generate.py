@@ -6,8 +6,10 @@ finished; a rerun skips the prompts already answered in the output file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from roletune.data.prompts import prompt_messages, read_prompts
@@ -71,9 +73,16 @@ def fit_history(session: Session, history: list[dict], budget: int) -> list[dict
     return kept
 
 
+CHAT_HELP = """/help          this list
+/reset         clear the history
+/system TEXT   set the system prompt (/system alone: none)
+/exit          quit; so does Ctrl-D, or Ctrl-C twice at the prompt (Ctrl-C during a reply stops the reply)"""
+
+
 def chat(session: Session, config, *, prompt: str | None = None, context_tokens: int | None = None,
-         read=input, write=None) -> list[dict]:
-    """Interactive multi-turn chat with streamed replies; /reset, /system TEXT, /exit."""
+         who: str = "the model", read=input, write=None) -> list[dict]:
+    """Interactive multi-turn chat with streamed replies and the commands of CHAT_HELP; `who` names what
+    answers (the tuned model, the base with its adapter off, a plain model) in the banner."""
     from transformers import TextStreamer
 
     write = write or (lambda text: print(text, flush=True))
@@ -82,7 +91,9 @@ def chat(session: Session, config, *, prompt: str | None = None, context_tokens:
     streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[dict] = []
     if prompt is None:
-        write("roletune chat: /reset clears the history, /system TEXT sets the system prompt, /exit quits")
+        _edit_lines(read)
+        write(f"roletune chat with {who}; /help lists the commands")
+    interrupted = False  # the last key at the prompt was Ctrl-C
     while True:
         if prompt is not None:
             line = prompt
@@ -91,25 +102,47 @@ def chat(session: Session, config, *, prompt: str | None = None, context_tokens:
                 line = read("you> ")
             except EOFError:
                 break
+            except KeyboardInterrupt:
+                if interrupted:
+                    break
+                interrupted = True
+                write("\n(Ctrl-C again, or Ctrl-D, to quit)")
+                continue
+            interrupted = False
         command = line.strip()
-        if command in ("/exit", "/quit"):
-            break
-        if command == "/reset":
-            history = []
-            write("(history cleared)")
-            continue
-        if command.startswith("/system"):
-            session.system_prompt = command[len("/system"):].strip() or None
-            write(f"(system prompt: {session.system_prompt or 'none'})")
+        if command.startswith("/"):
+            name, _, rest = command.partition(" ")
+            if name in ("/exit", "/quit"):
+                break
+            if name == "/reset":
+                history = []
+                write("(history cleared)")
+            elif name == "/system":
+                session.system_prompt = rest.strip() or None
+                write(f"(system prompt: {session.system_prompt or 'none'})")
+            else:  # /help, and any other word: a mistyped command must not go to the model as a message
+                write(CHAT_HELP if name == "/help" else f"(no command {name})\n{CHAT_HELP}")
             continue
         if not command:
             continue
-        history = fit_history(session, history + [{"role": "user", "content": line}], budget)
-        (reply,) = answer_batch(session, [history], config, streamer=streamer)
-        history.append({"role": "assistant", "content": reply.text})
+        asked = fit_history(session, history + [{"role": "user", "content": line}], budget)
+        try:
+            (reply,) = answer_batch(session, [asked], config, streamer=streamer)
+        except KeyboardInterrupt:  # this reply only: the exchange is left out of the history
+            write("\n(reply stopped)")
+            continue
+        history = [*asked, {"role": "assistant", "content": reply.text}]
         if prompt is not None:
             break
     return history
+
+
+def _edit_lines(read) -> None:
+    """Line editing and in-session history (the arrow keys) for input() on a terminal, where Python has
+    GNU readline or libedit: importing the module is what turns them on."""
+    if read is input and sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # Windows has neither
+            import readline  # noqa: F401
 
 
 def compare(session: Session, conversations: list[list[dict]], config, batch_size: int = 16) -> list[tuple]:

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from roletune import __version__
-from roletune.decoding import Session, load_session, stop_token_ids, with_system
+from roletune.card import write_merged_card
+from roletune.decoding import Session, load_session, stop_token_ids, with_default_system, with_system
 from roletune.errors import RunError
-from roletune.run_dir import MERGE_RECORD, open_run
+from roletune.run_dir import MERGE_RECORD, open_as_umask, open_run
 
 # Largest |merged - adapter| logit difference a dtype explains, relative to the largest |logit|:
 # fp32 differs only by summation order; fp16/bf16 round W + BA to 10/7 mantissa bits.
@@ -25,16 +26,18 @@ RELATIVE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 PROBES = ["你是谁？", "Hello! Who are you, and what do you do all day?", "今天天气怎么样？给我讲个故事吧。"]
 
 
-def merge(location: str, out: str, *, dtype: str = "bf16", device: str = "auto", echo=print) -> Path:
+def merge(location: str, out: str, *, dtype: str = "bf16", device: str = "auto", base_model: str | None = None,
+          echo=print) -> Path:
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise RunError(f"{out}: exists and is not empty; choose a new --out")
-    run = open_run(location)
+    run = open_run(location, base_model)
     if not run.adapter:
         raise RunError(f"{location}: a plain model has no adapter to merge")
     # Always the unquantised base: folding the adapter into 4-bit weights would round it away, and a
     # QLoRA adapter is meant to be merged into the full-precision model it was quantised from.
-    session = load_session(location, device=device, dtype=dtype, quantization="none", fused=False)
+    session = load_session(location, device=device, base_model=base_model, dtype=dtype, quantization="none",
+                           fused=False)
     if run.model_cfg.quantization != "none":
         echo(f"the adapter trained on a {run.model_cfg.quantization} base; "
              f"merging it into the unquantised {dtype} base")
@@ -54,7 +57,7 @@ def merge(location: str, out: str, *, dtype: str = "bf16", device: str = "auto",
     record = {"base": run.base, "adapter": str(Path(run.adapter).resolve()), "dtype": dtype,
               "trained_quantization": run.model_cfg.quantization,
               "system_prompt": session.system_prompt, "max_abs_logit_diff": diff, "roletune": __version__}
-    save_atomically(session, target, record)
+    save_atomically(session, target, record, run.adapter)
     echo(f"merged model: {target}")
     return target
 
@@ -66,7 +69,7 @@ def probe_inputs(session: Session) -> dict:
     return tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(session.device)
 
 
-def save_atomically(session: Session, target: Path, record: dict) -> None:
+def save_atomically(session: Session, target: Path, record: dict, run: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
     try:
@@ -74,8 +77,13 @@ def save_atomically(session: Session, target: Path, record: dict) -> None:
         model.generation_config.eos_token_id = stop_token_ids(model.generation_config, session.tokenizer)
         model.generation_config.pad_token_id = session.tokenizer.pad_token_id
         model.save_pretrained(scratch)  # safetensors, config.json, generation_config.json
-        session.tokenizer.save_pretrained(scratch)  # with the chat template training used
+        tokenizer = session.tokenizer  # the session ends with the merge
+        # The template training used, opening with the persona where a conversation brings no system message.
+        tokenizer.chat_template = with_default_system(tokenizer.chat_template, session.system_prompt)
+        tokenizer.save_pretrained(scratch)
         (scratch / MERGE_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+        write_merged_card(scratch, target, run, record)
+        open_as_umask(scratch, recursive=True)  # made by mkdtemp (0700), with safetensors' files (0600)
         if target.exists():
             target.rmdir()  # checked empty above
         os.replace(scratch, target)

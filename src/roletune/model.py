@@ -2,7 +2,9 @@
 device and dtype, quantise the base for QLoRA (bitsandbytes), and apply LoRA with peft."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 
 from roletune.errors import ConfigError, ModelError, first_line
+from roletune.run_dir import looks_like_hub_id
 from roletune.speed import attention
 
 log = logging.getLogger(__name__)
@@ -17,6 +20,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The projections of a decoder layer that read the same input tensor (Qwen2's, Llama's and Mistral's).
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# A folder holds a tokenizer when it has one of these (a fast tokenizer's file, or a slow one's vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 def resolve_device(spec: str) -> torch.device:
     """`auto`, `cpu`, `cuda` or `cuda:N`; asking for a GPU that is not there is a ConfigError."""
@@ -47,10 +52,56 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def resolve_source(location: str, trust_remote_code: bool = False) -> str:
-    """A local folder or hub id is passed through; `modelscope:ID` is downloaded with modelscope."""
-    if not location.startswith("modelscope:"):
-        return location
+def resolve_source(location: str, revision: str | None = None) -> str:
+    """Where from_pretrained reads `location`: a local folder; a hub id, once the hub has said it holds it
+    (or from the local cache when the hub cannot be reached); `modelscope:ID`, downloaded with modelscope."""
+    if location.startswith("modelscope:"):
+        return _modelscope_folder(location)
+    if Path(location).expanduser().exists():
+        return str(Path(location).expanduser())
+    if not looks_like_hub_id(location):
+        raise ModelError(f"{location}: no such folder")
+    return _checked_hub_id(location, revision)
+
+
+@functools.cache
+def _checked_hub_id(repo_id: str, revision: str | None) -> str:
+    """`repo_id` once the hub confirms it, in one request of at most HUB_TIMEOUT_S; transformers' own
+    downloads retry a failing connection for most of a minute before saying the hub is out of reach."""
+    from huggingface_hub import constants, model_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.is_offline_mode():  # HF_HUB_OFFLINE=1: transformers reads the cache and says what it lacks
+        return repo_id
+    try:
+        model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+        return repo_id
+    except GatedRepoError:
+        raise ModelError(f"{repo_id}: a gated model; accept its terms on its hub page and log in "
+                         "(hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{repo_id}: no such folder here, and no such model on the Hugging Face hub "
+                         "(a private one needs hf auth login)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{repo_id}: the hub has no revision {revision} of it (model.revision)") from None
+    except HFValidationError:
+        raise ModelError(f"{repo_id}: no such folder, and not a hub model id") from None
+    except Exception as exc:  # the connection failed (the client's own error types) or the hub answered 5xx
+        unreachable = first_line(exc)
+    try:
+        cached = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:
+        raise ModelError(f"{repo_id}: the Hugging Face hub cannot be reached ({unreachable}) and the model is not in "
+                         "the local cache; give a local folder, or download it where the hub is reachable and set "
+                         "HF_HUB_OFFLINE=1") from None
+    log.warning("%s: the Hugging Face hub cannot be reached (%s); using the cached copy", repo_id, unreachable)
+    return cached
+
+
+HUB_TIMEOUT_S = 10
+
+
+def _modelscope_folder(location: str) -> str:
     if importlib.util.find_spec("modelscope") is None:
         raise ConfigError(f"{location}: install the modelscope package (pip install modelscope) to load from ModelScope")
     from modelscope import snapshot_download
@@ -66,9 +117,13 @@ def load_tokenizer(model_cfg):
 
     location = model_cfg.tokenizer or model_cfg.path
     warn_remote_code(model_cfg, location)
+    source = resolve_source(location, model_cfg.revision)
+    if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{location}: no tokenizer files in this folder ({', '.join(TOKENIZER_FILES[:2])}); "
+                         "set model.tokenizer to the folder or hub id that has them")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            resolve_source(location), trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+            source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{location}: cannot load the tokenizer ({first_line(exc)})") from None
     if not tokenizer.chat_template:
@@ -83,9 +138,11 @@ def load_base_model(model_cfg, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     warn_remote_code(model_cfg, model_cfg.path)
+    source = resolve_source(model_cfg.path, model_cfg.revision)
+    check_weight_files(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_source(model_cfg.path), dtype=dtype,
+            source, dtype=dtype,
             attn_implementation=attention.loaded_as(model_cfg.attn_implementation),
             trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
             quantization_config=quantization_config(model_cfg, dtype),
@@ -131,7 +188,39 @@ def load_adapter(model, folder: str, allow_pickle: bool = False):
             and not allow_pickle:
         raise ModelError(f"{folder}: the adapter is a pickle file (adapter_model.bin), which can run code when "
                          "loaded; set model.allow_pickle=true in the run's roletune.yaml if you trust it")
-    return PeftModel.from_pretrained(model, folder)
+    check_weight_files(folder)
+    try:
+        return PeftModel.from_pretrained(model, folder)
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the adapter's shapes do not fit this base
+        raise ModelError(f"{folder}: cannot load the adapter ({first_line(exc)})") from None
+
+
+def check_weight_files(folder: str) -> None:
+    """Every .safetensors file of a local `folder` whole, or a ModelError naming the first that is not: a
+    truncated copy otherwise fails deep inside safetensors, with a traceback that names no file."""
+    for file in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else ():
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelError(f"{file}: {problem}; the file is damaged or was not copied whole")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file, from its header (8 bytes of length, then JSON giving each
+    tensor's byte range) and its size; None when both agree. The tensors themselves are not read."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little") if size >= 8 else None
+        if length is None or length > size - 8:
+            return f"truncated ({size:,d} bytes, less than its header)"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "not a safetensors file (its header is unreadable)"
+    if size < 8 + length + end:
+        return f"truncated ({size:,d} of {8 + length + end:,d} bytes)"
+    return None
 
 
 def warn_remote_code(model_cfg, location: str) -> None:
@@ -150,7 +239,8 @@ def load_model_config(model_cfg):
 
     warn_remote_code(model_cfg, model_cfg.path)
     try:
-        return AutoConfig.from_pretrained(resolve_source(model_cfg.path), trust_remote_code=model_cfg.trust_remote_code,
+        return AutoConfig.from_pretrained(resolve_source(model_cfg.path, model_cfg.revision),
+                                          trust_remote_code=model_cfg.trust_remote_code,
                                           revision=model_cfg.revision)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{model_cfg.path}: cannot read the model config ({first_line(exc)})") from None

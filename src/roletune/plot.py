@@ -15,6 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from roletune import run_dir
 from roletune.errors import RoletuneError, RunError, first_line
 
 STATE_NAME = "trainer_state.json"
@@ -143,5 +144,6 @@ def _save_png(figure, out: Path) -> Path:
             tmp.close()
             os.unlink(tmp.name)
             raise
+    run_dir.open_as_umask(Path(tmp.name))
     os.replace(tmp.name, out)
     return out

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from roletune import run_dir
+from roletune.card import write_run_card
 from roletune.config import Config
 from roletune.data import Conversation, load_conversations, split_heldout
 from roletune.data.tokenize import Example, TokenizeReport, mark_trained, tokenize_all
@@ -46,6 +47,7 @@ class TrainingData:
     report: TokenizeReport
     heldout_rows: list[Conversation] = field(default_factory=list)
     heldout: list[Example] = field(default_factory=list)
+    left_out: list[int] = field(default_factory=list)  # records with an empty prompt (data.strict=false)
 
 
 @dataclass
@@ -62,6 +64,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     launch = distributed.current()  # one process, or one rank of torchrun / accelerate launch
     device = distributed.device_for(cfg.model.device, launch)
     cfg = distributed.resolve(cfg, launch, device)  # train.distributed checked; grad_accum from train.effective_batch
+    cfg = run_dir.with_absolute_paths(cfg)  # the saved roletune.yaml then works from any folder
     if not launch.is_main:
         echo = distributed.quiet()  # rank 0 speaks and writes for the job
     tokenizer = load_tokenizer(cfg.model)
@@ -72,6 +75,8 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     if launch.is_main:  # only rank 0 writes to output_dir, so only rank 0 checks it (never racing its writes)
         run_dir.check_output_dir(cfg.output_dir, resume, overwrite)
     checkpoint = checkpoints.find_checkpoint(cfg.output_dir, resume) if resume else None
+    if checkpoint:
+        echo(f"resuming from {checkpoint} (step {checkpoints.step_of(checkpoint)})")
     if launch.is_main:
         preflight.check(cfg, len(data.train), checkpoint)
 
@@ -83,7 +88,8 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     model = build_model(cfg, device, echo, decision.layers)
     if launch.is_main:
         prepare_output_dir(cfg, data, fresh=(overwrite or resume is not None) and checkpoint is None)
-    tracker = open_tracker(cfg) if launch.is_main else Tracker()
+    tracker = open_tracker(cfg, checkpoints.step_of(checkpoint) if checkpoint else None, echo) if launch.is_main \
+        else Tracker()
     samples = SampleAnswers(sample_rows(cfg, data.heldout_rows), tokenizer, cfg.data.system_prompt, tracker,
                             cfg.output_dir, cfg.eval.max_new_tokens, cfg.train.batch_size, echo,
                             every_rank=distributed.sharded(cfg), time_spent=time_spent)
@@ -112,7 +118,8 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
 
 
 def build_dataset(cfg: Config, tokenizer) -> TrainingData:
-    conversations = load_conversations(cfg.data)
+    left_out: list[int] = []
+    conversations = load_conversations(cfg.data, left_out)
     train_rows, heldout_rows = split_heldout(conversations, cfg.data.eval_size, cfg.train.seed, cfg.data.path)
     progress = (lambda rows: tqdm(rows, desc="tokenizing", file=sys.stderr)) if len(conversations) > 2000 else None
     train, report = tokenize_all(train_rows, tokenizer, cfg.data.max_length, cfg.data.train_on, progress)
@@ -120,10 +127,12 @@ def build_dataset(cfg: Config, tokenizer) -> TrainingData:
         raise DataError(f"{cfg.data.path}: no example has a trained token left after truncation to "
                         f"data.max_length={cfg.data.max_length}")
     heldout, _ = tokenize_all(heldout_rows, tokenizer, cfg.data.max_length, cfg.data.train_on)
-    return TrainingData(train, report, heldout_rows, heldout)
+    return TrainingData(train, report, heldout_rows, heldout, left_out)
 
 
 def echo_dataset(data: TrainingData, tokenizer, cfg: Config, echo) -> None:
+    if data.left_out:
+        echo(f"records: {len(data.left_out)} left out with an empty prompt (data.strict=true refuses them)")
     for line in data.report.lines(cfg.data.max_length):
         echo(line)
     if data.heldout_rows:
@@ -187,6 +196,8 @@ def save_run(cfg: Config, trainer, tokenizer) -> None:
     tokenizer.save_pretrained(cfg.output_dir)
     trainer.state.save_to_json(str(Path(cfg.output_dir) / "trainer_state.json"))  # the loss history, for plots
     run_dir.write_config(cfg.output_dir, cfg)
+    for path in Path(cfg.output_dir).glob("*.safetensors"):  # safetensors writes its files 0600
+        run_dir.open_as_umask(path)
 
 
 def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent: TimeSpent,
@@ -222,6 +233,7 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent
         "tracker": tracker_where,
     }
     (out / run_dir.SUMMARY_NAME).write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_run_card(out)  # README.md, in place of peft's blank one
     width = max(map(len, summary))
     for key, value in summary.items():
         if value is not None:

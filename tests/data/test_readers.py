@@ -50,7 +50,6 @@ def test_format_can_be_forced(write_json):
     ({"instruction": "q"}, r"record 0: field output: missing"),
     ({"instruction": "q", "output": 3}, r"record 0: field output: expected a string, got int"),
     ({"instruction": "q", "output": "  "}, r"record 0: field output: empty reply"),
-    ({"instruction": "", "input": "", "output": "a"}, r"record 0: field instruction: empty prompt"),
     ({"instruction": "q", "output": "a", "history": [["only one"]]}, r"field history\[0\]"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                    {"role": "assistant", "content": "c"}]}, r"two user turns in a row"),
@@ -122,3 +121,30 @@ def test_missing_url_and_unreachable_host(http_root):
         load(f"{base}/rows404.json")
     with pytest.raises(DataError, match=r"cannot reach it"):
         load("http://127.0.0.1:9/rows.json")
+
+
+def test_a_record_with_an_empty_prompt_is_left_out_with_a_warning_unless_strict(write_json, caplog):
+    """huanhuan-chat's 西游记白话文.json has one record where the character speaks first; it must not sink the
+    file. data.strict=true refuses it as before; a record without a reply is refused either way."""
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "", "input": "", "output": "先开口"},
+            {"instruction": "q2", "output": "b"}]
+    path = write_json(rows)
+    left_out = []
+    conversations = load_conversations(DataConfig(path=str(path)), left_out)
+    assert [c[-1].content for c in conversations] == ["a", "b"] and left_out == [1]
+    assert f"{path}: left out 1 record(s) with an empty prompt (instruction and input both empty): record 1" \
+        in caplog.text and "data.strict=true" in caplog.text
+    with pytest.raises(DataError, match=r"record 1: field instruction: empty prompt .*\(data.strict\)"):
+        load(path, strict=True)
+    with pytest.raises(DataError, match=r"record 1: field output: missing"):
+        load(write_json([rows[0], {"instruction": "", "input": ""}]))
+    with pytest.raises(DataError, match=r": no record has a prompt"):
+        load(write_json([rows[1]]))
+
+
+def test_a_record_of_no_layout_deep_in_the_file_lists_the_layouts(write_json):
+    rows = [{"instruction": "q", "output": "a"}] * 3 + [{"prompt": "q", "completion": "a"}]
+    with pytest.raises(DataError, match=r"record 3: cannot tell the format from fields \['completion', 'prompt'\]; "
+                                        r"expected instruction/output \(alpaca\), conversations \(sharegpt\) or "
+                                        r"messages"):
+        load(write_json(rows))

@@ -355,3 +355,26 @@ def test_agreement_with_huanhuan_on_episodes_1_to_20(tmp_path, capsys):
     print(f"pairs {len(ours)}, seed pairs from these episodes {len(from_these_episodes)}, "
           f"shared {len(ours & seed)}; precision {precision:.3f}, recall {recall:.3f}")
     assert precision > 0.94 and recall > 0.96
+
+
+@pytest.mark.parametrize("fmt, name", [("alpaca", "out.jsonl"), ("messages", "out.json")])
+def test_the_out_suffix_picks_json_lines_or_one_json_list(tmp_path, fmt, name):
+    out = tmp_path / name
+    screenplay.write_dataset([write_script(tmp_path, SCENE)], role="甄嬛", aliases=[], context=0, fmt=fmt,
+                             out=str(out))
+    text = out.read_text(encoding="utf-8")
+    if name.endswith(".jsonl"):
+        assert [json.loads(line)["output"] for line in text.splitlines()] == ["奴婢是倚梅园的宫女。", "贱名恐污了尊耳。"]
+    else:
+        assert [record["messages"][-1]["content"] for record in json.loads(text)] == \
+            ["奴婢是倚梅园的宫女。", "贱名恐污了尊耳。"]
+    assert len(load_conversations(DataConfig(path=str(out)))) == 2
+
+
+def test_earlier_turns_come_with_a_note_to_train_each_line_once(tmp_path, capsys):
+    screenplay.write_dataset([write_script(tmp_path, SCENE)], role="甄嬛", aliases=[], context=2, fmt="messages",
+                             out=str(tmp_path / "out.jsonl"))
+    assert "train with data.train_on: last so that each line is trained once" in capsys.readouterr().out
+    screenplay.write_dataset([write_script(tmp_path, SCENE)], role="甄嬛", aliases=[], context=0, fmt="messages",
+                             out=str(tmp_path / "plain.jsonl"))
+    assert "data.train_on" not in capsys.readouterr().out

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from roletune import run_dir
 from roletune.errors import RunError
 from roletune.training import checkpoints
 

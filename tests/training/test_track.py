@@ -100,10 +100,53 @@ def test_tensorboard_writes_events(tmp_path, tiny_model):
 def test_a_tracker_that_cannot_start_does_not_stop_training(tmp_path, tiny_model, monkeypatch, caplog):
     import roletune.training.track as track
 
-    def broken(cfg):
+    def broken(cfg, *_):
         raise RuntimeError("dashboard exploded")
 
     monkeypatch.setattr(track, "SwanLabTracker", broken)
     result = _train(tmp_path, tiny_model, "swanlab")
     assert result.optimizer_steps == 4
     assert "could not start (dashboard exploded)" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tracker", ["swanlab", "tensorboard"])
+def test_a_resumed_run_continues_its_tracker_run(tmp_path, tiny_model, tracker, monkeypatch):
+    from transformers import TrainerCallback
+
+    from roletune.training.track import SwanLabTracker
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no SwanLab login: a local run
+    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
+    rows = [{"instruction": f"问题{i}：风大吗？", "output": f"风有{i}级。"} for i in range(11)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    from roletune.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"path": str(tiny_model), "device": "cpu"},
+                            "data": {"path": str(tmp_path / "rows.json"), "max_length": 48},
+                            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                            "train": {"max_steps": 6, "save_steps": 2, "logging_steps": 1, "batch_size": 4,
+                                      "report_to": tracker},
+                            "output_dir": str(tmp_path / "run")})
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, callbacks=(Interrupt(),), echo=lambda *_: None)
+    out = Path(cfg.output_dir)
+    first_id = (out / "swanlog" / SwanLabTracker.RUN_ID_NAME).read_text() if tracker == "swanlab" else None
+    lines = []
+    assert train.run(cfg, resume="latest", echo=lines.append).optimizer_steps == 6
+    assert f"resuming from {out / 'checkpoint-4'} (step 4)" in lines
+    if tracker == "swanlab":
+        assert f"tracker: SwanLab run {first_id} continued from step 4" in lines
+        assert all(folder.name.endswith(first_id) for folder in (out / "swanlog").glob("run-*"))
+    else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert f"tracker: TensorBoard continues in {out / 'tensorboard'} from step 4" in lines
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

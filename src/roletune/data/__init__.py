@@ -1,16 +1,22 @@
 """Training data: read records in any supported layout and turn them into conversations."""
 from __future__ import annotations
 
+import logging
 import random
 
 from roletune.data.conversation import Conversation, Message
-from roletune.data.readers import detect_format, to_conversation
+from roletune.data.readers import EmptyPrompt, detect_format, to_conversation
 from roletune.data.sources import read_records
 from roletune.errors import DataError
 
 
-def load_conversations(data_cfg) -> list[Conversation]:
-    """Read `data.path` and convert every record; the first bad record stops with its location."""
+log = logging.getLogger(__name__)
+
+
+def load_conversations(data_cfg, left_out: list[int] | None = None) -> list[Conversation]:
+    """Read `data.path` and convert every record; the first bad record stops with its location. A record
+    with an empty prompt (the character speaks first: one such record in a whole book's worth of pairs is
+    common) is left out with a warning, its index added to `left_out`, unless data.strict refuses the file."""
     name, records = read_records(data_cfg.path, data_cfg.split)
     if not records:
         raise DataError(f"{name}: no records")
@@ -20,12 +26,26 @@ def load_conversations(data_cfg) -> list[Conversation]:
             fmt = detect_format(records[0]) if isinstance(records[0], dict) else "alpaca"
         except DataError as exc:
             raise DataError(f"{name}: record 0: {exc}") from None
-    conversations = []
+    conversations, empty = [], []
     for index, record in enumerate(records):
         try:
+            if data_cfg.format == "auto" and isinstance(record, dict):
+                detect_format(record)  # a record of no known layout: say which layouts there are
             conversations.append(to_conversation(record, fmt, data_cfg.system_prompt))
+        except EmptyPrompt as exc:
+            if data_cfg.strict:
+                raise DataError(f"{name}: record {index}: {exc} (data.strict)") from None
+            empty.append(index)
         except DataError as exc:
             raise DataError(f"{name}: record {index}: {exc}") from None
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        log.warning("%s: left out %d record(s) with an empty prompt (instruction and input both empty): record %s; "
+                    "set data.strict=true to refuse the file instead", name, len(empty), shown)
+        if left_out is not None:
+            left_out.extend(empty)
+    if not conversations:
+        raise DataError(f"{name}: no record has a prompt")
     return conversations
 
 
@@ -43,4 +63,4 @@ def split_heldout(conversations: list[Conversation], eval_size: float, seed: int
             [conversations[i] for i in sorted(held)])
 
 
-__all__ = ["Conversation", "Message", "load_conversations", "split_heldout"]
+__all__ = ["Conversation", "Message", "detect_format", "load_conversations", "read_records", "split_heldout"]

@@ -8,6 +8,10 @@ from __future__ import annotations
 from roletune.data.conversation import Conversation, Message, structure_problem
 from roletune.errors import DataError
 
+class EmptyPrompt(DataError):
+    """An Alpaca record whose instruction and input are both empty: the character speaks first."""
+
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
 
@@ -56,9 +60,9 @@ def _alpaca(record: dict) -> Conversation:
     instruction = _text(record, "instruction", allow_empty=True)
     extra = _optional_text(record, "input") or ""
     prompt = "\n".join(part for part in (instruction, extra) if part)
+    reply = _text(record, "output")  # checked first: a record without a reply is refused even when strict is off
     if not prompt.strip():
-        raise DataError("field instruction: empty prompt (instruction and input are both empty)")
-    reply = _text(record, "output")
+        raise EmptyPrompt("field instruction: empty prompt (instruction and input are both empty)")
     messages = []
     system = _optional_text(record, "system")
     if system:

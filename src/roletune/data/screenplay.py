@@ -102,7 +102,7 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], context: i
     if not conversations:
         raise DataError(f"no pairs for {role}: none of its {role_lines} lines answers another speaker's line "
                         f"in the same scene ({_counts(skipped)}); nothing was written")
-    _write_aside(target, render(conversations, fmt))
+    _write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl"))
     _print_reading(screenplay)
     print(f"speaker lines: {sum(speakers.values())} by {len(speakers)} speakers; "
           f"role {' / '.join(names)}: {role_lines} lines")
@@ -110,6 +110,11 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], context: i
         print(f"  skipped {count}: {reason}")
     print(f"pairs written: {len(conversations)} to {out} ({fmt}"
           + (f", up to {context} earlier turns" if context else "") + ")")
+    if context:
+        # data.train_on=assistant (the default) trains every assistant turn of a record, so each of the
+        # role's lines would be trained again in every later record that holds it as context.
+        print("note: the earlier turns repeat lines that have records of their own; train with "
+              "data.train_on: last so that each line is trained once, in its own record")
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -286,13 +291,16 @@ def to_conversation(turns: list[Turn], names: set[str]) -> Conversation:
 
 # --- writing and reporting -----------------------------------------------------------------------
 
-def render(conversations: list[Conversation], fmt: str) -> str:
-    """Alpaca: one JSON list of {instruction, input, output}. Messages: JSON Lines of {messages: [...]}."""
+def render(conversations: list[Conversation], fmt: str, lines: bool) -> str:
+    """Alpaca records ({instruction, input, output}) or messages records ({messages: [...]}); as JSON Lines
+    (one record a line) or as one JSON list."""
     if fmt == "alpaca":
         records = [{"instruction": c[-2].content, "input": "", "output": c[-1].content} for c in conversations]
-        return json.dumps(records, ensure_ascii=False, indent=2) + "\n"
-    return "".join(json.dumps({"messages": [m.as_dict() for m in c]}, ensure_ascii=False) + "\n"
-                   for c in conversations)
+    else:
+        records = [{"messages": [m.as_dict() for m in c]} for c in conversations]
+    if lines:
+        return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return json.dumps(records, ensure_ascii=False, indent=2) + "\n"
 
 
 def _write_aside(target: Path, body: str) -> None:

@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
@@ -42,6 +42,7 @@ from roletune.errors import RunError
 log = logging.getLogger(__name__)
 
 STAGING = ".partial"
+TRAINING_ARGS_JSON = "training_args.json"  # in place of Trainer's pickled training_args.bin
 MANIFEST = "roletune_checkpoint.json"
 HASH_LIMIT = 1 << 30  # larger files are checked by size only, so verifying stays quick
 _NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -90,21 +91,30 @@ class AtomicCheckpoints:
     _sealing = None  # Sealing of the newest checkpoint, until waited for
     _deferred: list | None = None  # (path, state) the seal writes first, for the checkpoint being written
     _tokenizer_files = None  # TokenizerFiles of processing_class, once a save has written it
+    _newest_sealed: Path | None = None  # the newest checkpoint folder in place, set by its seal
     checkpoint_extras = None  # folder -> None: files of roletune's own, written before the manifest seals it
     hold_for_tests = staticmethod(lambda point, step: None)  # stopping.hold_for_tests, handed in by RoleTrainer
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        # Trainer writes the tokenizer into every checkpoint: serialised once, its files written again after.
+        # Trainer writes the tokenizer into every checkpoint: serialised once, its files written again after,
+        # each a hard link to the newest sealed checkpoint's copy where one is there (a checkpoint's files
+        # never change once sealed, and a link keeps a copy alive when rotation deletes the other).
         tokenizer = self.processing_class
-        if tokenizer is None:
-            return super()._save(output_dir, state_dict)
-        if self._tokenizer_files is None or self._tokenizer_files.tokenizer is not tokenizer:
-            self._tokenizer_files = TokenizerFiles(tokenizer)
-        self.processing_class = self._tokenizer_files
+        if tokenizer is not None:
+            if self._tokenizer_files is None or self._tokenizer_files.tokenizer is not tokenizer:
+                self._tokenizer_files = TokenizerFiles(tokenizer)
+            self._tokenizer_files.link_from = self._newest_sealed if self._staging_root else None
+            self.processing_class = self._tokenizer_files
         try:
             super()._save(output_dir, state_dict)
         finally:
             self.processing_class = tokenizer
+        folder = Path(output_dir or self.args.output_dir)
+        pickled = folder / TRAINING_ARGS_NAME
+        if self.args.should_save and pickled.is_file():
+            # Trainer pickles its arguments, and unpickling a file can run code: JSON reads without that risk.
+            (folder / TRAINING_ARGS_JSON).write_text(self.args.to_json_string(), encoding="utf-8")
+            pickled.unlink()
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
@@ -137,6 +147,7 @@ class AtomicCheckpoints:
                 for path, state in deferred:
                     torch.save(state, path)
                 publish(staging / name, root / name)
+                self._newest_sealed = root / name  # read by the training thread only after waiting for this
                 shutil.rmtree(staging, ignore_errors=True)
                 # Rotation only after the new checkpoint is in place: an older good one is never deleted first.
                 rotate_checkpoints(output_dir=str(root), save_total_limit=limit, best_model_checkpoint=best,
@@ -238,12 +249,14 @@ class TokenizerFiles:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.files = tokenizer, None
+        self.link_from: Path | None = None  # a folder holding the same files, to hard-link instead of copying
 
     def save_pretrained(self, folder, **kwargs):
         folder = Path(folder)
         if self.files is not None and not kwargs:
             for name, data in self.files.items():
-                (folder / name).write_bytes(data)
+                if not self._linked(folder / name, data):
+                    (folder / name).write_bytes(data)
             return tuple(str(folder / name) for name in self.files)
         written = self.tokenizer.save_pretrained(folder, **kwargs)
         paths = [Path(path) for path in written] if isinstance(written, (list, tuple)) else []
@@ -251,10 +264,21 @@ class TokenizerFiles:
             self.files = {path.name: path.read_bytes() for path in paths}
         return written
 
+    def _linked(self, target: Path, data: bytes) -> bool:
+        source = self.link_from / target.name if self.link_from is not None else None
+        try:
+            if source is None or source.stat().st_size != len(data) or source.read_bytes() != data:
+                return False
+            os.link(source, target)
+            return True
+        except OSError:  # gone with rotation, or a file system without hard links: a copy, as before
+            return False
+
 
 @functools.cache
 def publish(staging: Path, final: Path) -> None:
     """Seal `staging` with its manifest and move it to `final` with one rename."""
+    run_dir.open_as_umask(staging, recursive=True)
     write_manifest(staging)
     if final.exists():  # the same step saved again, e.g. by a run resumed from an earlier checkpoint
         replaced = staging.parent / f"replaced-{final.name}"

@@ -32,25 +32,37 @@ class Tracker:
 
 
 class SwanLabTracker(Tracker):
-    def __init__(self, cfg: Config):
+    """A resumed run continues the SwanLab run it started (its id is kept in swanlog/RUN_ID_NAME)."""
+
+    RUN_ID_NAME = "roletune_run_id"
+
+    def __init__(self, cfg: Config, resumed_at: int | None = None, echo=print):
         import swanlab
 
         self.swanlab = swanlab
         logged_in = swanlab.Settings().api_key is not None
         folder = Path(cfg.output_dir) / "swanlog"
+        record = folder / self.RUN_ID_NAME
+        earlier = record.read_text(encoding="utf-8").strip() if resumed_at is not None and record.is_file() else None
         try:
-            self.run = self._init(cfg, "online" if logged_in else "local", folder)
+            self.run = self._init(cfg, "online" if logged_in else "local", folder, earlier)
         except Exception as exc:  # a cloud outage must not cost the run; fall back to the local dashboard
             if not logged_in:
                 raise
             log.warning("SwanLab cloud unavailable (%s); logging locally instead", exc)
-            self.run = self._init(cfg, "local", folder)
+            self.run = self._init(cfg, "local", folder, earlier)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(self.run.id, encoding="utf-8")
         self.where = (f"SwanLab cloud, project {cfg.train.project}" if logged_in
                       else f"{folder} (view: swanlab watch {folder})")
+        if resumed_at is not None:
+            echo(f"tracker: SwanLab run {earlier} continued from step {resumed_at}" if earlier == self.run.id else
+                 f"tracker: a new SwanLab run {self.run.id} (the folder kept no earlier run id to continue)")
 
-    def _init(self, cfg: Config, mode: str, folder: Path):
+    def _init(self, cfg: Config, mode: str, folder: Path, earlier: str | None):
+        resume = {"id": earlier, "resume": "allow"} if earlier else {}
         return self.swanlab.init(project=cfg.train.project, experiment_name=Path(cfg.output_dir).name, mode=mode,
-                                 log_dir=str(folder), config=to_dict(cfg))
+                                 log_dir=str(folder), config=to_dict(cfg), **resume)
 
     def callback(self):
         from swanlab.integration.transformers import SwanLabCallback
@@ -70,12 +82,18 @@ class SwanLabTracker(Tracker):
 
 
 class TensorBoardTracker(Tracker):
-    def __init__(self, cfg: Config):
+    """A resumed run appends to the same folder, dropping what the first run logged past the checkpoint."""
+
+    def __init__(self, cfg: Config, resumed_at: int | None = None, echo=print):
         from torch.utils.tensorboard import SummaryWriter
 
         folder = Path(cfg.output_dir) / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(folder))
-        self.writer.add_text("config", f"```yaml\n{dump_config(cfg)}```", 0)
+        # Steps past the checkpoint's are logged again by the resumed run: TensorBoard drops the first ones.
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=None if resumed_at is None else resumed_at + 1)
+        if resumed_at is None:
+            self.writer.add_text("config", f"```yaml\n{dump_config(cfg)}```", 0)
+        else:
+            echo(f"tracker: TensorBoard continues in {folder} from step {resumed_at}")
         self.where = f"{folder} (view: tensorboard --logdir {folder})"
 
     def callback(self):
@@ -94,11 +112,12 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
-def open_tracker(cfg: Config) -> Tracker:
-    """The tracker `train.report_to` names; a missing package or a failed start falls back to none."""
-    kinds = {"swanlab": SwanLabTracker, "tensorboard": TensorBoardTracker, "none": lambda cfg: Tracker()}
+def open_tracker(cfg: Config, resumed_at: int | None = None, echo=print) -> Tracker:
+    """The tracker `train.report_to` names, continuing the run's earlier one when `resumed_at` a checkpoint's
+    step; a missing package or a failed start falls back to none."""
+    kinds = {"swanlab": SwanLabTracker, "tensorboard": TensorBoardTracker, "none": lambda *_: Tracker()}
     try:
-        return kinds[cfg.train.report_to](cfg)
+        return kinds[cfg.train.report_to](cfg, resumed_at, echo)
     except Exception as exc:  # trackers are a convenience: the run goes on without one
         log.warning("train.report_to=%s could not start (%s); continuing without a tracker",
                     cfg.train.report_to, first_line(exc))
