@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     _take_back_override(args)
     _quiet_libraries()
+    if not sys.stderr.isatty() or getattr(args, "prompt", None):
+        _no_progress_bars()  # in a log file they are noise; an answer for a script wants the answer alone
     from roletune.terminal import output_outlives_reader
 
     with output_outlives_reader():
@@ -382,6 +384,15 @@ def show_config(args) -> int:
     for key, default, help_text in describe():
         print(f"{key} = {default!r}\n    {help_text}")
     return 0
+
+
+def _no_progress_bars() -> None:
+    os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar made from here on, whichever library makes it
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def _quiet_libraries() -> None:

@@ -103,7 +103,8 @@ HUB_TIMEOUT_S = 10
 
 def _modelscope_folder(location: str) -> str:
     if importlib.util.find_spec("modelscope") is None:
-        raise ConfigError(f"{location}: install the modelscope package (pip install modelscope) to load from ModelScope")
+        raise ConfigError(f"{location}: install the modelscope package (pip install modelscope) to load "
+                          "from ModelScope")
     from modelscope import snapshot_download
 
     try:

@@ -34,6 +34,7 @@ from roletune.model import (
 )
 from roletune.speed import levers
 from roletune.training import checkpoints, distributed, memory, preflight
+from roletune.training.progress import ProgressLines
 from roletune.training.samples import SampleAnswers, sample_rows
 from roletune.training.stopping import StopOnSignal, skipped_steps
 from roletune.training.time_spent import TimeSpent
@@ -93,7 +94,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     samples = SampleAnswers(sample_rows(cfg, data.heldout_rows), tokenizer, cfg.data.system_prompt, tracker,
                             cfg.output_dir, cfg.eval.max_new_tokens, cfg.train.batch_size, echo,
                             every_rank=distributed.sharded(cfg), time_spent=time_spent)
-    watchers = [c for c in (tracker.callback(), samples) if c is not None]
+    watchers = [c for c in (tracker.callback(), samples, ProgressLines(echo)) if c is not None]
     stop = StopOnSignal()  # Ctrl-C / SIGTERM: checkpoint at the step boundary, then Interrupted
     # Whether training steps replay CUDA graphs (train.cuda_graphs) was decided as the model was built: the
     # layers refuse them where this run cannot use them (on the CPU, with checkpointed layers, ...).
@@ -236,8 +237,8 @@ def finish(cfg: Config, trainer, device: torch.device, wall_s: float, time_spent
     write_run_card(out)  # README.md, in place of peft's blank one
     width = max(map(len, summary))
     for key, value in summary.items():
-        if value is not None:
-            echo(f"{key:>{width}}: {value}")
+        if value is not None:  # the file keeps every digit; the screen, four decimals of a loss
+            echo(f"{key:>{width}}: {f'{value:.4f}' if key.endswith('_loss') else value}")
     train = series["train"]
     if len(train) >= 2:
         (first_step, first), (last_step, last) = train[0], train[-1]

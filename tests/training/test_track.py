@@ -150,3 +150,12 @@ def test_a_resumed_run_continues_its_tracker_run(tmp_path, tiny_model, tracker, 
         events = EventAccumulator(str(out / "tensorboard"))
         events.Reload()
         assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_swanlab_says_where_its_run_is_once(tmp_path, tiny_model, monkeypatch, capfd):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
+    _train(tmp_path, tiny_model, "swanlab")
+    out, err = capfd.readouterr()
+    assert (out + err).count("swanlab watch") == 1, out + err

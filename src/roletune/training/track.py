@@ -3,6 +3,8 @@ a run: SwanLab uses the cloud only when the user is logged in, otherwise a local
 own dashboard shows (`swanlab watch OUTPUT_DIR/swanlog`), and any tracker failure is a warning."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -78,7 +80,9 @@ class SwanLabTracker(Tracker):
                           for i, row in enumerate(rows)}, step=step)
 
     def finish(self) -> None:
-        self.swanlab.finish()
+        # SwanLab repeats its start banner's `swanlab watch` line here; the run's summary names the tracker.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            self.swanlab.finish()
 
 
 class TensorBoardTracker(Tracker):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.training_args import ParallelMode
 
 from roletune import run_dir
@@ -28,6 +29,7 @@ from roletune.training.batching import (
 from roletune.training.checkpoints import AtomicCheckpoints
 from roletune.training.epoch_order import EvenTail
 from roletune.training.loss import head_loss_for
+from roletune.training.progress import ProgressLines
 from roletune.training.stopping import NonFiniteGuard
 from roletune.training.time_spent import TimedWork, TimeSpent
 
@@ -218,7 +220,10 @@ class RoleTrainer(TimedWork, StepBookkeeping, GraphedLengths, AtomicCheckpoints,
         if hold_for_tests is not None:
             self.hold_for_tests = hold_for_tests
         guard = NonFiniteGuard(on_nonfinite, guard_runs_ahead, step_grad_norm=self.take_step_grad_norm)
-        super().__init__(callbacks=[*callbacks, guard], **trainer_arguments)  # the guard last: see NonFiniteGuard
+        progress = [] if any(isinstance(c, ProgressLines) for c in callbacks) else [ProgressLines()]
+        super().__init__(callbacks=[*progress, *callbacks, guard], **trainer_arguments)  # the guard last
+        for printer in (PrinterCallback, ProgressCallback):  # their dicts of quoted numbers: ProgressLines instead
+            self.remove_callback(printer)
 
 
 def build_trainer(cfg: Config, model, tokenizer, train: list[Example], heldout: list[Example],
