@@ -151,10 +151,13 @@ def test_interactive_chat_through_a_pseudo_terminal(trained_run):
     transcript = b""
 
     def read_until(marker: bytes, timeout=120):
+        import select
+
         nonlocal transcript
         deadline = time.time() + timeout
         while marker not in transcript:
-            assert time.time() < deadline, transcript.decode(errors="replace")
+            left = deadline - time.time()
+            assert left > 0 and select.select([fd], [], [], left)[0], transcript.decode(errors="replace")
             try:
                 transcript += os.read(fd, 4096)
             except OSError:
@@ -238,31 +241,44 @@ def test_chat_commands_help_and_a_mistyped_command_never_reach_the_model(session
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_pseudo_terminal_stops_the_reply_and_ctrl_d_quits(trained_run):
-    """The base model (random weights) would talk for 4000 tokens: Ctrl-C stops that reply alone, the chat
-    goes on, and Ctrl-D at the prompt ends it."""
+    """The base model (random weights, sampling) would talk for 4000 tokens: Ctrl-C stops that reply alone,
+    the chat goes on, and Ctrl-D at the prompt ends it."""
+    import select
+
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "roletune", "chat", str(trained_run), "--base", "--greedy",
+        os.execv(sys.executable, [sys.executable, "-m", "roletune", "chat", str(trained_run), "--base",
                                   "--device", "cpu", "--max-new-tokens", "4000"])
     transcript = b""
 
-    def read_until(marker: bytes, after: int = 0, timeout=120):
+    def read_until(marker: bytes, after: int = 0, timeout=120) -> int:
+        """Read the terminal until `marker` shows up past byte `after`; the position just past it."""
         nonlocal transcript
         deadline = time.time() + timeout
-        while marker not in transcript[after:]:
-            assert time.time() < deadline, transcript.decode(errors="replace")
+        while (found := transcript.find(marker, after)) < 0:
+            left = deadline - time.time()
+            assert left > 0 and select.select([fd], [], [], left)[0], transcript.decode(errors="replace")
             transcript += os.read(fd, 4096)
-        return len(transcript)
+        return found + len(marker)
 
-    read_until(b"you> ")
-    assert "roletune chat with the base model, its adapter off (--base)".encode() in transcript
-    os.write(fd, "/help\n".encode())
-    seen = read_until(b"you> ", read_until(b"/reset"))
-    os.write(fd, QUESTION.encode() + b"\n")
-    read_until(b"\n", read_until(QUESTION.encode(), seen) + 200)  # the reply is streaming
-    os.write(fd, b"\x03")  # Ctrl-C
-    read_until(b"you> ", read_until(b"(reply stopped)", seen))
-    os.write(fd, b"\x04")  # Ctrl-D
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
+    status = None
+    try:
+        seen = read_until(b"you> ")
+        assert "roletune chat with the base model, its adapter off (--base)".encode() in transcript
+        os.write(fd, b"/help\n")
+        seen = read_until(b"you> ", read_until(b"/reset", seen))
+        os.write(fd, QUESTION.encode() + b"\n")
+        asked = read_until(QUESTION.encode(), seen)
+        while len(transcript) < asked + 60:  # the reply is streaming
+            assert select.select([fd], [], [], 120)[0], transcript.decode(errors="replace")
+            transcript += os.read(fd, 4096)
+        os.write(fd, b"\x03")  # Ctrl-C
+        read_until(b"you> ", read_until(b"(reply stopped)", asked))
+        os.write(fd, b"\x04")  # Ctrl-D
+        _, status = os.waitpid(pid, 0)
+    finally:
+        if status is None:  # a failed check: the chat must not outlive the test
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
