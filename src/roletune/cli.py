@@ -119,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval.json")
     evaluate.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
 
+    serve = verbs.add_parser("serve", help="serve runs (and their base) behind an OpenAI-compatible API",
+                             description="One process, one copy of the base weights, every run's adapter on it.")
+    serve.add_argument("runs", nargs="+", metavar="RUN|NAME=RUN",
+                       help="run folders (or adapter folders) on one base, or one merged or plain model; the model id "
+                            "of a run is its folder name, or NAME")
+    serve.add_argument("--base-model", metavar="PATH_OR_ID", help=BASE_MODEL_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: ROLETUNE_API_KEY)")
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    serve.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: the runs'")
+    serve.add_argument("--quantization", choices=["none", "4bit", "8bit"], help="default: the runs'")
+
     plot = verbs.add_parser("plot", help="draw train and eval loss against steps for one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="training runs' output_dir")
     plot.add_argument("--out", help="PNG file (default: RUN/loss.png for one run; required for several)")
@@ -224,6 +237,12 @@ def dispatch(args) -> int:
         return 0
     if args.verb == "plot":
         return draw(args.runs, args.out)
+    if args.verb == "serve":
+        from roletune.serve import serve
+
+        serve(args.runs, base_model=args.base_model, host=args.host, port=args.port, api_key=args.api_key,
+              device=args.device, dtype=args.dtype, quantization=args.quantization)
+        return 0
     if args.verb == "data" and Path(args.config).suffix.lower() in (".json", ".jsonl"):
         return preview_file(args.config, args.model, args.overrides, args.n, args.json)
     if getattr(args, "model", None):

@@ -1,0 +1,244 @@
+"""What `roletune serve` answers with: one copy of the base weights, every run's adapter on it, and a
+worker that answers the waiting requests in batches.
+
+Each run is a character: its adapter (a peft adapter of its own name), its system prompt and its
+tokenizer's chat template and stop tokens; the base answers under its own name. A request picks one
+with `model`. The worker takes every waiting request that samples alike into one generate() call, each
+row with its own adapter (peft's `adapter_names`, `__base__` for the base), its own max_tokens and its
+own stream; requests that arrive meanwhile wait for the next call. (transformers' continuous batching,
+which lets a request join at the next decoding step, takes no adapter per request.)
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from roletune.decoding import stop_token_ids, with_system
+from roletune.errors import RunError
+from roletune.model import check_weight_files, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from roletune.run_dir import open_run
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in adapter_names
+
+
+@dataclass
+class Character:
+    """One model id the server answers as."""
+    name: str
+    adapter: str | None  # the peft adapter's name; None for the base (or a plain model)
+    system_prompt: str | None
+    tokenizer: object
+
+
+@dataclass
+class Answer:
+    """What a finished generation reports after its text."""
+    finish_reason: str  # "stop" (end of turn, eos or a stop string) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Busy(Exception):
+    """The queue of waiting requests is full."""
+
+
+class Engine:
+    def __init__(self, runs: list[tuple[str | None, str]], *, base_model: str | None = None, device: str = "auto",
+                 dtype: str | None = None, quantization: str | None = None, queue_size: int = 64):
+        opened = [(name or Path(location).resolve().name, location, open_run(location, base_model))
+                  for name, location in runs]
+        adapted = [(name, location, run) for name, location, run in opened if run.adapter]
+        if adapted and len(adapted) < len(opened):
+            plain = next(location for _, location, run in opened if not run.adapter)
+            raise RunError(f"{plain}: a whole model cannot be served beside runs with adapters; serve it on its own")
+        if not adapted and len(opened) > 1:
+            raise RunError("several whole models: serve one at a time (runs with adapters share one base)")
+        bases = {run.base for _, _, run in adapted}
+        if len(bases) > 1:
+            which = "; ".join(f"{location}: {run.base}" for _, location, run in adapted)
+            raise RunError(f"the runs were trained on different bases ({which}); serve each base on its own, or "
+                           "pass --base-model when they are copies of one")
+        names = [name for name, _, _ in opened]
+        if len(set(names)) < len(names):
+            raise RunError(f"two runs are both named {max(names, key=names.count)}; name them: NAME=RUN")
+        first = opened[0][2]
+        self.device = resolve_device(device)
+        model_cfg = dataclasses.replace(first.model_cfg, path=first.base, dtype=dtype or first.model_cfg.dtype,
+                                        quantization=quantization or first.model_cfg.quantization)
+        for _, _, run in adapted:
+            check_weight_files(run.adapter)  # before the base loads
+        base_tokenizer = load_tokenizer(dataclasses.replace(model_cfg, tokenizer=first.tokenizer))
+        model = load_base_model(model_cfg, self.device, resolve_dtype(model_cfg.dtype, self.device))
+        self.characters: dict[str, Character] = {}
+        if adapted:
+            from peft import PeftModel
+
+            base_name = Path(first.base).name if Path(first.base).exists() else first.base
+            self.characters[base_name] = Character(base_name, None, None, base_tokenizer)
+            for index, (name, location, run) in enumerate(adapted):
+                if index == 0:
+                    model = PeftModel.from_pretrained(model, run.adapter, adapter_name=name)
+                else:
+                    model.load_adapter(run.adapter, adapter_name=name)
+                tokenizer = load_tokenizer(dataclasses.replace(model_cfg, tokenizer=run.tokenizer))
+                self.characters[name] = Character(name, name, run.system_prompt, tokenizer)
+        else:
+            name = names[0]
+            self.characters[name] = Character(name, None, first.system_prompt, base_tokenizer)
+        self.model = model.eval()
+        self.adapted = bool(adapted)
+        self.queue_size, self.waiting, self.counting = queue_size, 0, threading.Lock()
+        self.jobs: queue.Queue = queue.Queue()
+        self.pending: collections.deque = collections.deque()  # taken from `jobs`, not yet in a batch
+        self.batch_sizes: list[int] = []  # requests per generate() call so far, for benchmarks and tests
+        threading.Thread(target=self._work, name="roletune-serve-engine", daemon=True).start()
+
+    def submit(self, character: Character, messages: list[dict], emit, *, max_tokens: int, temperature=None,
+               top_p=None, stop: list[str] | None = None, seed: int | None = None) -> None:
+        """Queue a generation: `emit` is called, from the engine's thread, with each text piece, then an Answer
+        (or the exception that stopped it). Busy when `queue_size` requests are waiting or being answered."""
+        with self.counting:
+            if self.waiting >= self.queue_size:
+                raise Busy
+            self.waiting += 1
+        self.jobs.put(Job(character, self.prompt_ids(character, messages), max_tokens,
+                          dict(temperature=temperature, top_p=top_p, stop=stop, seed=seed), emit))
+
+    def prompt_ids(self, character: Character, messages: list[dict]) -> list[int]:
+        """The request as the character's chat template renders it, its system prompt first when the
+        request brings none."""
+        rendered = character.tokenizer.apply_chat_template(with_system(messages, character.system_prompt),
+                                                           tokenize=True, add_generation_prompt=True)
+        return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            self.batch_sizes.append(len(batch))
+            try:
+                self._generate(batch)
+            except Exception as exc:  # the requests' failure, told to them; the server goes on
+                for job in batch:
+                    job.emit(exc)
+            finally:
+                with self.counting:
+                    self.waiting -= len(batch)
+
+    def _next_batch(self) -> list[Job]:
+        """The oldest waiting request and every other waiting one it can share a generate() call with (the
+        same sampling settings; characters may differ), up to MAX_BATCH; the rest wait, in order."""
+        if not self.pending:
+            self.pending.append(self.jobs.get())
+        while True:
+            try:
+                self.pending.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        first = self.pending.popleft()
+        batch, rest = [first], collections.deque()
+        while self.pending:
+            job = self.pending.popleft()
+            (batch if job.key == first.key and len(batch) < MAX_BATCH else rest).append(job)
+        self.pending = rest
+        return batch
+
+    def _generate(self, batch: list[Job]) -> None:
+        from transformers import StoppingCriteriaList
+
+        settings, tokenizer = batch[0].settings, batch[0].character.tokenizer
+        config = GenerationConfig.from_dict(self.model.generation_config.to_dict())
+        stops = sorted(set().union(*(stop_token_ids(config, job.character.tokenizer) for job in batch)))
+        config.eos_token_id, config.pad_token_id = stops, tokenizer.pad_token_id
+        config.max_new_tokens = max(job.max_tokens for job in batch)
+        if settings["temperature"] is not None:
+            config.temperature, config.do_sample = settings["temperature"], settings["temperature"] > 0
+        if settings["top_p"] is not None:
+            config.top_p = settings["top_p"]
+        if settings["stop"]:
+            config.stop_strings = settings["stop"]
+        if not config.do_sample:
+            config.temperature = config.top_p = config.top_k = None
+        if settings["seed"] is not None:
+            torch.manual_seed(settings["seed"])
+        width = max(len(job.ids) for job in batch)  # prompts padded on the left, as one batch
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(job.ids)) + job.ids for job in batch],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(job.ids)) + [1] * len(job.ids) for job in batch], device=self.device)
+        extra = {"adapter_names": [job.character.adapter or BASE_ADAPTER for job in batch]} if self.adapted else {}
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=tokenizer,
+                streamer=_Pieces(batch, set(stops)), stopping_criteria=StoppingCriteriaList([_RowLimits(width, batch)]),
+                **extra)
+        for row, job in enumerate(batch):
+            new = output[row, width:width + job.max_tokens].tolist()
+            end = next((i for i, token in enumerate(new) if token in stops), None)
+            finish = "stop" if end is not None or len(new) < job.max_tokens else "length"
+            job.emit(Answer(finish, len(job.ids), len(new) if end is None else end))
+
+
+MAX_BATCH = 32  # requests in one generate() call
+
+
+@dataclass
+class Job:
+    character: Character
+    ids: list[int]
+    max_tokens: int
+    settings: dict
+    emit: object  # called with each piece of text, then the Answer
+
+    @property
+    def key(self) -> tuple:
+        """Requests batch together when they sample alike; a seeded one samples alone, to be reproducible."""
+        s = self.settings
+        return (s["temperature"], s["top_p"], tuple(s["stop"] or ()), s["seed"] if s["seed"] is None else id(self))
+
+
+class _RowLimits:
+    """Each row of a batch ends at its own request's max_tokens (generate's max_new_tokens is the largest)."""
+
+    def __init__(self, width: int, batch: list[Job]):
+        self.width, self.limits = width, batch
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        made = input_ids.shape[1] - self.width
+        return torch.tensor([made >= job.max_tokens for job in self.limits], device=input_ids.device)
+
+
+class _Pieces:
+    """A generate() streamer for a batch: each row's new text, decoded as it grows, goes to its request's
+    queue (a piece ending inside a multi-byte character waits for the rest of it)."""
+
+    def __init__(self, batch: list[Job], stops: set[int]):
+        self.batch, self.stops, self.prompt_seen = batch, stops, False
+        self.tokens: list[list[int]] = [[] for _ in batch]
+        self.sent = [""] * len(batch)
+        self.done = [False] * len(batch)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompts
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            job = self.batch[row]
+            if self.done[row] or token in self.stops or len(self.tokens[row]) >= job.max_tokens:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            text = job.character.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            piece, self.sent[row] = text[len(self.sent[row]):], text
+            if piece:
+                job.emit(piece)
+
+    def end(self) -> None:
+        pass
