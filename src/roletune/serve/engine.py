@@ -54,20 +54,9 @@ class Engine:
                  dtype: str | None = None, quantization: str | None = None, queue_size: int = 64):
         opened = [(name or Path(location).resolve().name, location, open_run(location, base_model))
                   for name, location in runs]
+        _check_servable(opened)
         adapted = [(name, location, run) for name, location, run in opened if run.adapter]
-        if adapted and len(adapted) < len(opened):
-            plain = next(location for _, location, run in opened if not run.adapter)
-            raise RunError(f"{plain}: a whole model cannot be served beside runs with adapters; serve it on its own")
-        if not adapted and len(opened) > 1:
-            raise RunError("several whole models: serve one at a time (runs with adapters share one base)")
-        bases = {run.base for _, _, run in adapted}
-        if len(bases) > 1:
-            which = "; ".join(f"{location}: {run.base}" for _, location, run in adapted)
-            raise RunError(f"the runs were trained on different bases ({which}); serve each base on its own, or "
-                           "pass --base-model when they are copies of one")
         names = [name for name, _, _ in opened]
-        if len(set(names)) < len(names):
-            raise RunError(f"two runs are both named {max(names, key=names.count)}; name them: NAME=RUN")
         first = opened[0][2]
         self.device = resolve_device(device)
         model_cfg = dataclasses.replace(first.model_cfg, path=first.base, dtype=dtype or first.model_cfg.dtype,
@@ -185,6 +174,23 @@ class Engine:
 
 
 MAX_BATCH = 32  # requests in one generate() call
+
+
+def _check_servable(opened: list) -> None:
+    """One process serves runs on one base, or one whole model: anything else is a RunError of one line."""
+    adapted = [(location, run) for _, location, run in opened if run.adapter]
+    if adapted and len(adapted) < len(opened):
+        plain = next(location for _, location, run in opened if not run.adapter)
+        raise RunError(f"{plain}: a whole model cannot be served beside runs with adapters; serve it on its own")
+    if not adapted and len(opened) > 1:
+        raise RunError("several whole models: serve one at a time (runs with adapters share one base)")
+    if len({run.base for _, run in adapted}) > 1:
+        which = "; ".join(f"{location}: {run.base}" for location, run in adapted)
+        raise RunError(f"the runs were trained on different bases ({which}); serve each base on its own, or "
+                       "pass --base-model when they are copies of one")
+    names = [name for name, _, _ in opened]
+    if len(set(names)) < len(names):
+        raise RunError(f"two runs are both named {max(names, key=names.count)}; name them: NAME=RUN")
 
 
 @dataclass
