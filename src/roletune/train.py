@@ -76,8 +76,9 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     if launch.is_main:  # only rank 0 writes to output_dir, so only rank 0 checks it (never racing its writes)
         run_dir.check_output_dir(cfg.output_dir, resume, overwrite)
     checkpoint = checkpoints.find_checkpoint(cfg.output_dir, resume) if resume else None
+    resumed_at = checkpoints.step_of(checkpoint) if checkpoint else None
     if checkpoint:
-        echo(f"resuming from {checkpoint} (step {checkpoints.step_of(checkpoint)})")
+        echo(f"resuming from {checkpoint} (step {resumed_at})")
     if launch.is_main:
         preflight.check(cfg, len(data.train), checkpoint)
 
@@ -89,8 +90,7 @@ def run(cfg: Config, *, resume: str | None = None, overwrite: bool = False, dry_
     model = build_model(cfg, device, echo, decision.layers)
     if launch.is_main:
         prepare_output_dir(cfg, data, fresh=(overwrite or resume is not None) and checkpoint is None)
-    tracker = open_tracker(cfg, checkpoints.step_of(checkpoint) if checkpoint else None, echo) if launch.is_main \
-        else Tracker()
+    tracker = open_tracker(cfg, resumed_at, echo) if launch.is_main else Tracker()
     samples = SampleAnswers(sample_rows(cfg, data.heldout_rows), tokenizer, cfg.data.system_prompt, tracker,
                             cfg.output_dir, cfg.eval.max_new_tokens, cfg.train.batch_size, echo,
                             every_rank=distributed.sharded(cfg), time_spent=time_spent)

@@ -24,7 +24,7 @@ def engine(trained_run):
 
 def submit(engine, character, text, **settings) -> queue.Queue:
     out = queue.Queue()
-    engine.submit(character, [{"role": "user", "content": text}], out.put, **settings)
+    engine.submit(character, engine.prompt_ids(character, [{"role": "user", "content": text}]), out.put, **settings)
     return out
 
 

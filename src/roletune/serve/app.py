@@ -70,12 +70,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_cap: in
                                   f"{', '.join(engine.characters)}", "model", "not_found_error")
         messages = _messages(body.get("messages"))
         settings = _settings(body, max_tokens_cap)
-        if len(engine.prompt_ids(character, messages)) > prompt_tokens_cap:
+        ids = engine.prompt_ids(character, messages)
+        if len(ids) > prompt_tokens_cap:
             raise BadRequest(400, f"the prompt is longer than this server's cap of {prompt_tokens_cap} tokens",
                              "messages")
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            engine.submit(character, messages, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
+            engine.submit(character, ids, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
                           **settings)
         except Busy:
             raise BadRequest(503, "too many requests are waiting; try again shortly", kind="server_busy") from None

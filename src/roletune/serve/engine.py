@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
-from roletune.decoding import stop_token_ids, with_system
+from roletune.decoding import Session, decoding_config, stop_token_ids, with_system
 from roletune.errors import RunError
 from roletune.model import check_weight_files, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from roletune.run_dir import open_run
@@ -63,7 +62,14 @@ class Engine:
                                         quantization=quantization or first.model_cfg.quantization)
         for _, _, run in adapted:
             check_weight_files(run.adapter)  # before the base loads
-        base_tokenizer = load_tokenizer(dataclasses.replace(model_cfg, tokenizer=first.tokenizer))
+        tokenizers: dict[str, object] = {}  # by location: runs of one base usually hold the same files
+
+        def tokenizer_at(location: str):
+            if location not in tokenizers:
+                tokenizers[location] = load_tokenizer(dataclasses.replace(model_cfg, tokenizer=location))
+            return tokenizers[location]
+
+        base_tokenizer = tokenizer_at(first.tokenizer)
         model = load_base_model(model_cfg, self.device, resolve_dtype(model_cfg.dtype, self.device))
         self.characters: dict[str, Character] = {}
         if adapted:
@@ -76,8 +82,7 @@ class Engine:
                     model = PeftModel.from_pretrained(model, run.adapter, adapter_name=name)
                 else:
                     model.load_adapter(run.adapter, adapter_name=name)
-                tokenizer = load_tokenizer(dataclasses.replace(model_cfg, tokenizer=run.tokenizer))
-                self.characters[name] = Character(name, name, run.system_prompt, tokenizer)
+                self.characters[name] = Character(name, name, run.system_prompt, tokenizer_at(run.tokenizer))
         else:
             name = names[0]
             self.characters[name] = Character(name, None, first.system_prompt, base_tokenizer)
@@ -89,15 +94,16 @@ class Engine:
         self.batch_sizes: list[int] = []  # requests per generate() call so far, for benchmarks and tests
         threading.Thread(target=self._work, name="roletune-serve-engine", daemon=True).start()
 
-    def submit(self, character: Character, messages: list[dict], emit, *, max_tokens: int, temperature=None,
+    def submit(self, character: Character, ids: list[int], emit, *, max_tokens: int, temperature=None,
                top_p=None, stop: list[str] | None = None, seed: int | None = None) -> None:
-        """Queue a generation: `emit` is called, from the engine's thread, with each text piece, then an Answer
-        (or the exception that stopped it). Busy when `queue_size` requests are waiting or being answered."""
+        """Queue a generation of the prompt `ids` (from prompt_ids): `emit` is called, from the engine's thread,
+        with each text piece, then an Answer (or the exception that stopped it). Busy when `queue_size`
+        requests are waiting or being answered."""
         with self.counting:
             if self.waiting >= self.queue_size:
                 raise Busy
             self.waiting += 1
-        self.jobs.put(Job(character, self.prompt_ids(character, messages), max_tokens,
+        self.jobs.put(Job(character, ids, max_tokens,
                           dict(temperature=temperature, top_p=top_p, stop=stop, seed=seed), emit))
 
     def prompt_ids(self, character: Character, messages: list[dict]) -> list[int]:
@@ -142,18 +148,15 @@ class Engine:
         from transformers import StoppingCriteriaList
 
         settings, tokenizer = batch[0].settings, batch[0].character.tokenizer
-        config = GenerationConfig.from_dict(self.model.generation_config.to_dict())
-        stops = sorted(set().union(*(stop_token_ids(config, job.character.tokenizer) for job in batch)))
-        config.eos_token_id, config.pad_token_id = stops, tokenizer.pad_token_id
-        config.max_new_tokens = max(job.max_tokens for job in batch)
-        if settings["temperature"] is not None:
-            config.temperature, config.do_sample = settings["temperature"], settings["temperature"] > 0
-        if settings["top_p"] is not None:
-            config.top_p = settings["top_p"]
-        if settings["stop"]:
-            config.stop_strings = settings["stop"]
-        if not config.do_sample:
-            config.temperature = config.top_p = config.top_k = None
+        temperature = settings["temperature"]
+        sample = temperature > 0 if temperature is not None else self.model.generation_config.do_sample
+        config = decoding_config(Session(self.model, tokenizer, None, self.adapted, self.device), greedy=not sample,
+                                 max_new_tokens=max(job.max_tokens for job in batch), do_sample=sample or None,
+                                 temperature=temperature, top_p=settings["top_p"], stop_strings=settings["stop"])
+        # Every row stops at its own character's end of turn (runs on one base share them, as a rule).
+        stops = sorted(set(config.eos_token_id).union(*(stop_token_ids(config, job.character.tokenizer)
+                                                        for job in batch[1:])))
+        config.eos_token_id = stops
         if settings["seed"] is not None:
             torch.manual_seed(settings["seed"])
         width = max(len(job.ids) for job in batch)  # prompts padded on the left, as one batch
