@@ -27,15 +27,24 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 test: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(PY) -m pytest -m "not slow"
 
-test-slow: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
-	$(PY) -m pytest -m slow
+test-slow: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors $(BROWSER)
+	ROLETUNE_BROWSER=$(BROWSER) $(PY) -m pytest -m slow
+
+# The web page's tests drive Debian's Chromium through Playwright, whose own browser download needs a
+# network. With ROLETUNE_BROWSER set, a missing browser fails those tests instead of skipping them.
+BROWSER := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+$(BROWSER):
+	@command -v apt-get >/dev/null || { echo "the web page tests need Chromium at $@ (Debian: apt-get install chromium)"; exit 1; }
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # The suite again (the benchmark rehearsal aside) on the oldest transformers pyproject.toml accepts, with pins
 # of its own: its 5.x releases rename and drop Trainer arguments, and a run must not depend on which one is installed.
 OLDEST_VENV := .venv-oldest
 OLDEST := transformers==5.17.0
-test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors
-	$(OLDEST_VENV)/bin/python -m pytest -m "not benchmark"
+test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors $(BROWSER)
+	ROLETUNE_BROWSER=$(BROWSER) $(OLDEST_VENV)/bin/python -m pytest -m "not benchmark"
 
 setup: $(VENV)/.installed
 

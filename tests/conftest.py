@@ -1,9 +1,16 @@
-"""Shared fixtures: the real Qwen2.5 tokenizer from ../shared, the tiny demo model, config files."""
+"""Shared fixtures: the real Qwen2.5 tokenizer from ../shared, the tiny demo model, config files, trained runs
+and servers."""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -240,3 +247,50 @@ def device_waits():
             return func(*args, **(kwargs or {}))
 
     return DeviceWaits
+
+
+# --- real `roletune serve` processes on 127.0.0.1, started once per test session (tests/serve) ---
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    children = []
+
+    def start(*args, env=None):
+        port = free_port()
+        child = subprocess.Popen([sys.executable, "-m", "roletune", "serve", *args, "--port", str(port),
+                                  "--device", "cpu"], env={**os.environ, **(env or {})},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        children.append(child)
+        deadline = time.time() + 180
+        while True:
+            assert child.poll() is None, child.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    assert response.status == 200
+                    return f"http://127.0.0.1:{port}"
+            except OSError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+    yield start
+    for child in children:
+        child.terminate()
+        child.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(start_server, trained_run):
+    return start_server(str(trained_run), f"keeper={trained_run}")
+
+
+@pytest.fixture(scope="session")
+def key_server(start_server, trained_run):
+    """A server that wants an API key (`.key`) and lets web pages from `.origin` call it."""
+    key, origin = "sk-test-roletune", "http://localhost:3000"
+    url = start_server(str(trained_run), "--allow-origin", origin, env={"ROLETUNE_API_KEY": key})
+    return SimpleNamespace(url=url, key=key, origin=origin)

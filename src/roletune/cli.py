@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: ROLETUNE_API_KEY)")
+    serve.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                       help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable; "
+                            "default none")
+    serve.add_argument("--engine", choices=["roletune", "vllm"], default="roletune",
+                       help="roletune (default): this process answers; vllm: start vLLM's OpenAI-compatible server "
+                            "for the same runs (GPU machines with vLLM installed; no web page)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     serve.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: the runs'")
     serve.add_argument("--quantization", choices=["none", "4bit", "8bit"], help="default: the runs'")
@@ -241,7 +247,8 @@ def dispatch(args) -> int:
         from roletune.serve import serve
 
         serve(args.runs, base_model=args.base_model, host=args.host, port=args.port, api_key=args.api_key,
-              device=args.device, dtype=args.dtype, quantization=args.quantization)
+              allow_origins=args.allow_origin, device=args.device, dtype=args.dtype, quantization=args.quantization,
+              engine=args.engine)
         return 0
     if args.verb == "data" and Path(args.config).suffix.lower() in (".json", ".jsonl"):
         return preview_file(args.config, args.model, args.overrides, args.n, args.json)

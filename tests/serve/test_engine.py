@@ -38,8 +38,8 @@ def test_waiting_requests_share_a_batch_and_each_gets_its_own_answer(engine, tra
     for i, question in enumerate(QUESTIONS):  # one at a time: each waits for the one before
         alone.append(collect(submit(engine, characters[i % 2], question, max_tokens=6 + i, temperature=0)))
     engine.batch_sizes.clear()
-    busy = submit(engine, characters[1], "讲个很长的故事。", max_tokens=64, temperature=0)  # the worker is on
-    # this one while the eight below arrive
+    busy = submit(engine, characters[1], "讲个很长的故事。", max_tokens=64, temperature=0)
+    assert isinstance(busy.get(timeout=60), str)  # the worker is on this one while the eight below arrive
     together = [collect(out) for out in ask_all(engine, characters)]
     collect(busy)
     assert engine.batch_sizes == [1, 8]
@@ -47,6 +47,35 @@ def test_waiting_requests_share_a_batch_and_each_gets_its_own_answer(engine, tra
     assert [(a.finish_reason, a.completion_tokens) for _, a in together] == \
         [(a.finish_reason, a.completion_tokens) for _, a in alone]
     assert together[0][0].startswith("风有") and together[1][1].finish_reason == "length"  # the base rambles on
+
+
+def test_requests_sent_together_to_an_idle_engine_decode_together(engine, trained_run, tiny_model):
+    """The web page sends its two panes' requests a moment apart: the idle worker waits GATHER for the second."""
+    engine.batch_sizes.clear()
+    outs = [submit(engine, engine.characters[name], QUESTIONS[0], max_tokens=8, temperature=0)
+            for name in (trained_run.name, tiny_model.name)]
+    assert [collect(out)[0] for out in outs][0].startswith("风有")
+    assert engine.batch_sizes == [2]
+
+
+def test_a_cancelled_request_stops_decoding_and_one_still_waiting_is_dropped(engine, tiny_model):
+    base = engine.characters[tiny_model.name]
+    out = queue.Queue()
+    job = engine.submit(base, engine.prompt_ids(base, [{"role": "user", "content": "讲个很长的故事。"}]), out.put,
+                        max_tokens=2000, temperature=0)
+    assert isinstance(out.get(timeout=60), str)
+    job.cancelled = True  # as the API does when the client goes away
+    text, answer = collect(out)
+    assert answer.completion_tokens < 100  # the base rambles on to max_tokens otherwise
+    engine.batch_sizes.clear()
+    first = submit(engine, base, "讲个很长的故事。", max_tokens=64, temperature=0)
+    assert isinstance(first.get(timeout=60), str)
+    gone = engine.submit(base, engine.prompt_ids(base, [{"role": "user", "content": "x"}]), queue.Queue().put,
+                         max_tokens=8, temperature=0)
+    gone.cancelled = True
+    collect(first)
+    collect(submit(engine, base, "x", max_tokens=2, temperature=0))
+    assert engine.batch_sizes == [1, 1] and engine.waiting == 0
 
 
 def test_a_full_queue_says_busy(engine, tiny_model):
@@ -92,6 +121,7 @@ def test_run_names_and_an_open_host_without_a_key_warns(monkeypatch, caplog):
 
     monkeypatch.setattr(roletune.serve.engine, "Engine", Stub)
     monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    monkeypatch.setattr("roletune.serve.app.create_app", lambda *args, **kwargs: None)
     monkeypatch.delenv("ROLETUNE_API_KEY", raising=False)
     serving.serve(["x"], host="0.0.0.0", echo=lambda *_: None)
     assert "--host 0.0.0.0 takes requests from other machines and no API key is set" in caplog.text

@@ -1,57 +1,14 @@
 """roletune serve, started for real on 127.0.0.1 and spoken to with the official openai client."""
 import concurrent.futures
-import os
-import socket
-import subprocess
-import sys
-import time
+import urllib.error
 import urllib.request
 
 import pytest
 
 from roletune import decoding
+from roletune.run_dir import open_run
 
 QUESTION = "第3个问题：今天海上风大吗？"
-KEY = "sk-test-roletune"
-
-pytestmark = pytest.mark.slow  # each module starts server processes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def start_server():
-    children = []
-
-    def start(*args, env=None):
-        port = free_port()
-        child = subprocess.Popen([sys.executable, "-m", "roletune", "serve", *args, "--port", str(port),
-                                  "--device", "cpu"], env={**os.environ, **(env or {})},
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        children.append(child)
-        deadline = time.time() + 180
-        while True:
-            assert child.poll() is None, child.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert response.status == 200
-                    return f"http://127.0.0.1:{port}"
-            except OSError:
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.5)
-    yield start
-    for child in children:
-        child.terminate()
-        child.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def server(start_server, trained_run):
-    return start_server(str(trained_run), f"keeper={trained_run}")
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +17,15 @@ def client(server):
 
     return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
 
+pytestmark = pytest.mark.slow  # each module starts server processes
+
 
 def test_models_lists_the_base_and_each_run(client, trained_run, tiny_model):
-    assert [m.id for m in client.models.list().data] == [tiny_model.name, trained_run.name, "keeper"]
+    """Each run names its base (`parent`, as vLLM lists LoRA models) and its persona (roletune's addition)."""
+    listed = client.models.list().data
+    assert [m.id for m in listed] == [tiny_model.name, trained_run.name, "keeper"]
+    assert [(m.parent, m.system_prompt) for m in listed] == \
+        [(None, None)] + [(tiny_model.name, open_run(str(trained_run)).system_prompt)] * 2
 
 
 def test_a_run_answers_in_character_as_chat_does(client, trained_run):
@@ -98,8 +61,9 @@ def test_the_base_answers_too_and_max_tokens_and_stop_hold(client, tiny_model):
 
 def test_sixteen_concurrent_requests_are_all_answered(client):
     def ask(i):
-        return client.chat.completions.create(model="keeper", messages=[{"role": "user", "content": f"第{i}个问题：今天海上风大吗？"}],
-                                              temperature=0, max_tokens=16).choices[0].message.content
+        question = [{"role": "user", "content": f"第{i}个问题：今天海上风大吗？"}]
+        return client.chat.completions.create(model="keeper", messages=question, temperature=0,
+                                              max_tokens=16).choices[0].message.content
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
@@ -125,7 +89,6 @@ def test_bad_requests_get_their_status_and_the_server_goes_on(client, request_bo
 
 def test_a_body_that_is_not_json_is_a_400_in_openais_shape(server):
     import json
-    import urllib.error
 
     request = urllib.request.Request(f"{server}/v1/chat/completions", data=b"{not json", method="POST")
     with pytest.raises(urllib.error.HTTPError) as caught:
@@ -134,13 +97,30 @@ def test_a_body_that_is_not_json_is_a_400_in_openais_shape(server):
     assert json.loads(caught.value.read())["error"]["message"] == "the request body is not JSON"
 
 
-def test_with_an_api_key_a_missing_or_wrong_one_is_401(start_server, trained_run):
+def test_with_an_api_key_a_missing_or_wrong_one_is_401(key_server, trained_run):
     import openai
 
-    url = start_server(str(trained_run), env={"ROLETUNE_API_KEY": KEY})
+    url = key_server.url
     for key in ("wrong", ""):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key=key or "-", max_retries=0).models.list()
-    assert [m.id for m in openai.OpenAI(base_url=f"{url}/v1", api_key=KEY).models.list().data][-1] == trained_run.name
+    listed = openai.OpenAI(base_url=f"{url}/v1", api_key=key_server.key).models.list().data
+    assert listed[-1].id == trained_run.name
     with urllib.request.urlopen(f"{url}/health", timeout=5) as response:  # a health check needs no key
         assert response.status == 200
+
+
+def test_other_origins_may_call_the_api_only_when_named(server, key_server):
+    def preflight(url, origin):
+        request = urllib.request.Request(f"{url}/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as refused:
+            return refused.headers.get("access-control-allow-origin")
+
+    assert preflight(server, key_server.origin) is None
+    assert preflight(key_server.url, key_server.origin) == key_server.origin
+    assert preflight(key_server.url, "http://elsewhere.example") is None

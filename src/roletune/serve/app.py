@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over an Engine: GET /health, GET /v1/models, POST /v1/chat/completions
-(streamed as server-sent events ending in [DONE], or whole). Errors are OpenAI's JSON shape with a 4xx
-status; nothing a client sends can produce a 500 with a traceback."""
+(streamed as server-sent events ending in [DONE], or whole), and the web page at / that talks to them.
+Errors are OpenAI's JSON shape with a 4xx status; nothing a client sends can produce a 500 with a
+traceback."""
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +9,10 @@ import json
 import secrets
 import time
 import uuid
+from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from roletune.serve.engine import Answer, Busy, Engine
 
@@ -27,9 +29,11 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_cap: int = 2048,
-               prompt_tokens_cap: int = 8192) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: list[str] | None = None,
+               max_tokens_cap: int = 2048, prompt_tokens_cap: int = 8192) -> FastAPI:
     app = FastAPI(title="roletune", docs_url=None, redoc_url=None, openapi_url=None)
+    page = resources.files("roletune.serve").joinpath("page.html").read_text(encoding="utf-8")
+    base = next((c.name for c in engine.characters.values() if c.adapter is None), None) if engine.adapted else None
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -52,14 +56,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_cap: in
     async def wrong_method(request: Request, exc):
         return error(405, f"{request.method} is not allowed on {request.url.path}")
 
+    if allow_origins:  # browsers on other origins may call the API only when the user names them
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.get("/", response_class=HTMLResponse)
+    async def web_page():
+        return page
+
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "requests": sum(engine.batch_sizes), "batches": len(engine.batch_sizes)}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "roletune"}
-                                           for name in engine.characters]}
+        # parent (the base a run's adapter sits on, as vLLM reports LoRA models) and system_prompt are
+        # roletune's additions; the web page reads them
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "roletune",
+             "parent": base if character.adapter else None, "system_prompt": character.system_prompt}
+            for name, character in engine.characters.items()]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -76,17 +94,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_tokens_cap: in
                              "messages")
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            engine.submit(character, ids, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
-                          **settings)
+            job = engine.submit(character, ids, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
+                                **settings)
         except Busy:
             raise BadRequest(503, "too many requests are waiting; try again shortly", kind="server_busy") from None
         created, reply_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         stops = settings["stop"] or []
         if body.get("stream"):
-            return StreamingResponse(_events(pieces, stops, character.name, reply_id, created),
+            return StreamingResponse(_events(pieces, job, stops, character.name, reply_id, created),
                                      media_type="text/event-stream")
         text, answer = "", None
-        async for item in _drain(pieces):
+        async for item in _drain(pieces, job):
             if isinstance(item, Answer):
                 answer = item
             else:
@@ -148,18 +166,25 @@ def _settings(body: dict, max_tokens_cap: int) -> dict:
             "top_p": number("top_p", float, 0, 1), "stop": stop or None, "seed": number("seed", int, 0, 2**63 - 1)}
 
 
-async def _drain(pieces: asyncio.Queue):
-    """The engine's pieces as they come, then its Answer; an engine failure becomes a 500 of one line."""
-    while True:
-        item = await pieces.get()
-        if isinstance(item, Exception):
-            raise BadRequest(500, f"generation failed: {item}", kind="server_error")
-        yield item
-        if isinstance(item, Answer):
-            return
+async def _drain(pieces: asyncio.Queue, job):
+    """The engine's pieces as they come, then its Answer; an engine failure becomes a 500 of one line. A
+    client that leaves before the Answer cancels the job, so its row stops decoding."""
+    finished = False
+    try:
+        while True:
+            item = await pieces.get()
+            if isinstance(item, Exception):
+                finished = True
+                raise BadRequest(500, f"generation failed: {item}", kind="server_error")
+            finished = isinstance(item, Answer)
+            yield item
+            if finished:
+                return
+    finally:
+        job.cancelled = not finished
 
 
-async def _events(pieces: asyncio.Queue, stops: list[str], model: str, reply_id: str, created: int):
+async def _events(pieces: asyncio.Queue, job, stops: list[str], model: str, reply_id: str, created: int):
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -171,7 +196,7 @@ async def _events(pieces: asyncio.Queue, stops: list[str], model: str, reply_id:
     held, keep = "", max((len(s) for s in stops), default=1) - 1  # a stop string may arrive in pieces
     answer, cut = None, False
     try:
-        async for item in _drain(pieces):
+        async for item in _drain(pieces, job):
             if isinstance(item, Answer):
                 answer = item
                 continue

@@ -6,7 +6,9 @@ tokenizer's chat template and stop tokens; the base answers under its own name. 
 with `model`. The worker takes every waiting request that samples alike into one generate() call, each
 row with its own adapter (peft's `adapter_names`, `__base__` for the base), its own max_tokens and its
 own stream; requests that arrive meanwhile wait for the next call. (transformers' continuous batching,
-which lets a request join at the next decoding step, takes no adapter per request.)
+which lets a request join at the next decoding step, takes no adapter per request.) An idle worker waits
+GATHER seconds after a request for others sent with it, so the web page's two panes, or a client's
+parallel calls, decode together.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import collections
 import dataclasses
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +56,7 @@ class Engine:
                  dtype: str | None = None, quantization: str | None = None, queue_size: int = 64):
         opened = [(name or Path(location).resolve().name, location, open_run(location, base_model))
                   for name, location in runs]
-        _check_servable(opened)
+        check_servable(opened)
         adapted = [(name, location, run) for name, location, run in opened if run.adapter]
         names = [name for name, _, _ in opened]
         first = opened[0][2]
@@ -91,20 +94,21 @@ class Engine:
         self.queue_size, self.waiting, self.counting = queue_size, 0, threading.Lock()
         self.jobs: queue.Queue = queue.Queue()
         self.pending: collections.deque = collections.deque()  # taken from `jobs`, not yet in a batch
-        self.batch_sizes: list[int] = []  # requests per generate() call so far, for benchmarks and tests
+        self.batch_sizes: list[int] = []  # requests per generate() call so far (/health, benchmarks and tests)
         threading.Thread(target=self._work, name="roletune-serve-engine", daemon=True).start()
 
     def submit(self, character: Character, ids: list[int], emit, *, max_tokens: int, temperature=None,
-               top_p=None, stop: list[str] | None = None, seed: int | None = None) -> None:
+               top_p=None, stop: list[str] | None = None, seed: int | None = None) -> Job:
         """Queue a generation of the prompt `ids` (from prompt_ids): `emit` is called, from the engine's thread,
         with each text piece, then an Answer (or the exception that stopped it). Busy when `queue_size`
-        requests are waiting or being answered."""
+        requests are waiting or being answered. The Job returned can be cancelled (the client left)."""
         with self.counting:
             if self.waiting >= self.queue_size:
                 raise Busy
             self.waiting += 1
-        self.jobs.put(Job(character, ids, max_tokens,
-                          dict(temperature=temperature, top_p=top_p, stop=stop, seed=seed), emit))
+        job = Job(character, ids, max_tokens, dict(temperature=temperature, top_p=top_p, stop=stop, seed=seed), emit)
+        self.jobs.put(job)
+        return job
 
     def prompt_ids(self, character: Character, messages: list[dict]) -> list[int]:
         """The request as the character's chat template renders it, its system prompt first when the
@@ -128,13 +132,16 @@ class Engine:
 
     def _next_batch(self) -> list[Job]:
         """The oldest waiting request and every other waiting one it can share a generate() call with (the
-        same sampling settings; characters may differ), up to MAX_BATCH; the rest wait, in order."""
-        if not self.pending:
-            self.pending.append(self.jobs.get())
+        same sampling settings; characters may differ), up to MAX_BATCH; the rest wait, in order. Requests
+        cancelled while they waited are dropped."""
         while True:
-            try:
-                self.pending.append(self.jobs.get_nowait())
-            except queue.Empty:
+            self._take_waiting()
+            dropped = [job for job in self.pending if job.cancelled]
+            if dropped:
+                self.pending = collections.deque(job for job in self.pending if not job.cancelled)
+                with self.counting:
+                    self.waiting -= len(dropped)
+            if self.pending:
                 break
         first = self.pending.popleft()
         batch, rest = [first], collections.deque()
@@ -143,6 +150,23 @@ class Engine:
             (batch if job.key == first.key and len(batch) < MAX_BATCH else rest).append(job)
         self.pending = rest
         return batch
+
+    def _take_waiting(self) -> None:
+        """Move the queued requests to `pending`; when there were none, wait for one, then GATHER seconds
+        for those sent with it."""
+        if not self.pending:
+            self.pending.append(self.jobs.get())
+            until = time.monotonic() + GATHER
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    self.pending.append(self.jobs.get(timeout=left))
+                except queue.Empty:
+                    break
+        while True:
+            try:
+                self.pending.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return
 
     def _generate(self, batch: list[Job]) -> None:
         from transformers import StoppingCriteriaList
@@ -177,9 +201,11 @@ class Engine:
 
 
 MAX_BATCH = 32  # requests in one generate() call
+GATHER = 0.02  # seconds an idle worker waits for requests sent together; small beside one decoding step's
+# share of a reply, and wide enough for a browser's two fetches of one message
 
 
-def _check_servable(opened: list) -> None:
+def check_servable(opened: list) -> None:
     """One process serves runs on one base, or one whole model: anything else is a RunError of one line."""
     adapted = [(location, run) for _, location, run in opened if run.adapter]
     if adapted and len(adapted) < len(opened):
@@ -203,6 +229,7 @@ class Job:
     max_tokens: int
     settings: dict
     emit: object  # called with each piece of text, then the Answer
+    cancelled: bool = False  # set when the client has gone: its row stops at the next step
 
     @property
     def key(self) -> tuple:
@@ -219,7 +246,7 @@ class _RowLimits:
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         made = input_ids.shape[1] - self.width
-        return torch.tensor([made >= job.max_tokens for job in self.limits], device=input_ids.device)
+        return torch.tensor([made >= job.max_tokens or job.cancelled for job in self.limits], device=input_ids.device)
 
 
 class _Pieces:
@@ -238,7 +265,7 @@ class _Pieces:
             return
         for row, token in enumerate(value.reshape(-1).tolist()):
             job = self.batch[row]
-            if self.done[row] or token in self.stops or len(self.tokens[row]) >= job.max_tokens:
+            if self.done[row] or job.cancelled or token in self.stops or len(self.tokens[row]) >= job.max_tokens:
                 self.done[row] = True
                 continue
             self.tokens[row].append(token)
