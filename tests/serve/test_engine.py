@@ -50,13 +50,17 @@ def test_waiting_requests_share_a_batch_and_each_gets_its_own_answer(engine, tra
     assert together[0][0].startswith("风有") and together[1][1].finish_reason == "length"  # the base rambles on
 
 
-def test_requests_sent_together_to_an_idle_engine_decode_together(engine, trained_run, tiny_model):
-    """The web page sends its two panes' requests a moment apart: the idle worker waits GATHER for the second."""
+def test_requests_read_together_by_an_idle_engine_decode_together(engine, trained_run, tiny_model):
+    """The web page sends its two panes' requests a moment apart: while the server still reads the second,
+    the idle worker waits for it. A request whose reading never ends holds the worker up GATHER_MORE at most."""
     engine.batch_sizes.clear()
-    outs = [submit(engine, engine.characters[name], QUESTIONS[0], max_tokens=8, temperature=0)
-            for name in (trained_run.name, tiny_model.name)]
+    with engine.arriving(), engine.arriving():  # as the API does from a request's first byte to submit()
+        outs = [submit(engine, engine.characters[name], QUESTIONS[0], max_tokens=8, temperature=0)
+                for name in (trained_run.name, tiny_model.name)]
     assert [collect(out)[0] for out in outs][0].startswith("风有")
-    assert engine.batch_sizes == [2]
+    with engine.arriving():
+        collect(submit(engine, engine.characters[tiny_model.name], QUESTIONS[1], max_tokens=8, temperature=0))
+    assert engine.batch_sizes == [2, 1]
 
 
 def test_a_cancelled_request_stops_decoding_and_one_still_waiting_is_dropped(engine, tiny_model):

@@ -81,23 +81,25 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_origins: lis
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _json(request)
-        character = engine.characters.get(body.get("model")) if isinstance(body.get("model"), str) else None
-        if character is None:
-            raise BadRequest(404, f"model {body.get('model')!r} is not served here; GET /v1/models lists "
-                                  f"{', '.join(engine.characters)}", "model", "not_found_error")
-        messages = _messages(body.get("messages"))
-        settings = _settings(body, max_tokens_cap)
-        ids = engine.prompt_ids(character, messages)
-        if len(ids) > prompt_tokens_cap:
-            raise BadRequest(400, f"the prompt is longer than this server's cap of {prompt_tokens_cap} tokens",
-                             "messages")
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        try:
-            job = engine.submit(character, ids, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
-                                **settings)
-        except Busy:
-            raise BadRequest(503, "too many requests are waiting; try again shortly", kind="server_busy") from None
+        with engine.arriving():
+            body = await _json(request)
+            character = engine.characters.get(body.get("model")) if isinstance(body.get("model"), str) else None
+            if character is None:
+                raise BadRequest(404, f"model {body.get('model')!r} is not served here; GET /v1/models lists "
+                                      f"{', '.join(engine.characters)}", "model", "not_found_error")
+            messages = _messages(body.get("messages"))
+            settings = _settings(body, max_tokens_cap)
+            ids = engine.prompt_ids(character, messages)
+            if len(ids) > prompt_tokens_cap:
+                raise BadRequest(400, f"the prompt is longer than this server's cap of {prompt_tokens_cap} tokens",
+                                 "messages")
+            loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+            try:
+                job = engine.submit(character, ids, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
+                                    **settings)
+            except Busy:
+                raise BadRequest(503, "too many requests are waiting; try again shortly",
+                                 kind="server_busy") from None
         created, reply_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         stops = settings["stop"] or []
         if body.get("stream"):

@@ -6,13 +6,15 @@ tokenizer's chat template and stop tokens; the base answers under its own name. 
 with `model`. The worker takes every waiting request that samples alike into one generate() call, each
 row with its own adapter (peft's `adapter_names`, `__base__` for the base), its own max_tokens and its
 own stream; requests that arrive meanwhile wait for the next call. (transformers' continuous batching,
-which lets a request join at the next decoding step, takes no adapter per request.) An idle worker waits
-GATHER seconds after a request for others sent with it, so the web page's two panes, or a client's
-parallel calls, decode together.
+which lets a request join at the next decoding step, takes no adapter per request.) An idle worker that
+gets a request waits GATHER seconds for others sent with it, longer (up to GATHER_MORE) while the server
+is still reading some, so requests sent together (the web page's two panes, a client's parallel calls)
+decode together.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -92,6 +94,7 @@ class Engine:
         self.model = model.eval()
         self.adapted = bool(adapted)
         self.queue_size, self.waiting, self.counting = queue_size, 0, threading.Lock()
+        self.reading = 0  # requests the server has begun to read and not yet submitted
         self.jobs: queue.Queue = queue.Queue()
         self.pending: collections.deque = collections.deque()  # taken from `jobs`, not yet in a batch
         self.batch_sizes: list[int] = []  # requests per generate() call so far (/health, benchmarks and tests)
@@ -109,6 +112,17 @@ class Engine:
         job = Job(character, ids, max_tokens, dict(temperature=temperature, top_p=top_p, stop=stop, seed=seed), emit)
         self.jobs.put(job)
         return job
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around reading a request up to its submit(): an idle worker waits for it (see _take_waiting)."""
+        with self.counting:
+            self.reading += 1
+        try:
+            yield
+        finally:
+            with self.counting:
+                self.reading -= 1
 
     def prompt_ids(self, character: Character, messages: list[dict]) -> list[int]:
         """The request as the character's chat template renders it, its system prompt first when the
@@ -152,16 +166,14 @@ class Engine:
         return batch
 
     def _take_waiting(self) -> None:
-        """Move the queued requests to `pending`; when there were none, wait for one, then GATHER seconds
-        for those sent with it."""
+        """Move the queued requests to `pending`; when there were none, wait for one, then for the others
+        sent with it."""
         if not self.pending:
             self.pending.append(self.jobs.get())
-            until = time.monotonic() + GATHER
-            while (left := until - time.monotonic()) > 0:
-                try:
-                    self.pending.append(self.jobs.get(timeout=left))
-                except queue.Empty:
-                    break
+            start = time.monotonic()
+            while (waited := time.monotonic() - start) < GATHER or (self.reading and waited < GATHER_MORE):
+                with contextlib.suppress(queue.Empty):
+                    self.pending.append(self.jobs.get(timeout=0.001))
         while True:
             try:
                 self.pending.append(self.jobs.get_nowait())
@@ -201,8 +213,10 @@ class Engine:
 
 
 MAX_BATCH = 32  # requests in one generate() call
-GATHER = 0.02  # seconds an idle worker waits for requests sent together; small beside one decoding step's
-# share of a reply, and wide enough for a browser's two fetches of one message
+# Seconds an idle worker waits after a request for others sent with it: a browser's second request of a
+# pair arrives 1-3 ms after the first is read; a reply takes hundreds of decoding steps.
+GATHER = 0.01
+GATHER_MORE = 0.05  # the most it waits while requests are still being read
 
 
 def check_servable(opened: list) -> None:
