@@ -2,6 +2,11 @@
 run: the same server, prompts and reply length (greedy, every reply max_tokens long, on the base, which
 does not stop early). Prints tokens/s, the ratio to one client, and p50 / p95 latency per request.
 
+First, with no server running, it times the base's own generate() on 1, 8 and 32 prompts at once: the
+most batching can give on this model and machine, whatever the server does. (On the demo model the LM
+head, 64 x 151,936, is nearly all of a decoding step's work and grows with the rows, so that ceiling is
+low; on a 7B model a step is bound by reading the weights, which rows share.)
+
 usage: python benchmarks/serve_throughput.py [RUN] [--requests 32] [--tokens 32] [--device cpu]
 Default run: runs/demo (`make demo`). The server is started as `roletune serve` on a free local port and
 spoken to with the official openai client.
@@ -29,6 +34,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
+    ceilings = ceiling(args.run, args.tokens, args.device)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -65,7 +71,35 @@ def main():
         server.wait(timeout=60)
     print(json.dumps({"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
                       "torch": torch.__version__, "requests": args.requests, "tokens": args.tokens,
-                      "results": results}, indent=2))
+                      "generate_ceiling": ceilings, "results": results}, indent=2))
+
+
+def ceiling(run: str, tokens: int, device: str) -> dict:
+    """tokens/s of the base's generate() on 1, 8 and 32 rows, greedy, every row `tokens` long."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from roletune.run_dir import open_run
+
+    base = open_run(run).base
+    tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device).eval()
+    rates = {}
+    for rows in (1, 1, 8, 32):  # the first pass warms up
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"第{i}个问题：讲个故事。"}],
+                                                 tokenize=False, add_generation_prompt=True) for i in range(rows)]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        times = []
+        for _ in range(5):  # the median of five: one call is a fraction of a second
+            started = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**batch, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                               pad_token_id=tokenizer.pad_token_id)
+            times.append(time.perf_counter() - started)
+        rates[rows] = rows * tokens / statistics.median(times)
+    for rows, rate in rates.items():
+        print(f"generate() on {rows:>2} rows: {rate:8.1f} tokens/s  x{rate / rates[1]:5.2f}  (the ceiling)", flush=True)
+    return {rows: {"tokens_per_s": round(rate, 1), "vs_one_row": round(rate / rates[1], 2)}
+            for rows, rate in rates.items()}
 
 
 def wait_for(url: str, timeout: float = 300) -> str:
