@@ -12,6 +12,10 @@ OLDEST_PINS := requirements/pins-oldest.txt
 TORCH ?= $(shell grep '^torch==' $(PINS))
 EXTRAS := .[test,demo]
 DEMO_MODEL := .cache/demo-model
+# Programs and files the slow tests use, installed or fetched once (their rules are below).
+BROWSER := /usr/bin/chromium
+GO := /usr/bin/go
+CONVERTER := .cache/llama.cpp/convert_hf_to_gguf.py
 
 .PHONY: demo test test-slow test-oldest test-latest test-latest-oldest pins setup clean
 
@@ -23,28 +27,35 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	@echo "then for instance: roletune chat runs/demo"
 
 # The fast suite (minutes on two cores); test-slow runs the tests marked slow: whole training runs, process
-# launches, compiles, lever A/B runs, and the CPU rehearsal of the GPU benchmark script.
+# launches (servers, a browser, llama.cpp's converter), compiles, lever A/B runs, and the benchmarks' rehearsals.
 test: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(PY) -m pytest -m "not slow"
 
-test-slow: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors $(BROWSER)
-	ROLETUNE_BROWSER=$(BROWSER) $(PY) -m pytest -m slow
+test-slow: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors $(CONVERTER) $(BROWSER) $(GO)
+	ROLETUNE_BROWSER=$(BROWSER) ROLETUNE_GO=$(GO) $(PY) -m pytest -m slow
 
 # The web page's tests drive Debian's Chromium through Playwright, whose own browser download needs a
-# network. With ROLETUNE_BROWSER set, a missing browser fails those tests instead of skipping them.
-BROWSER := /usr/bin/chromium
+# network; the Ollama export's tests render its template with Go's text/template, as Ollama does. With
+# ROLETUNE_BROWSER and ROLETUNE_GO set, a missing program fails those tests instead of skipping them.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL = @command -v apt-get >/dev/null || { echo "the tests need $(1) (Debian's package $(2))"; exit 1; }; \
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null || \
+	{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; }
 $(BROWSER):
-	@command -v apt-get >/dev/null || { echo "the web page tests need Chromium at $@ (Debian: apt-get install chromium)"; exit 1; }
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
-		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	$(call APT_INSTALL,Chromium,chromium)
+$(GO):
+	$(call APT_INSTALL,Go,golang-go)
+
+# llama.cpp's converter, for the export tests: taken once from the llama-cpp-python source distribution.
+$(CONVERTER): | $(VENV)/.installed
+	$(PY) -m roletune.export.llama_cpp $(dir $@)
 
 # The suite again (the benchmark rehearsal aside) on the oldest transformers pyproject.toml accepts, with pins
 # of its own: its 5.x releases rename and drop Trainer arguments, and a run must not depend on which one is installed.
 OLDEST_VENV := .venv-oldest
 OLDEST := transformers==5.17.0
-test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors $(BROWSER)
-	ROLETUNE_BROWSER=$(BROWSER) $(OLDEST_VENV)/bin/python -m pytest -m "not benchmark"
+test-oldest: $(OLDEST_VENV)/.installed $(DEMO_MODEL)/model.safetensors $(CONVERTER) $(BROWSER) $(GO)
+	ROLETUNE_BROWSER=$(BROWSER) ROLETUNE_GO=$(GO) $(OLDEST_VENV)/bin/python -m pytest -m "not benchmark"
 
 setup: $(VENV)/.installed
 

@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: the runs'")
     serve.add_argument("--quantization", choices=["none", "4bit", "8bit"], help="default: the runs'")
 
+    export = verbs.add_parser("export", help="a run as a GGUF file (llama.cpp, LM Studio) or for Ollama",
+                              description="Merge the adapter, convert with llama.cpp's own converter, check the file "
+                                          "against the merged model. Needs pip install 'roletune[gguf]'.")
+    export.add_argument("run", help="a training run's output_dir, an adapter folder, or a merged model folder")
+    export.add_argument("--to", choices=["gguf", "ollama"], default="gguf",
+                        help="gguf: the file alone; ollama: the file and a Modelfile (default gguf)")
+    export.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="q8_0", help="default q8_0")
+    export.add_argument("--out", required=True, help="new folder for the export")
+    export.add_argument("--check", choices=["auto", "logits", "none"], default="auto",
+                        help="compare the GGUF's logits with the merged model's: auto does so up to 2B parameters")
+    export.add_argument("--device", default="auto", help="where to merge: auto, cpu, cuda or cuda:N")
+    export.add_argument("--base-model", metavar="PATH_OR_ID", help=BASE_MODEL_HELP)
+
     plot = verbs.add_parser("plot", help="draw train and eval loss against steps for one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="training runs' output_dir")
     plot.add_argument("--out", help="PNG file (default: RUN/loss.png for one run; required for several)")
@@ -243,6 +256,12 @@ def dispatch(args) -> int:
         return 0
     if args.verb == "plot":
         return draw(args.runs, args.out)
+    if args.verb == "export":
+        from roletune.export import export
+
+        export(args.run, args.out, to=args.to, quant=args.quant, base_model=args.base_model, device=args.device,
+               check=args.check)
+        return 0
     if args.verb == "serve":
         from roletune.serve import serve
 
