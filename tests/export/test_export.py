@@ -34,52 +34,46 @@ def greedy(model, tokenizer) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.slow  # the converter runs in a process of its own
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_a_run_exported_answers_as_the_run_does_and_carries_its_persona(converter, trained_run, tmp_path, quant):
+pytestmark = [pytest.mark.slow, pytest.mark.export]  # the converter runs in a process of its own
+
+
+def test_a_q8_0_export_carries_the_persona_and_passes_its_logit_check(converter, trained_run, tmp_path):
+    from roletune.export import export
+    from roletune.export.check import chat_template
+
+    written = export(str(trained_run), str(tmp_path / "out"), quant="q8_0", device="cpu", check="logits",
+                     echo=lambda *_: None)
+    assert written == tmp_path / "out" / "run-q8_0.gguf" and sorted(p.name for p in written.parent.iterdir()) == \
+        ["roletune_export.json", "run-q8_0.gguf"]  # the merged weights are gone
+    record = json.loads((written.parent / "roletune_export.json").read_text())
+    assert record["quant"] == "q8_0" and record["checks"]["logits"]["mean_kl"] < 0.02
+    assert LIGHTHOUSE_SYSTEM in chat_template(written)  # the persona opens a conversation that brings none
+
+
+def test_for_ollama_the_gguf_answers_as_the_run_and_the_modelfile_renders_as_training_did(converter, trained_run,
+                                                                                          tmp_path):
+    """transformers' GGUF reader reads the file back (half a minute: gguf-py parses the 151,665-token vocabulary
+    in Python); Go's text/template renders the TEMPLATE as Ollama would, and it must be the run's own."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from roletune.export import export
     from roletune.export.check import chat_template
 
-    # Reading a GGUF back costs half a minute (gguf-py parses the 151,665-token vocabulary in Python): q8_0 is
-    # read by export's own logit check, f16 by this test.
     lines = []
-    written = export(str(trained_run), str(tmp_path / "out"), quant=quant, device="cpu",
-                     check="logits" if quant == "q8_0" else "none", echo=lines.append)
-    assert written == tmp_path / "out" / f"run-{quant}.gguf" and sorted(p.name for p in written.parent.iterdir()) == \
-        sorted([written.name, "roletune_export.json"])  # the merged weights are gone
-    record = json.loads((written.parent / "roletune_export.json").read_text())
-    template = chat_template(written)
-    assert record["quant"] == quant and LIGHTHOUSE_SYSTEM in template  # the persona opens a conversation
-    # that brings no system message
-    if quant == "q8_0":
-        assert record["checks"]["logits"]["mean_kl"] < 0.02 and record["checks"]["logits"]["same_next_token"] > 0.8
-        return
-
-    # Read back with transformers' GGUF reader, the file answers as the run does.
+    export(str(trained_run), str(tmp_path / "out"), to="ollama", quant="f16", device="cpu", check="none",
+           echo=lines.append)
+    written = tmp_path / "out" / "run-f16.gguf"
     session = decoding.load_session(str(trained_run), device="cpu")
     (want,) = decoding.answer_batch(session, [[{"role": "user", "content": QUESTION}]],
                                     decoding.decoding_config(session, greedy=True, max_new_tokens=24))
     model = AutoModelForCausalLM.from_pretrained(written.parent, gguf_file=written.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(trained_run)
-    tokenizer.chat_template = template
+    tokenizer.chat_template = chat_template(written)
     assert greedy(model, tokenizer) == want.text and "灯塔照常亮着。" in want.text
 
-
-@pytest.mark.slow
-def test_ollama_gets_a_modelfile_whose_template_renders_as_training_did(converter, trained_run, tmp_path):
-    """Go's text/template renders the TEMPLATE as Ollama would; the text must be the run's own template's."""
-    from transformers import AutoTokenizer
-
-    from roletune.export import export
-
-    lines = []
-    export(str(trained_run), str(tmp_path / "out"), to="ollama", quant="f16", device="cpu", check="none",
-           echo=lines.append)
     text = (tmp_path / "out" / "Modelfile").read_text()
-    assert text.startswith("FROM ./run-f16.gguf\n") and (tmp_path / "out" / "run-f16.gguf").is_file()
+    assert text.startswith("FROM ./run-f16.gguf\n")
     assert f'SYSTEM """{LIGHTHOUSE_SYSTEM}"""' in text and 'PARAMETER stop "<|im_end|>"' in text
     assert lines[-1] == f"ollama create run -f {tmp_path / 'out' / 'Modelfile'}"
     template = text[text.index('TEMPLATE """') + 12:text.index('"""', text.index('TEMPLATE """') + 12)]
@@ -87,7 +81,6 @@ def test_ollama_gets_a_modelfile_whose_template_renders_as_training_did(converte
     if go is None or not os.access(go, os.X_OK):
         assert not os.environ.get("ROLETUNE_GO"), "make test-slow installs Go (Debian's golang-go)"
         pytest.skip("no Go to render the template with (Debian: apt-get install golang-go)")
-    tokenizer = AutoTokenizer.from_pretrained(trained_run)
     conversations = [
         [{"role": "user", "content": QUESTION}],
         [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "风有3级。"},
@@ -95,9 +88,9 @@ def test_ollama_gets_a_modelfile_whose_template_renders_as_training_did(converte
     ]
     for messages in conversations:
         # Ollama hands the template the Modelfile's SYSTEM as .System when the request brings none.
-        want = tokenizer.apply_chat_template(decoding.with_system(messages, LIGHTHOUSE_SYSTEM), tokenize=False,
-                                             add_generation_prompt=True)
-        assert render_with_go(go, template, LIGHTHOUSE_SYSTEM, messages, tmp_path) == want
+        expected = tokenizer.apply_chat_template(decoding.with_system(messages, LIGHTHOUSE_SYSTEM), tokenize=False,
+                                                 add_generation_prompt=True)
+        assert render_with_go(go, template, LIGHTHOUSE_SYSTEM, messages, tmp_path) == expected
 
 
 def render_with_go(go, template: str, system: str, messages: list[dict], folder) -> str:
@@ -138,7 +131,6 @@ func main() {
     return done.stdout
 
 
-@pytest.mark.slow
 def test_what_cannot_be_exported_is_one_line_and_nothing_is_written(converter, trained_run, tiny_model, tmp_path,
                                                                      monkeypatch):
     from roletune.export import export
