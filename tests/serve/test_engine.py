@@ -1,7 +1,6 @@
 """The serving engine in-process: requests that wait together are answered in one generate() call, each
 row with its own adapter, max_tokens and stream, and each answer is the one it gets alone."""
 import queue
-import time
 
 import pytest
 
@@ -80,9 +79,6 @@ def test_a_cancelled_request_stops_decoding_and_one_still_waiting_is_dropped(eng
     gone.cancelled = True
     collect(first)
     collect(submit(engine, base, "x", max_tokens=2, temperature=0))
-    deadline = time.monotonic() + 10  # the worker counts a batch answered after it has sent the answers
-    while engine.waiting and time.monotonic() < deadline:
-        time.sleep(0.01)
     assert engine.batch_sizes == [1, 1] and engine.waiting == 0
 
 

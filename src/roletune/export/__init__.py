@@ -27,8 +27,7 @@ LOGIT_CHECK_LIMIT = 2e9  # parameters: above it, loading the GGUF and the merged
 def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", base_model: str | None = None,
            device: str = "auto", check: str = "auto", echo=print) -> Path:
     from roletune.export import llama_cpp
-    from roletune.export.check import chat_template, logits
-    from roletune.merge import PROBES, merge
+    from roletune.merge import merge
 
     target = Path(out)
     if target.exists():
@@ -60,7 +59,7 @@ def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", ba
         gguf = work / f"{name}-{quant}.gguf"
         echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {quant}")
         llama_cpp.convert(merged, gguf, quant, converter)
-        checks = _check(merged, gguf, quant, parameters, check, chat_template, logits, PROBES, echo)
+        checks = _check(merged, gguf, quant, parameters, check, echo)
         if to == "ollama":
             _write_modelfile(work, merged, gguf.name, echo)
         record = {"run": str(Path(location).resolve()), "base": run.base, "to": to, "quant": quant,
@@ -101,9 +100,11 @@ def _check_disk(folder: Path, parameters: int, quant: str, merged_bytes: float) 
                        "(merged weights and the GGUF side by side); free some space or choose another --out")
 
 
-def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, chat_template, logits, prompts,
-           echo) -> dict:
+def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, echo) -> dict:
     from transformers import AutoTokenizer
+
+    from roletune.export.check import chat_template, logits
+    from roletune.merge import PROBES
 
     want = AutoTokenizer.from_pretrained(merged).chat_template
     if chat_template(gguf) != want:
@@ -111,7 +112,7 @@ def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, ch
                        "written")
     checks = {"chat_template": "the merged model's, persona first"}
     if check == "logits" or (check == "auto" and parameters <= LOGIT_CHECK_LIMIT):
-        checks["logits"] = logits(merged, gguf, quant, prompts, echo)
+        checks["logits"] = logits(merged, gguf, quant, PROBES, echo)
     else:
         echo(f"logit check skipped ({parameters / 1e9:.1f}B parameters); --check logits runs it")
     return checks

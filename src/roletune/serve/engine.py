@@ -139,10 +139,16 @@ class Engine:
                 self._generate(batch)
             except Exception as exc:  # the requests' failure, told to them; the server goes on
                 for job in batch:
-                    job.emit(exc)
-            finally:
-                with self.counting:
-                    self.waiting -= len(batch)
+                    if not job.finished:
+                        self._finish(job, exc)
+
+    def _finish(self, job: Job, last) -> None:
+        """A request leaves the count of those waiting before it hears its Answer (or failure), so a client
+        that asks again at once finds its room free."""
+        with self.counting:
+            self.waiting -= 1
+        job.finished = True
+        job.emit(last)
 
     def _next_batch(self) -> list[Job]:
         """The oldest waiting request and every other waiting one it can share a generate() call with (the
@@ -209,7 +215,7 @@ class Engine:
             new = output[row, width:width + job.max_tokens].tolist()
             end = next((i for i, token in enumerate(new) if token in stops), None)
             finish = "stop" if end is not None or len(new) < job.max_tokens else "length"
-            job.emit(Answer(finish, len(job.ids), len(new) if end is None else end))
+            self._finish(job, Answer(finish, len(job.ids), len(new) if end is None else end))
 
 
 MAX_BATCH = 32  # requests in one generate() call
@@ -244,6 +250,7 @@ class Job:
     settings: dict
     emit: object  # called with each piece of text, then the Answer
     cancelled: bool = False  # set when the client has gone: its row stops at the next step
+    finished: bool = False  # its Answer (or failure) has been sent
 
     @property
     def key(self) -> tuple:
