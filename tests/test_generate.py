@@ -1,6 +1,7 @@
 import json
 import os
 import pty
+import signal
 import sys
 import time
 
@@ -247,6 +248,9 @@ def test_ctrl_c_in_a_pseudo_terminal_stops_the_reply_and_ctrl_d_quits(trained_ru
 
     pid, fd = pty.fork()
     if pid == 0:
+        # As a terminal starts it: a test run started in the background (CI) ignores SIGINT, and an ignored
+        # signal stays ignored across exec, so Ctrl-C would never reach the chat.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "roletune", "chat", str(trained_run), "--base",
                                   "--device", "cpu", "--max-new-tokens", "4000"])
     transcript = b""
