@@ -17,7 +17,6 @@ from roletune import __version__
 from roletune.errors import RunError
 from roletune.run_dir import open_run
 
-QUANTS = ("f16", "bf16", "q8_0")
 BYTES_PER_WEIGHT = {"f16": 2.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0,
                     "q8_0": 34 / 32}  # q8_0: 32 one-byte weights and an f16 scale
 MERGE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json's dtype -> merge's

@@ -56,9 +56,7 @@ class Busy(Exception):
 class Engine:
     def __init__(self, runs: list[tuple[str | None, str]], *, base_model: str | None = None, device: str = "auto",
                  dtype: str | None = None, quantization: str | None = None, queue_size: int = 64):
-        opened = [(name or Path(location).resolve().name, location, open_run(location, base_model))
-                  for name, location in runs]
-        check_servable(opened)
+        opened = open_runs(runs, base_model)
         adapted = [(name, location, run) for name, location, run in opened if run.adapter]
         names = [name for name, _, _ in opened]
         first = opened[0][2]
@@ -80,7 +78,7 @@ class Engine:
         if adapted:
             from peft import PeftModel
 
-            base_name = Path(first.base).name if Path(first.base).exists() else first.base
+            base_name = base_id(first.base)
             self.characters[base_name] = Character(base_name, None, None, base_tokenizer)
             for index, (name, location, run) in enumerate(adapted):
                 if index == 0:
@@ -223,6 +221,20 @@ MAX_BATCH = 32  # requests in one generate() call
 # pair arrives 1-3 ms after the first is read; a reply takes hundreds of decoding steps.
 GATHER = 0.01
 GATHER_MORE = 0.05  # the most it waits while requests are still being read
+
+
+def open_runs(runs: list[tuple[str | None, str]], base_model: str | None) -> list[tuple]:
+    """(model id, location, Run) for each (name or None, location) that serve.parse_runs gives, checked servable
+    by one process: the id of a run is NAME, else its folder's name."""
+    opened = [(name or Path(location).resolve().name, location, open_run(location, base_model))
+              for name, location in runs]
+    check_servable(opened)
+    return opened
+
+
+def base_id(base: str) -> str:
+    """The model id of the base: its folder's name, or its hub id."""
+    return Path(base).name if Path(base).exists() else base
 
 
 def check_servable(opened: list) -> None:

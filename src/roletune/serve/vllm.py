@@ -26,16 +26,12 @@ def vllm_command(runs: list[tuple[str | None, str]], *, base_model: str | None =
     import dataclasses
 
     from roletune.model import load_tokenizer
-    from roletune.run_dir import open_run
-    from roletune.serve.engine import check_servable
+    from roletune.serve.engine import base_id, open_runs
 
-    opened = [(name or Path(location).resolve().name, location, open_run(location, base_model))
-              for name, location in runs]
-    check_servable(opened)
+    opened = open_runs(runs, base_model)
     first = opened[0][2]
-    base = first.base
-    base_name = Path(base).name if Path(base).exists() else base
-    command = ["vllm", "serve", base, "--served-model-name", base_name, "--host", host, "--port", str(port)]
+    command = ["vllm", "serve", first.base, "--served-model-name", base_id(first.base), "--host", host,
+               "--port", str(port)]
     dtype = dtype or first.model_cfg.dtype
     if dtype:
         command += ["--dtype", DTYPES[dtype]]
