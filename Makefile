@@ -10,12 +10,14 @@ OLDEST_PINS := requirements/pins-oldest.txt
 # build elsewhere. It is installed first and repeated as a guard, so pip never swaps in a multi-GB CUDA
 # build on a CPU machine. TORCH names another (`make test TORCH=torch==2.11.0`, the one a GPU has).
 TORCH ?= $(shell grep '^torch==' $(PINS))
-EXTRAS := .[test,demo]
+EXTRAS := test,demo
+GGUF_EXTRAS := test,demo,gguf
 DEMO_MODEL := .cache/demo-model
 # Programs and files the slow tests use, installed or fetched once (their rules are below).
 BROWSER := /usr/bin/chromium
 GO := /usr/bin/go
 CONVERTER := .cache/llama.cpp/convert_hf_to_gguf.py
+LLAMA_CPP := $(VENV)/.gguf-installed
 
 .PHONY: demo test test-slow test-oldest test-latest test-latest-oldest pins setup clean
 
@@ -31,7 +33,7 @@ demo: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 test: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors
 	$(PY) -m pytest -m "not slow"
 
-test-slow: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors $(CONVERTER) $(BROWSER) $(GO)
+test-slow: $(VENV)/.installed $(DEMO_MODEL)/model.safetensors $(LLAMA_CPP) $(CONVERTER) $(BROWSER) $(GO)
 	ROLETUNE_BROWSER=$(BROWSER) ROLETUNE_GO=$(GO) $(PY) -m pytest -m slow
 
 # The web page's tests drive Debian's Chromium through Playwright, whose own browser download needs a
@@ -46,9 +48,16 @@ $(BROWSER):
 $(GO):
 	$(call APT_INSTALL,Go,golang-go)
 
+# llama.cpp's runtime and quantizer, for the export tests: the gguf extra, whose llama-cpp-python pip compiles
+# (minutes on two cores, once: pip keeps the wheel), without the multimodal library roletune does not use.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+$(LLAMA_CPP): $(VENV)/.installed
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[$(GGUF_EXTRAS)]"
+	touch $@
+
 # llama.cpp's converter, for the export tests: taken once from the llama-cpp-python source distribution.
 $(CONVERTER): | $(VENV)/.installed
-	$(PY) -m roletune.export.llama_cpp $(dir $@)
+	$(PY) -m roletune.export.llama_cpp fetch $(dir $@)
 
 # The suite again (the benchmark rehearsals and GGUF exports aside) on the oldest transformers pyproject.toml accepts, with pins
 # of its own: its 5.x releases rename and drop Trainer arguments, and a run must not depend on which one is installed.
@@ -66,7 +75,7 @@ define install
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q "$(TORCH)"
 	$(if $(2),grep -v '^torch==' $(2) > $(1)/constraints.txt)
-	$(1)/bin/python -m pip install -q $(if $(2),-c $(1)/constraints.txt) "$(TORCH)" $(3) -e "$(EXTRAS)"
+	$(1)/bin/python -m pip install -q $(if $(2),-c $(1)/constraints.txt) "$(TORCH)" $(3) -e ".[$(or $(4),$(EXTRAS))]"
 endef
 
 $(VENV)/.installed: pyproject.toml $(PINS)
@@ -82,11 +91,11 @@ $(OLDEST_VENV)/.installed: pyproject.toml $(OLDEST_PINS)
 LATEST_VENV := .venv-latest
 LATEST_OLDEST_VENV := .venv-latest-oldest
 test-latest: $(DEMO_MODEL)/model.safetensors
-	$(call install,$(LATEST_VENV))
+	$(call install,$(LATEST_VENV),,,$(GGUF_EXTRAS))
 	$(LATEST_VENV)/bin/python -m pytest
 
 test-latest-oldest: $(DEMO_MODEL)/model.safetensors
-	$(call install,$(LATEST_OLDEST_VENV),,$(OLDEST))
+	$(call install,$(LATEST_OLDEST_VENV),,$(OLDEST),$(GGUF_EXTRAS))
 	$(LATEST_OLDEST_VENV)/bin/python -m pytest
 
 # Refresh the pins: when the suite passes on the newest releases (and on them with the oldest

@@ -159,21 +159,25 @@ LIGHTHOUSE_SYSTEM = "你是守灯人林小满。"
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_model) -> Path:
     """A tiny-model run trained until it answers the pattern and stops at <|im_end|> (~10 s)."""
+    return train_lighthouse(tmp_path_factory.mktemp("trained"), tiny_model)
+
+
+def train_lighthouse(folder: Path, base: Path, **settings) -> Path:
+    """A run of `base` on the lighthouse rows, in folder/run; `settings` add config sections (eval: ...)."""
     from roletune import train
     from roletune.config import config_from_dict
 
-    folder = tmp_path_factory.mktemp("trained")
     rows = [{"instruction": f"第{i}个问题：今天海上风大吗？", "input": "", "output": f"风有{i}级，灯塔照常亮着。"}
             for i in range(12)]
     data = folder / "rows.json"
     data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     cfg = config_from_dict({
-        "model": {"path": str(tiny_model), "device": "cpu"},
+        "model": {"path": str(base), "device": "cpu"},
         "data": {"path": str(data), "system_prompt": LIGHTHOUSE_SYSTEM, "max_length": 64},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "train": {"max_steps": 30, "lr": 2.0e-2, "batch_size": 6, "grad_accum": 1, "logging_steps": 10, "report_to": "none",
                   "save_steps": 1000, "seed": 7},
-        "output_dir": str(folder / "run")})
+        "output_dir": str(folder / "run"), **settings})
     train.run(cfg, echo=lambda *_: None)
     return Path(cfg.output_dir)
 

@@ -144,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="a training run's output_dir, an adapter folder, or a merged model folder")
     export.add_argument("--to", choices=["gguf", "ollama"], default="gguf",
                         help="gguf: the file alone; ollama: the file and a Modelfile (default gguf)")
-    export.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="q8_0", help="default q8_0")
+    export.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"], default="q8_0",
+                        help="f16, bf16, q8_0: the converter's own; k-quants: llama.cpp's quantizer (default q8_0)")
     export.add_argument("--out", required=True, help="new folder for the export")
-    export.add_argument("--check", choices=["auto", "logits", "none"], default="auto",
-                        help="compare the GGUF's logits with the merged model's: auto does so up to 2B parameters")
+    export.add_argument("--check", choices=["auto", "replies", "logits", "none"], default="auto",
+                        help="replies: llama.cpp's greedy replies against the merged model's; logits: those and "
+                             "the GGUF's logits against the merged model's; auto (default): logits up to 2B parameters")
     export.add_argument("--device", default="auto", help="where to merge: auto, cpu, cuda or cuda:N")
     export.add_argument("--base-model", metavar="PATH_OR_ID", help=BASE_MODEL_HELP)
 

@@ -1,5 +1,6 @@
-"""roletune export: a demo run through llama.cpp's own converter, read back with transformers' GGUF reader,
-and its Ollama Modelfile's template rendered by Go's text/template (the engine Ollama's templates run on)."""
+"""roletune export: demo runs through llama.cpp's own converter and quantizer, read back with transformers' GGUF
+reader and answered by llama.cpp's own runtime, and an Ollama Modelfile's template rendered by Go's
+text/template (the engine Ollama's templates run on)."""
 import json
 import os
 import shutil
@@ -7,12 +8,12 @@ import subprocess
 
 import pytest
 
-from conftest import LIGHTHOUSE_SYSTEM, ROOT
+from conftest import LIGHTHOUSE_SYSTEM, ROOT, train_lighthouse
 from roletune import decoding
 from roletune.errors import RunError
 
 QUESTION = "第3个问题：今天海上风大吗？"
-CONVERTER = ROOT / ".cache" / "llama.cpp"  # make fetches it (python -m roletune.export.llama_cpp)
+CONVERTER = ROOT / ".cache" / "llama.cpp"  # make fetches it (python -m roletune.export.llama_cpp fetch)
 
 
 @pytest.fixture
@@ -23,15 +24,15 @@ def converter(monkeypatch):
     return CONVERTER
 
 
-def greedy(model, tokenizer) -> str:
-    import torch
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory, tiny_model):
+    """The lighthouse run on a tiny model of hidden size 256: k-quants pack rows of 256 weights, and llama.cpp
+    falls back to other types for narrower ones. Its sample prompt is the question it was trained on (~20 s)."""
+    from roletune.demo.model import build_tiny_model
 
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = model.generate(**ids, do_sample=False, max_new_tokens=24, eos_token_id=tokenizer.convert_tokens_to_ids(
-            "<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    folder = tmp_path_factory.mktemp("wide")
+    base = build_tiny_model(folder / "base", tokenizer_dir=tiny_model, hidden_size=256, intermediate_size=512)
+    return train_lighthouse(folder, base, eval={"sample_prompts": [QUESTION], "max_new_tokens": 24})
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.export]  # the converter runs in a process of its own
@@ -40,6 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.export]  # the converter runs in a p
 def test_a_q8_0_export_carries_the_persona_and_passes_its_logit_check(converter, trained_run, tmp_path):
     from roletune.export import export
     from roletune.export.check import chat_template
+    from roletune.merge import PROBES
 
     written = export(str(trained_run), str(tmp_path / "out"), quant="q8_0", device="cpu", check="logits",
                      echo=lambda *_: None)
@@ -47,33 +49,43 @@ def test_a_q8_0_export_carries_the_persona_and_passes_its_logit_check(converter,
         ["roletune_export.json", "run-q8_0.gguf"]  # the merged weights are gone
     record = json.loads((written.parent / "roletune_export.json").read_text())
     assert record["quant"] == "q8_0" and record["checks"]["logits"]["mean_kl"] < 0.02
+    replies = record["checks"]["replies"]  # the run has no sample prompts: merge's probes
+    assert replies["prompts"] == PROBES and replies["end_of_turn"] == "<|im_end|>" and len(replies["replies"]) == 3
     assert LIGHTHOUSE_SYSTEM in chat_template(written)  # the persona opens a conversation that brings none
 
 
-def test_for_ollama_the_gguf_answers_as_the_run_and_the_modelfile_renders_as_training_did(converter, trained_run,
-                                                                                          tmp_path):
-    """transformers' GGUF reader reads the file back (half a minute: gguf-py parses the 151,665-token vocabulary
-    in Python); Go's text/template renders the TEMPLATE as Ollama would, and it must be the run's own."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_a_q4_k_m_export_for_ollama_answers_as_the_run_in_llama_cpp_and_renders_as_training_did(converter, wide_run,
+                                                                                               tmp_path):
+    """llama.cpp's quantizer makes the file and llama.cpp's runtime answers the run's sample prompt with the run's
+    own greedy answer, ending at <|im_end|>; Go's text/template renders the Modelfile's TEMPLATE as Ollama would,
+    and it must be the run's own."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from transformers import AutoTokenizer
 
     from roletune.export import export
     from roletune.export.check import chat_template
 
     lines = []
-    export(str(trained_run), str(tmp_path / "out"), to="ollama", quant="f16", device="cpu", check="none",
+    export(str(wide_run), str(tmp_path / "out"), to="ollama", quant="q4_k_m", device="cpu", check="replies",
            echo=lines.append)
-    written = tmp_path / "out" / "run-f16.gguf"
-    session = decoding.load_session(str(trained_run), device="cpu")
+    written = tmp_path / "out" / "run-q4_k_m.gguf"
+    assert sorted(p.name for p in written.parent.iterdir()) == ["Modelfile", "roletune_export.json", written.name]
+    reader = GGUFReader(written)
+    assert reader.get_field("general.file_type").contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    matrices = {t.name: t.tensor_type for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    kinds = set(matrices.values())
+    assert GGMLQuantizationType.Q4_K in kinds and kinds <= {GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K}
+
+    session = decoding.load_session(str(wide_run), device="cpu")
     (want,) = decoding.answer_batch(session, [[{"role": "user", "content": QUESTION}]],
                                     decoding.decoding_config(session, greedy=True, max_new_tokens=24))
-    model = AutoModelForCausalLM.from_pretrained(written.parent, gguf_file=written.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(trained_run)
-    tokenizer.chat_template = chat_template(written)
-    assert greedy(model, tokenizer) == want.text and "灯塔照常亮着。" in want.text
+    replies = json.loads((tmp_path / "out" / "roletune_export.json").read_text())["checks"]["replies"]
+    assert replies["prompts"] == [QUESTION] and "灯塔照常亮着。" in want.text
+    assert replies["replies"] == replies["merged_replies"] == [want.text]
+    assert replies["same_reply"] == replies["stopped_at_end_of_turn"] == 1
 
     text = (tmp_path / "out" / "Modelfile").read_text()
-    assert text.startswith("FROM ./run-f16.gguf\n")
+    assert text.startswith("FROM ./run-q4_k_m.gguf\n")
     assert f'SYSTEM """{LIGHTHOUSE_SYSTEM}"""' in text and 'PARAMETER stop "<|im_end|>"' in text
     assert lines[-1] == f"ollama create run -f {tmp_path / 'out' / 'Modelfile'}"
     template = text[text.index('TEMPLATE """') + 12:text.index('"""', text.index('TEMPLATE """') + 12)]
@@ -81,6 +93,8 @@ def test_for_ollama_the_gguf_answers_as_the_run_and_the_modelfile_renders_as_tra
     if go is None or not os.access(go, os.X_OK):
         assert not os.environ.get("ROLETUNE_GO"), "make test-slow installs Go (Debian's golang-go)"
         pytest.skip("no Go to render the template with (Debian: apt-get install golang-go)")
+    tokenizer = AutoTokenizer.from_pretrained(wide_run)
+    tokenizer.chat_template = chat_template(written)
     conversations = [
         [{"role": "user", "content": QUESTION}],
         [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "风有3级。"},
@@ -131,8 +145,8 @@ func main() {
     return done.stdout
 
 
-def test_what_cannot_be_exported_is_one_line_and_nothing_is_written(converter, trained_run, tiny_model, tmp_path,
-                                                                     monkeypatch):
+def test_what_cannot_be_exported_is_one_line_and_nothing_is_written(converter, trained_run, wide_run, tiny_model,
+                                                                     tmp_path, monkeypatch):
     from roletune.export import export
 
     taken = tmp_path / "taken"
@@ -157,6 +171,17 @@ def test_what_cannot_be_exported_is_one_line_and_nothing_is_written(converter, t
         export(str(trained_run), str(tmp_path / "b"), device="cpu", echo=lambda *_: None)
     monkeypatch.undo()
     monkeypatch.setenv("ROLETUNE_LLAMA_CPP", str(converter))
+
+    with pytest.raises(RunError, match=r"^q3_k: not a quantization export writes \(f16, bf16, q8_0, q6_k, q5_k_m"):
+        export(str(trained_run), str(tmp_path / "d"), quant="q3_k", device="cpu", echo=lambda *_: None)
+
+    from roletune.export import check as checking
+
+    # A GGUF whose replies end on another end-of-generation token than the template's fails its check: here the
+    # check is told the turn ends with <|endoftext|>, and llama.cpp ends the run's answer at <|im_end|>.
+    monkeypatch.setattr(checking, "_end_of_turn", lambda tokenizer: tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    with pytest.raises(RunError, match=r"llama.cpp ended a reply with <\|im_end\|>, not <\|endoftext\|>; nothing"):
+        export(str(wide_run), str(tmp_path / "e"), quant="q8_0", check="replies", device="cpu", echo=lambda *_: None)
 
     def interrupted(*args):
         raise KeyboardInterrupt  # as Ctrl-C during the conversion

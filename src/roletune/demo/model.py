@@ -18,8 +18,10 @@ QWEN_GENERATION = dict(bos_token_id=151643, pad_token_id=151643, eos_token_id=[1
                        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 
 
-def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Write a random tiny Qwen2 (+ tokenizer) to out_dir; a finished folder is reused as is."""
+def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0,
+                     **config) -> Path:
+    """Write a random tiny Qwen2 (+ tokenizer) to out_dir; a finished folder is reused as is. `config` changes
+    the demo's (hidden_size=256, say, for what needs rows of 256 weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config
 
     out_dir = Path(out_dir)
@@ -36,7 +38,9 @@ def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path | None = Non
         else:
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(scratch)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(Qwen2Config.from_json_file(TINY_CONFIG), dtype=torch.float32)
+        shape = Qwen2Config.from_json_file(TINY_CONFIG)
+        shape.update(config)
+        model = AutoModelForCausalLM.from_config(shape, dtype=torch.float32)
         model.generation_config = GenerationConfig(**QWEN_GENERATION)
         model.save_pretrained(scratch)
         if out_dir.exists():

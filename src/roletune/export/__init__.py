@@ -2,9 +2,10 @@
 Modelfile that carries the run's template, persona and stop token.
 
 The adapter is merged as `roletune merge` does (its logit check included), in the base's own dtype, so
-that the only rounding is the format's; then it is converted by llama.cpp's own
-converter (llama_cpp.py), and checked before the export is called done (check.py): the GGUF carries the
-run's chat template, persona first, and answers like the merged model. Everything is written in a
+that the only rounding is the format's; then it is converted by llama.cpp's own converter, and for
+k-quants quantized by llama.cpp's own quantizer (llama_cpp.py), and checked before the export is called
+done (check.py): the GGUF carries the run's chat template, persona first, and llama.cpp's runtime gives
+the merged model's greedy replies, each ending at the template's end of turn. Everything is written in a
 hidden folder beside --out and renamed at the end, so an interrupted export leaves nothing half-written.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from roletune.errors import RunError
 from roletune.run_dir import open_run
 
 BYTES_PER_WEIGHT = {"f16": 2.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0,
-                    "q8_0": 34 / 32}  # q8_0: 32 one-byte weights and an f16 scale
+                    "q8_0": 34 / 32,  # 32 one-byte weights and an f16 scale
+                    "q6_k": 0.83, "q5_k_m": 0.72, "q4_k_m": 0.62}  # llama.cpp's bits per weight on 7B, over 8
 MERGE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json's dtype -> merge's
 LOGIT_CHECK_LIMIT = 2e9  # parameters: above it, loading the GGUF and the merged model in fp32 is opt-in
 
@@ -29,12 +31,15 @@ def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", ba
     from roletune.merge import merge
 
     target = Path(out)
+    if quant not in llama_cpp.QUANTS:
+        raise RunError(f"{quant}: not a quantization export writes ({', '.join(llama_cpp.QUANTS)})")
     if target.exists():
         raise RunError(f"{out}: exists; choose a new --out (nothing was written)")
     run = open_run(location, base_model)
     if not run.adapter and not Path(run.base).is_dir():
         raise RunError(f"{location}: a whole model is exported from a local folder; download it first")
-    llama_cpp.check_tools()
+    kquant = quant in llama_cpp.KQUANTS
+    llama_cpp.check_tools(runtime=kquant or check != "none")
     converter = llama_cpp.converter_folder()
     config, parameters = _shape(run.base)
     architecture = (config.architectures or ["?"])[0]
@@ -42,7 +47,7 @@ def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", ba
         raise RunError(f"{architecture}: llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) cannot "
                        "convert this architecture")
     dtype = MERGE_DTYPES.get(str(getattr(config, "dtype", None) or "").replace("torch.", ""), "bf16")
-    _check_disk(target.parent, parameters, quant, merged_bytes=BYTES_PER_WEIGHT[dtype] if run.adapter else 0)
+    _check_disk(target.parent, parameters, quant, merged_bytes=BYTES_PER_WEIGHT[dtype] * (bool(run.adapter) + kquant))
 
     work = target.parent / f".{target.name}.partial"
     shutil.rmtree(work, ignore_errors=True)  # what an interrupted export of the same --out left
@@ -56,9 +61,17 @@ def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", ba
             merged = Path(run.base)
         name = Path(location).resolve().name
         gguf = work / f"{name}-{quant}.gguf"
-        echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {quant}")
-        llama_cpp.convert(merged, gguf, quant, converter)
-        checks = _check(merged, gguf, quant, parameters, check, echo)
+        if kquant:  # the quantizer starts from a file in the merged weights' own dtype
+            whole = work / f"{name}-{dtype}.gguf"
+            echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {dtype}")
+            llama_cpp.convert(merged, whole, dtype, converter)
+            echo(f"quantizing with llama.cpp's quantizer to {quant}")
+            llama_cpp.quantize(whole, gguf, quant)
+            whole.unlink()
+        else:
+            echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {quant}")
+            llama_cpp.convert(merged, gguf, quant, converter)
+        checks = _check(merged, gguf, quant, parameters, check, device, _reply_prompts(location), echo)
         if to == "ollama":
             _write_modelfile(work, merged, gguf.name, echo)
         record = {"run": str(Path(location).resolve()), "base": run.base, "to": to, "quant": quant,
@@ -99,10 +112,22 @@ def _check_disk(folder: Path, parameters: int, quant: str, merged_bytes: float) 
                        "(merged weights and the GGUF side by side); free some space or choose another --out")
 
 
-def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, echo) -> dict:
+def _reply_prompts(location: str) -> list[str]:
+    """The prompts a run's sample answers were written for (eval.sample_prompts), else merge's probes."""
+    from roletune.merge import PROBES
+    from roletune.run_dir import CONFIG_NAME, read_config
+
+    if (Path(location) / CONFIG_NAME).is_file():
+        return list(read_config(Path(location)).eval.sample_prompts or PROBES)
+    return PROBES
+
+
+def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, device: str, prompts: list[str],
+           echo) -> dict:
     from transformers import AutoTokenizer
 
-    from roletune.export.check import chat_template, logits
+    from roletune.model import resolve_device
+    from roletune.export.check import chat_template, logits, replies
     from roletune.merge import PROBES
 
     want = AutoTokenizer.from_pretrained(merged).chat_template
@@ -110,9 +135,11 @@ def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, ec
         raise RunError("GGUF check failed: the file does not carry the merged model's chat template; nothing was "
                        "written")
     checks = {"chat_template": "the merged model's, persona first"}
+    if check != "none":
+        checks["replies"] = replies(merged, gguf, prompts, device=resolve_device(device), echo=echo)
     if check == "logits" or (check == "auto" and parameters <= LOGIT_CHECK_LIMIT):
         checks["logits"] = logits(merged, gguf, quant, PROBES, echo)
-    else:
+    elif check == "auto":
         echo(f"logit check skipped ({parameters / 1e9:.1f}B parameters); --check logits runs it")
     return checks
 

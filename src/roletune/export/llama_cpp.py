@@ -1,10 +1,12 @@
-"""llama.cpp's own converter (convert_hf_to_gguf.py, its `conversion` package and the `gguf-py` it was
-written with), taken from the llama-cpp-python source distribution on PyPI.
+"""llama.cpp's own tools: its converter (convert_hf_to_gguf.py, its `conversion` package and the `gguf-py` it
+was written with), taken from the llama-cpp-python source distribution on PyPI, and its quantizer, through
+the `llama_cpp` binding that pip compiles from that distribution.
 
 llama-cpp-python's wheel holds only the runtime; its sdist carries the whole llama.cpp tree under
 vendor/llama.cpp. The converter is fetched once, from the sdist of the llama-cpp-python installed (else
 the version roletune's `gguf` extra pins), into a cache folder, and run in a process of its own: it puts
-its gguf-py on sys.path and sets up logging as a script does.
+its gguf-py on sys.path and sets up logging as a script does. The quantizer runs in a process of its own
+too, so that its log stays out of the terminal unless it fails.
 """
 from __future__ import annotations
 
@@ -21,7 +23,11 @@ from roletune.errors import RunError
 
 PINNED = "0.3.36"  # llama-cpp-python, as pyproject.toml's gguf extra pins it
 PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
-OUTTYPES = {"f16": "f16", "bf16": "bf16", "q8_0": "q8_0"}  # what the converter writes itself
+OUTTYPES = {"f16": "f16", "bf16": "bf16", "q8_0": "q8_0", "fp32": "f32"}  # what the converter writes itself
+KQUANTS = {"q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+           "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # what llama.cpp's quantizer makes from the converter's file
+QUANTS = ("f16", "bf16", "q8_0", *KQUANTS)
+INSTALL = "pip install 'roletune[gguf]' (pip compiles llama.cpp: minutes)"
 
 
 def version() -> str:
@@ -77,11 +83,14 @@ def fetch(folder: Path, echo=print) -> Path:
     return folder
 
 
-def check_tools() -> None:
-    """The converter's own imports (beyond torch, numpy and transformers), named in one line."""
+def check_tools(runtime: bool) -> None:
+    """The converter's own imports (beyond torch, numpy and transformers), and llama.cpp's runtime when the
+    quantizer or the reply check needs it, named in one line."""
     missing = [name for name in ("sentencepiece", "gguf") if not _importable(name)]
+    if runtime and not _importable("llama_cpp"):
+        missing.append("llama-cpp-python")
     if missing:
-        raise RunError(f"export needs {' and '.join(missing)}: pip install 'roletune[gguf]'")
+        raise RunError(f"export needs {' and '.join(missing)}: {INSTALL}")
 
 
 def supported(architecture: str, folder: Path) -> bool:
@@ -98,6 +107,27 @@ def convert(model: Path, outfile: Path, outtype: str, folder: Path) -> None:
         raise RunError(f"llama.cpp's converter failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
 
 
+def quantize(source: Path, outfile: Path, quant: str) -> None:
+    """source (the converter's f32, f16 or bf16 GGUF) -> outfile, with llama.cpp's quantizer."""
+    done = subprocess.run([sys.executable, "-m", __name__, "quantize", str(source), str(outfile), quant],
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not outfile.is_file():
+        lines = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
+        raise RunError(f"llama.cpp's quantizer failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+
+
+def _quantize_here(source: str, outfile: str, quant: str) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, KQUANTS[quant])
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(source.encode(), outfile.encode(), ctypes.byref(params)) != 0:
+        sys.exit(f"llama_model_quantize returned an error for {source}")
+
+
 def _run(folder: Path, arguments: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), *arguments], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -109,7 +139,8 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-if __name__ == "__main__":  # python -m roletune.export.llama_cpp FOLDER: fetch the converter there (make does)
-    target = Path(sys.argv[1])
-    if not (target / "convert_hf_to_gguf.py").is_file():
-        fetch(target)
+if __name__ == "__main__":
+    if sys.argv[1] == "quantize":  # quantize SOURCE OUTFILE QUANT: as quantize() runs it
+        _quantize_here(*sys.argv[2:5])
+    elif not (Path(sys.argv[2]) / "convert_hf_to_gguf.py").is_file():  # fetch FOLDER: the converter there (make)
+        fetch(Path(sys.argv[2]))
