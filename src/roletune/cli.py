@@ -144,8 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="a training run's output_dir, an adapter folder, or a merged model folder")
     export.add_argument("--to", choices=["gguf", "ollama"], default="gguf",
                         help="gguf: the file alone; ollama: the file and a Modelfile (default gguf)")
-    export.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"], default="q8_0",
-                        help="f16, bf16, q8_0: the converter's own; k-quants: llama.cpp's quantizer (default q8_0)")
+    export.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"],
+                        help="f16, bf16, q8_0: the converter's own; k-quants: llama.cpp's quantizer (default q8_0, "
+                             "and f16 for --adapter-only)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="the LoRA alone as a GGUF, which llama.cpp applies to the base's GGUF (--lora; "
+                             "Ollama's ADAPTER)")
+    export.add_argument("--base-gguf", metavar="FILE",
+                        help="with --adapter-only: the base model's GGUF, for the reply check and the Modelfile's FROM")
     export.add_argument("--out", required=True, help="new folder for the export")
     export.add_argument("--check", choices=["auto", "replies", "logits", "none"], default="auto",
                         help="replies: llama.cpp's greedy replies against the merged model's; logits: those and "
@@ -262,7 +268,7 @@ def dispatch(args) -> int:
         from roletune.export import export
 
         export(args.run, args.out, to=args.to, quant=args.quant, base_model=args.base_model, device=args.device,
-               check=args.check)
+               check=args.check, adapter_only=args.adapter_only, base_gguf=args.base_gguf)
         return 0
     if args.verb == "serve":
         from roletune.serve import serve

@@ -81,7 +81,7 @@ def test_a_q4_k_m_export_for_ollama_answers_as_the_run_in_llama_cpp_and_renders_
                                     decoding.decoding_config(session, greedy=True, max_new_tokens=24))
     replies = json.loads((tmp_path / "out" / "roletune_export.json").read_text())["checks"]["replies"]
     assert replies["prompts"] == [QUESTION] and "灯塔照常亮着。" in want.text
-    assert replies["replies"] == replies["merged_replies"] == [want.text]
+    assert replies["replies"] == replies["model_replies"] == [want.text]
     assert replies["same_reply"] == replies["stopped_at_end_of_turn"] == 1
 
     text = (tmp_path / "out" / "Modelfile").read_text()
@@ -105,6 +105,38 @@ def test_a_q4_k_m_export_for_ollama_answers_as_the_run_in_llama_cpp_and_renders_
         expected = tokenizer.apply_chat_template(decoding.with_system(messages, LIGHTHOUSE_SYSTEM), tokenize=False,
                                                  add_generation_prompt=True)
         assert render_with_go(go, template, LIGHTHOUSE_SYSTEM, messages, tmp_path) == expected
+
+
+def test_the_adapter_alone_applied_by_llama_cpp_to_the_base_gguf_answers_as_the_run(converter, wide_run, tmp_path):
+    """One base GGUF, many characters: the base exported once, then the adapter alone; llama.cpp's runtime
+    applies it and answers the run's sample prompt with the run's own answer, ending at <|im_end|>."""
+    from gguf import GGUFReader
+
+    from roletune.export import export
+
+    base = export(str(wide_run.parent / "base"), str(tmp_path / "base"), quant="f16", check="none",
+                  echo=lambda *_: None)
+    lines = []
+    written = export(str(wide_run), str(tmp_path / "out"), to="ollama", adapter_only=True, base_gguf=str(base),
+                     device="cpu", echo=lines.append)
+    assert written == tmp_path / "out" / "run-lora-f16.gguf"
+    assert sorted(p.name for p in written.parent.iterdir()) == ["Modelfile", "roletune_export.json", written.name]
+    assert written.stat().st_size < base.stat().st_size / 10
+    assert GGUFReader(written).get_field("general.type").contents() == "adapter"
+
+    session = decoding.load_session(str(wide_run), device="cpu")
+    (want,) = decoding.answer_batch(session, [[{"role": "user", "content": QUESTION}]],
+                                    decoding.decoding_config(session, greedy=True, max_new_tokens=24))
+    record = json.loads((tmp_path / "out" / "roletune_export.json").read_text())
+    assert record["checks"]["adapter"]["adapter.lora.alpha"] == 16.0 and record["base_gguf"] == str(base)
+    replies = record["checks"]["replies"]
+    assert replies["replies"] == replies["model_replies"] == [want.text] and "灯塔照常亮着。" in want.text
+    assert replies["stopped_at_end_of_turn"] == 1
+
+    text = (tmp_path / "out" / "Modelfile").read_text()
+    assert text.startswith(f"FROM {base}\nADAPTER ./run-lora-f16.gguf\n\nTEMPLATE")
+    assert f'SYSTEM """{LIGHTHOUSE_SYSTEM}"""' in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert lines[-1] == f"ollama create run -f {tmp_path / 'out' / 'Modelfile'}"
 
 
 def render_with_go(go, template: str, system: str, messages: list[dict], folder) -> str:
@@ -174,6 +206,13 @@ def test_what_cannot_be_exported_is_one_line_and_nothing_is_written(converter, t
 
     with pytest.raises(RunError, match=r"^q3_k: not a quantization export writes \(f16, bf16, q8_0, q6_k, q5_k_m"):
         export(str(trained_run), str(tmp_path / "d"), quant="q3_k", device="cpu", echo=lambda *_: None)
+
+    with pytest.raises(RunError, match=r"odd-base: --adapter-only exports a run's adapter, and this is a whole model"):
+        export(str(odd), str(tmp_path / "f"), adapter_only=True, echo=lambda *_: None)
+    with pytest.raises(RunError, match=r"^q4_k_m: an adapter is written as f16, bf16, q8_0 \(k-quants are for whole"):
+        export(str(trained_run), str(tmp_path / "g"), adapter_only=True, quant="q4_k_m", echo=lambda *_: None)
+    with pytest.raises(RunError, match=r"^--adapter-only --to ollama needs --base-gguf FILE, the base model as a GGUF"):
+        export(str(trained_run), str(tmp_path / "h"), adapter_only=True, to="ollama", echo=lambda *_: None)
 
     from roletune.export import check as checking
 

@@ -7,6 +7,7 @@ k-quants quantized by llama.cpp's own quantizer (llama_cpp.py), and checked befo
 done (check.py): the GGUF carries the run's chat template, persona first, and llama.cpp's runtime gives
 the merged model's greedy replies, each ending at the template's end of turn. Everything is written in a
 hidden folder beside --out and renamed at the end, so an interrupted export leaves nothing half-written.
+With --adapter-only, the adapter alone becomes a GGUF that llama.cpp applies to the base's (adapter.py).
 """
 from __future__ import annotations
 
@@ -25,21 +26,29 @@ MERGE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # con
 LOGIT_CHECK_LIMIT = 2e9  # parameters: above it, loading the GGUF and the merged model in fp32 is opt-in
 
 
-def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", base_model: str | None = None,
-           device: str = "auto", check: str = "auto", echo=print) -> Path:
+
+def export(location: str, out: str, *, to: str = "gguf", quant: str | None = None, base_model: str | None = None,
+           device: str = "auto", check: str = "auto", adapter_only: bool = False, base_gguf: str | None = None,
+           echo=print) -> Path:
     from roletune.export import llama_cpp
-    from roletune.merge import merge
 
     target = Path(out)
+    quant = quant or ("f16" if adapter_only else "q8_0")
     if quant not in llama_cpp.QUANTS:
         raise RunError(f"{quant}: not a quantization export writes ({', '.join(llama_cpp.QUANTS)})")
     if target.exists():
         raise RunError(f"{out}: exists; choose a new --out (nothing was written)")
     run = open_run(location, base_model)
-    if not run.adapter and not Path(run.base).is_dir():
+    if adapter_only:
+        from roletune.export.adapter import check_request
+
+        check_request(location, run, to, quant, base_gguf)
+    elif base_gguf:
+        raise RunError("--base-gguf goes with --adapter-only")
+    elif not run.adapter and not Path(run.base).is_dir():
         raise RunError(f"{location}: a whole model is exported from a local folder; download it first")
     kquant = quant in llama_cpp.KQUANTS
-    llama_cpp.check_tools(runtime=kquant or check != "none")
+    llama_cpp.check_tools(runtime=kquant or (check != "none" and (base_gguf or not adapter_only)))
     converter = llama_cpp.converter_folder()
     config, parameters = _shape(run.base)
     architecture = (config.architectures or ["?"])[0]
@@ -47,39 +56,27 @@ def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", ba
         raise RunError(f"{architecture}: llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) cannot "
                        "convert this architecture")
     dtype = MERGE_DTYPES.get(str(getattr(config, "dtype", None) or "").replace("torch.", ""), "bf16")
-    _check_disk(target.parent, parameters, quant, merged_bytes=BYTES_PER_WEIGHT[dtype] * (bool(run.adapter) + kquant))
+    if not adapter_only:
+        _check_disk(target.parent, parameters, quant, BYTES_PER_WEIGHT[dtype] * (bool(run.adapter) + kquant))
 
+    name = Path(location).resolve().name
     work = target.parent / f".{target.name}.partial"
     shutil.rmtree(work, ignore_errors=True)  # what an interrupted export of the same --out left
     work.mkdir(parents=True)
     try:
-        if run.adapter:
-            merged = work / "merged"
-            merge(location, str(merged), dtype=dtype, device=device, base_model=base_model,
-                  echo=lambda line: None if line.startswith("merged model:") else echo(line))  # not where it stays
+        if adapter_only:
+            from roletune.export.adapter import write_adapter
+
+            gguf, checks = write_adapter(location, run, work, name, quant, config, converter, base_gguf=base_gguf,
+                                         base_model=base_model, check=check, device=device, to=to, echo=echo)
         else:
-            merged = Path(run.base)
-        name = Path(location).resolve().name
-        gguf = work / f"{name}-{quant}.gguf"
-        if kquant:  # the quantizer starts from a file in the merged weights' own dtype
-            whole = work / f"{name}-{dtype}.gguf"
-            echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {dtype}")
-            llama_cpp.convert(merged, whole, dtype, converter)
-            echo(f"quantizing with llama.cpp's quantizer to {quant}")
-            llama_cpp.quantize(whole, gguf, quant)
-            whole.unlink()
-        else:
-            echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {quant}")
-            llama_cpp.convert(merged, gguf, quant, converter)
-        checks = _check(merged, gguf, quant, parameters, check, device, _reply_prompts(location), echo)
-        if to == "ollama":
-            _write_modelfile(work, merged, gguf.name, echo)
+            gguf, checks = _write_model(location, run, work, name, quant, dtype, parameters, converter,
+                                        base_model=base_model, check=check, device=device, to=to, echo=echo)
         record = {"run": str(Path(location).resolve()), "base": run.base, "to": to, "quant": quant,
+                  "adapter_only": adapter_only, "base_gguf": str(Path(base_gguf).resolve()) if base_gguf else None,
                   "llama_cpp_python": llama_cpp.version(), "checks": checks, "roletune": __version__}
         (work / "roletune_export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
-        if run.adapter:
-            shutil.rmtree(merged)
         work.rename(target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -89,6 +86,39 @@ def export(location: str, out: str, *, to: str = "gguf", quant: str = "q8_0", ba
     if to == "ollama":
         echo(f"ollama create {name} -f {target / 'Modelfile'}")
     return written
+
+
+def _write_model(location: str, run, work: Path, name: str, quant: str, dtype: str, parameters: int,
+                 converter: Path, *, base_model, check, device, to, echo) -> tuple[Path, dict]:
+    """The run merged (or a plain model as it is), converted, quantized, checked; the Modelfile for Ollama."""
+    from roletune.export import llama_cpp
+    from roletune.merge import merge
+
+    if run.adapter:
+        merged = work / "merged"
+        merge(location, str(merged), dtype=dtype, device=device, base_model=base_model,
+              echo=lambda line: None if line.startswith("merged model:") else echo(line))  # not where it stays
+    else:
+        merged = Path(run.base)
+    gguf = work / f"{name}-{quant}.gguf"
+    if quant in llama_cpp.KQUANTS:  # the quantizer starts from a file in the merged weights' own dtype
+        whole = work / f"{name}-{dtype}.gguf"
+        echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {dtype}")
+        llama_cpp.convert(merged, whole, dtype, converter)
+        echo(f"quantizing with llama.cpp's quantizer to {quant}")
+        llama_cpp.quantize(whole, gguf, quant)
+        whole.unlink()
+    else:
+        echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {quant}")
+        llama_cpp.convert(merged, gguf, quant, converter)
+    from roletune.export.check import reply_prompts
+
+    checks = _check(merged, gguf, quant, parameters, check, device, reply_prompts(location), echo)
+    if to == "ollama":
+        _write_modelfile(work, merged, gguf.name, echo)
+    if run.adapter:
+        shutil.rmtree(merged)
+    return gguf, checks
 
 
 def _shape(base: str):
@@ -112,31 +142,25 @@ def _check_disk(folder: Path, parameters: int, quant: str, merged_bytes: float) 
                        "(merged weights and the GGUF side by side); free some space or choose another --out")
 
 
-def _reply_prompts(location: str) -> list[str]:
-    """The prompts a run's sample answers were written for (eval.sample_prompts), else merge's probes."""
-    from roletune.merge import PROBES
-    from roletune.run_dir import CONFIG_NAME, read_config
-
-    if (Path(location) / CONFIG_NAME).is_file():
-        return list(read_config(Path(location)).eval.sample_prompts or PROBES)
-    return PROBES
-
-
 def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, device: str, prompts: list[str],
            echo) -> dict:
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from roletune.model import resolve_device
     from roletune.export.check import chat_template, logits, replies
     from roletune.merge import PROBES
+    from roletune.model import resolve_device
 
-    want = AutoTokenizer.from_pretrained(merged).chat_template
-    if chat_template(gguf) != want:
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    if chat_template(gguf) != tokenizer.chat_template:
         raise RunError("GGUF check failed: the file does not carry the merged model's chat template; nothing was "
                        "written")
     checks = {"chat_template": "the merged model's, persona first"}
     if check != "none":
-        checks["replies"] = replies(merged, gguf, prompts, device=resolve_device(device), echo=echo)
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto").to(resolve_device(device))
+        # no system message: the merged template opens with the persona
+        checks["replies"] = replies(model, tokenizer, gguf, [[{"role": "user", "content": p}] for p in prompts],
+                                    echo=echo)
+        del model
     if check == "logits" or (check == "auto" and parameters <= LOGIT_CHECK_LIMIT):
         checks["logits"] = logits(merged, gguf, quant, PROBES, echo)
     elif check == "auto":
@@ -145,22 +169,8 @@ def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, de
 
 
 def _write_modelfile(work: Path, merged: Path, gguf_name: str, echo) -> None:
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from roletune.export.ollama import is_chatml, modelfile
-
-    tokenizer = AutoTokenizer.from_pretrained(merged)
     record = merged / "roletune_merge.json"
     system = json.loads(record.read_text(encoding="utf-8")).get("system_prompt") if record.is_file() else None
-    if system and '"""' in system:
-        raise RunError('the system prompt holds """, which a Modelfile cannot quote; nothing was written')
-    chatml = is_chatml(tokenizer)
-    if not chatml:
-        echo("the chat template is not ChatML: the Modelfile leaves TEMPLATE to the one the GGUF carries")
-    try:
-        generation = GenerationConfig.from_pretrained(merged).to_dict()
-    except OSError:
-        generation = {}
-    stops = ["<|im_end|>"] if chatml else [tokenizer.eos_token]
-    (work / "Modelfile").write_text(modelfile(gguf_name, system=system, chatml=chatml, stops=stops,
-                                              generation=generation), encoding="utf-8")
+    from roletune.export.ollama import write_modelfile
+
+    write_modelfile(work, merged, merged, system, f"./{gguf_name}", None, echo)

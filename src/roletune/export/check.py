@@ -65,35 +65,34 @@ def logits(merged: Path, gguf: Path, quant: str, prompts: list[str], echo=print)
     return found
 
 
-def replies(merged: Path, gguf: Path, prompts: list[str], device: str = "cpu", echo=print) -> dict:
-    """Greedy replies to `prompts` from llama.cpp's own runtime (the `llama_cpp` binding) and from the merged
-    model in transformers; a RunError when llama.cpp tokenizes the prompt otherwise, or ends a reply on
-    another token than the template's end of turn (the seed's replies ended with <|endoftext|>)."""
+def replies(model, tokenizer, gguf: Path, conversations: list[list[dict]], *, lora: Path | None = None,
+            echo=print) -> dict:
+    """Greedy replies to `conversations` from llama.cpp's own runtime (the `llama_cpp` binding; `gguf` with the
+    adapter `lora` on it, if given) and from `model` in transformers; a RunError when llama.cpp tokenizes a
+    prompt otherwise than `tokenizer`, or ends a reply on another token than the template's end of turn (the
+    seed's replies ended with <|endoftext|>)."""
     import llama_cpp
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(merged)
     end = _end_of_turn(tokenizer)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto").to(device)
+    texts = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+             for messages in conversations]
     want = []
     with torch.inference_mode():
         for text in texts:
-            ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+            ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
             out = model.generate(ids, do_sample=False, max_new_tokens=REPLY_TOKENS, eos_token_id=end,
                                  pad_token_id=end, top_p=None, top_k=None, temperature=None)
             want.append(out[0, ids.shape[1]:].tolist())
-    del model
 
-    runtime = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    runtime = llama_cpp.Llama(model_path=str(gguf), lora_path=str(lora) if lora else None, n_ctx=512,
+                              n_threads=torch.get_num_threads(), verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(runtime.model)
     got, same, stopped = [], 0, 0
     for text, expected in zip(texts, want):
         ids = runtime.tokenize(text.encode(), add_bos=True, special=True)
         if ids != tokenizer(text).input_ids:
-            raise RunError("GGUF check failed: llama.cpp tokenizes the chat prompt otherwise than the merged "
-                           "model's tokenizer; nothing was written")
+            raise RunError("GGUF check failed: llama.cpp tokenizes the chat prompt otherwise than the model's "
+                           "tokenizer; nothing was written")
         reply = []
         for token in runtime.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
             reply.append(token)
@@ -107,11 +106,24 @@ def replies(merged: Path, gguf: Path, prompts: list[str], device: str = "cpu", e
         same += reply == expected
         stopped += reply[-1] == end
     runtime.close()
-    found = {"prompts": prompts, "same_reply": same, "stopped_at_end_of_turn": stopped,
-             "end_of_turn": tokenizer.convert_ids_to_tokens(end), "replies": got,
-             "merged_replies": [tokenizer.decode(ids, skip_special_tokens=True) for ids in want]}
-    echo(f"llama.cpp's greedy replies vs the merged model's on {len(prompts)} prompts ({REPLY_TOKENS} tokens at "
-         f"most): {same} the same; {stopped} ended at {found['end_of_turn']}, none at another end token")
+    found = {"prompts": [messages[-1]["content"] for messages in conversations], "same_reply": same,
+             "stopped_at_end_of_turn": stopped, "end_of_turn": tokenizer.convert_ids_to_tokens(end), "replies": got,
+             "model_replies": [tokenizer.decode(ids, skip_special_tokens=True) for ids in want]}
+    echo(f"llama.cpp's greedy replies vs transformers' on {len(texts)} prompts ({REPLY_TOKENS} tokens at most): "
+         f"{same} the same; {stopped} ended at {found['end_of_turn']}, none at another end token")
+    return found
+
+
+def adapter_metadata(gguf: Path, alpha: float) -> dict:
+    """That a GGUF is a LoRA adapter for llama.cpp, with the run's alpha (llama.cpp scales by alpha / rank)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+    found = {key: field.contents() if (field := reader.get_field(key)) is not None else None
+             for key in ("general.type", "adapter.type", "adapter.lora.alpha")}
+    if found != {"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": alpha}:
+        raise RunError(f"GGUF check failed: the adapter file says {found}, not a LoRA adapter of alpha {alpha}; "
+                       "nothing was written")
     return found
 
 
@@ -119,3 +131,13 @@ def _end_of_turn(tokenizer) -> int:
     """The token a turn ends with: <|im_end|> in ChatML (Qwen's), else the tokenizer's end of sequence."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+
+def reply_prompts(location: str) -> list[str]:
+    """The prompts a run's sample answers were written for (eval.sample_prompts), else merge's probes."""
+    from roletune.merge import PROBES
+    from roletune.run_dir import CONFIG_NAME, read_config
+
+    if (Path(location) / CONFIG_NAME).is_file():
+        return list(read_config(Path(location)).eval.sample_prompts or PROBES)
+    return PROBES

@@ -107,6 +107,17 @@ def convert(model: Path, outfile: Path, outtype: str, folder: Path) -> None:
         raise RunError(f"llama.cpp's converter failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
 
 
+def convert_lora(adapter: Path, base_config: Path, outfile: Path, outtype: str, folder: Path) -> None:
+    """A peft LoRA folder -> outfile, with llama.cpp's LoRA converter; base_config: a folder with the base's
+    config.json (its weights are not read)."""
+    done = subprocess.run([sys.executable, str(folder / "convert_lora_to_gguf.py"), str(adapter), "--base",
+                           str(base_config), "--outfile", str(outfile), "--outtype", OUTTYPES[outtype]],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0 or not outfile.is_file():
+        lines = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
+        raise RunError(f"llama.cpp's LoRA converter failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+
+
 def quantize(source: Path, outfile: Path, quant: str) -> None:
     """source (the converter's f32, f16 or bf16 GGUF) -> outfile, with llama.cpp's quantizer."""
     done = subprocess.run([sys.executable, "-m", __name__, "quantize", str(source), str(outfile), quant],

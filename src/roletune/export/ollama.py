@@ -8,6 +8,9 @@ template Ollama takes the one the GGUF carries.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from roletune.errors import RunError
 
 # ChatML in Ollama's Go template language, shaped as Ollama's own qwen2.5 template less its tools: the system
 # message (Ollama puts the request's, else SYSTEM, in .System) and each turn between <|im_start|>ROLE and
@@ -46,8 +49,10 @@ def is_chatml(tokenizer) -> bool:
     return tokenizer.apply_chat_template(SAMPLE, tokenize=False, add_generation_prompt=True) == CHATML_SAMPLE
 
 
-def modelfile(gguf_name: str, *, system: str | None, chatml: bool, stops: list[str], generation: dict) -> str:
-    lines = [f"FROM ./{gguf_name}", ""]
+def modelfile(source: str, *, adapter: str | None = None, system: str | None, chatml: bool, stops: list[str],
+              generation: dict) -> str:
+    """FROM `source` (a GGUF, ./NAME beside the Modelfile), with ADAPTER `adapter` (a LoRA GGUF) applied to it."""
+    lines = [f"FROM {source}", *([f"ADAPTER {adapter}"] if adapter else []), ""]
     if chatml:
         lines += [f'TEMPLATE """{CHATML}"""', ""]
     if system:
@@ -59,3 +64,24 @@ def modelfile(gguf_name: str, *, system: str | None, chatml: bool, stops: list[s
     else:  # a greedy model: Ollama samples at 0.8 unless told
         lines += ["PARAMETER temperature 0"]
     return "\n".join(lines) + "\n"
+
+
+def write_modelfile(work: Path, tokenizer_from: str | Path, generation_from: str | Path, system: str | None,
+                    source: str, adapter: str | None, echo) -> None:
+    """work/Modelfile: FROM `source` (and ADAPTER `adapter`), the template when it is ChatML, the persona, the
+    stop token and the generation config's sampling settings."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    if system and '"""' in system:
+        raise RunError('the system prompt holds """, which a Modelfile cannot quote; nothing was written')
+    chatml = is_chatml(tokenizer)
+    if not chatml:
+        echo("the chat template is not ChatML: the Modelfile leaves TEMPLATE to the one the GGUF carries")
+    try:
+        generation = GenerationConfig.from_pretrained(generation_from).to_dict()
+    except OSError:
+        generation = {}
+    stops = ["<|im_end|>"] if chatml else [tokenizer.eos_token]
+    (work / "Modelfile").write_text(modelfile(source, adapter=adapter, system=system, chatml=chatml, stops=stops,
+                                              generation=generation), encoding="utf-8")
