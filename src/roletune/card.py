@@ -117,9 +117,8 @@ def _run_sections(run: Path, cfg) -> list[str]:
     sections = [f"## Training\n\n{table}\n\nThe whole config is in {run_dir.CONFIG_NAME} beside the adapter."]
     evaluation = run / "eval.md"
     if evaluation.is_file():
-        lines = [line for line in evaluation.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
-        sections.append("## Evaluation\n\nThe base and the tuned model on the held-out rows, greedy decoding "
-                        "(roletune eval):\n\n" + "\n".join(lines))
+        body = evaluation.read_text(encoding="utf-8").split("\n", 1)[-1].strip()  # eval.md less its title
+        sections.append("## Evaluation\n\nThe base and the tuned model, greedy decoding (roletune eval):\n\n" + body)
     samples = _last_samples(run / "samples.jsonl")
     if samples:
         lines = [f"Greedy answers after the last epoch (step {samples[0]['step']}), beside the data's own reply:",

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="new folder for the export")
     export.add_argument("--check", choices=["auto", "replies", "logits", "none"], default="auto",
                         help="replies: llama.cpp's greedy replies against the merged model's; logits: those and "
-                             "the GGUF's logits against the merged model's; auto (default): logits up to 2B parameters")
+                             "the GGUF's logits against the merged model's; auto (default): replies, and logits up "
+                             "to 2B parameters")
     export.add_argument("--device", default="auto", help="where to merge: auto, cpu, cuda or cuda:N")
     export.add_argument("--base-model", metavar="PATH_OR_ID", help=BASE_MODEL_HELP)
 

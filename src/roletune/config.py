@@ -206,6 +206,17 @@ class TrainConfig:
 
 
 @dataclass
+class PersonaConfig:
+    names: list[str] = setting(
+        None, "The character's names and aliases, for roletune eval's persona score; default: read from "
+        "data.system_prompt.", factory=list)
+    probes: list[str] = setting(None, "Identity probes asked besides the built-in ones (你是谁？, Who are you?, ...).",
+                                factory=list)
+    break_prompts: list[str] = setting(
+        None, "Prompts that try to make the model leave its character, besides the built-in ones.", factory=list)
+
+
+@dataclass
 class EvalConfig:
     steps: int | None = setting(None, "Eval loss on the held-out rows every N steps; default: every epoch.",
                                 check=POSITIVE)
@@ -215,6 +226,7 @@ class EvalConfig:
     samples: int = setting(4, "Held-out rows answered each epoch when eval.sample_prompts is empty.",
                            check=NON_NEGATIVE)
     max_new_tokens: int = setting(128, "Reply length cap for sample answers.", check=POSITIVE)
+    persona: PersonaConfig = field(default_factory=PersonaConfig)
 
 
 @dataclass
@@ -458,9 +470,15 @@ def reference_markdown() -> str:
            "`section.key=value` after the file on the command line goes on top (`train.lr=2e-4`). Unknown keys",
            "and bad values are reported together before anything runs; `roletune config FILE [overrides]` prints",
            "the config fully resolved.", ""]
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += [f"## {f.name}", "", *table(hints[f.name], f"{f.name}."), ""]
+    def sections(cls, prefix: str) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        lines = []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                lines += [f"## {prefix}{f.name}", "", *table(hints[f.name], f"{prefix}{f.name}."), ""]
+                lines += sections(hints[f.name], f"{prefix}{f.name}.")
+        return lines
+
+    out += sections(Config, "")
     out += ["## Top level", "", *table(Config, "")]
     return "\n".join(out) + "\n"

@@ -2,7 +2,9 @@
 
 Per model: loss and perplexity on the reference reply tokens, and on greedy replies BLEU-4,
 ROUGE-L (characters for Chinese, words for space-separated text), distinct-1/2, mean reply
-length, and the share of replies that stopped at end-of-turn. Written to eval.json and eval.md.
+length, and the share of replies that stopped at end-of-turn; then the persona score (persona/):
+whether identity probes are answered in character, and adversarial prompts resisted. Written to
+eval.json and eval.md.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq
 
-from roletune import metrics, run_dir
+from roletune import metrics, persona, run_dir
 from roletune.card import write_run_card
-from roletune.config import DataConfig
+from roletune.config import Config, DataConfig, PersonaConfig
 from roletune.data import load_conversations
 from roletune.data.tokenize import IGNORE_INDEX, Example, tokenize_all
 from roletune.decoding import Session, answer_all, decoding_config, load_session
 from roletune.errors import RunError
+from roletune.persona.detect import language
 
 ROWS = [("loss", "reply loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu4", "BLEU-4", "{:.2f}"),
         ("rouge_l", "ROUGE-L", "{:.2f}"), ("distinct_1", "distinct-1", "{:.3f}"), ("distinct_2", "distinct-2", "{:.3f}"),
@@ -40,22 +43,34 @@ def evaluate(location: str, *, data: str | None = None, n: int | None = None, de
         raise RunError(f"{target / 'eval.json'}: exists; pass --overwrite or --out DIR")
     conversations = load_rows(location, run, data)[:n or None]
     max_new_tokens = max_new_tokens or run_dir.reply_cap(location, 256)
-    max_length = _run_max_length(location)
+    cfg = _run_config(location)
+    max_length = cfg.data.max_length if cfg else 4096  # a bare adapter folder records no length
+    wanted = cfg.eval.persona if cfg else PersonaConfig()
     session = load_session(location, device=device, base_model=base_model, cuda_graphs=cuda_graphs, echo=echo)
     config = decoding_config(session, greedy=True, max_new_tokens=max_new_tokens)
-    models = {}
+    names, names_from = persona.character_names(wanted.names, session.system_prompt)
+    character_language = language([c[-1].content for c in conversations])
+    models, personas = {}, {}
     for name in ("base", "tuned"):
         switch = session.model.disable_adapter() if name == "base" else contextlib.nullcontext()
         with switch:
             models[name] = score(session, conversations, config, batch_size, max_length, name)
+            personas[name] = persona.score(session, config, names=names, character_language=character_language,
+                                           probes=wanted.probes, break_prompts=wanted.break_prompts,
+                                           batch_size=batch_size)
     report = {"run": str(location), "data": data or str(Path(location) / run_dir.HELDOUT_NAME),
               "rows": len(conversations), "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
-              "models": models}
+              "models": models,
+              "persona": {"names": names, "names_from": names_from, "language": character_language, **personas,
+                          "difference": {key: _difference(personas, key) for key, _ in PERSONA_KEYS}}}
     table = markdown_table(models)
+    persona_table = persona_markdown(report["persona"])
     target.mkdir(parents=True, exist_ok=True)
     (target / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    (target / "eval.md").write_text(f"# eval of {location} on {report['rows']} rows\n\n{table}\n", encoding="utf-8")
+    (target / "eval.md").write_text(f"# eval of {location} on {report['rows']} rows\n\n{table}\n\n{persona_table}\n",
+                                    encoding="utf-8")
     echo(table)
+    echo(persona_table)
     echo(f"wrote {target / 'eval.json'} and {target / 'eval.md'}")
     if target.resolve() == Path(location).resolve() and (target / run_dir.CONFIG_NAME).is_file():
         write_run_card(target)  # the run's README.md gains the table
@@ -113,8 +128,33 @@ def markdown_table(models: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_max_length(location: str) -> int:
+PERSONA_KEYS = [("identity_rate", "answers identity probes in character"),
+                ("break_rate", "leaves the character when pushed")]
+
+
+def persona_markdown(found: dict) -> str:
+    """The persona score as a table, the difference in percentage points, and whose names were looked for."""
+    def cell(value):
+        return "n/a" if value is None else f"{value:.0%}"
+
+    lines = [f"Persona: {len(found['tuned']['identity'])} identity probes, {len(found['tuned']['breaks'])} "
+             f"prompts pushing out of character; names {', '.join(found['names']) or 'none'} "
+             f"(from {found['names_from']}).", "", "| persona | base | tuned | difference |",
+             "| --- | ---: | ---: | ---: |"]
+    for key, label in PERSONA_KEYS:
+        change = found["difference"][key]
+        shown = "n/a" if change is None else f"{change * 100:+.0f} pts"
+        lines.append(f"| {label} | {cell(found['base'][key])} | {cell(found['tuned'][key])} | {shown} |")
+    return "\n".join(lines)
+
+
+def _difference(personas: dict, key: str) -> float | None:
+    base, tuned = personas["base"][key], personas["tuned"][key]
+    return None if base is None or tuned is None else tuned - base
+
+
+def _run_config(location: str) -> Config | None:
     try:
-        return run_dir.read_config(location).data.max_length
-    except RunError:  # a bare adapter folder: no recorded length
-        return 4096
+        return run_dir.read_config(location)
+    except RunError:  # a bare adapter folder: no recorded config
+        return None

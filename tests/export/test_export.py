@@ -114,8 +114,10 @@ def test_the_adapter_alone_applied_by_llama_cpp_to_the_base_gguf_answers_as_the_
 
     from roletune.export import export
 
-    base = export(str(wide_run.parent / "base"), str(tmp_path / "base"), quant="f16", check="none",
-                  echo=lambda *_: None)
+    base = export(str(wide_run.parent / "base"), str(tmp_path / "base"), quant="f16", check="logits",
+                  echo=lambda *_: None)  # a plain model folder, as it is
+    logits = json.loads((tmp_path / "base" / "roletune_export.json").read_text())["checks"]["logits"]
+    assert logits["same_next_token"] > 0.95  # within f16's tolerance, or export would have refused it
     lines = []
     written = export(str(wide_run), str(tmp_path / "out"), to="ollama", adapter_only=True, base_gguf=str(base),
                      device="cpu", echo=lines.append)

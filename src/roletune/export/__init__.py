@@ -21,10 +21,9 @@ from roletune.run_dir import open_run
 
 BYTES_PER_WEIGHT = {"f16": 2.0, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0,
                     "q8_0": 34 / 32,  # 32 one-byte weights and an f16 scale
-                    "q6_k": 0.83, "q5_k_m": 0.72, "q4_k_m": 0.62}  # llama.cpp's bits per weight on 7B, over 8
+                    "q6_k": 0.83, "q5_k_m": 0.72, "q4_k_m": 0.62}  # at most: some tensors keep more bits
 MERGE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json's dtype -> merge's
 LOGIT_CHECK_LIMIT = 2e9  # parameters: above it, loading the GGUF and the merged model in fp32 is opt-in
-
 
 
 def export(location: str, out: str, *, to: str = "gguf", quant: str | None = None, base_model: str | None = None,
@@ -48,7 +47,8 @@ def export(location: str, out: str, *, to: str = "gguf", quant: str | None = Non
     elif not run.adapter and not Path(run.base).is_dir():
         raise RunError(f"{location}: a whole model is exported from a local folder; download it first")
     kquant = quant in llama_cpp.KQUANTS
-    llama_cpp.check_tools(runtime=kquant or (check != "none" and (base_gguf or not adapter_only)))
+    replies = check != "none" and (bool(base_gguf) or not adapter_only)  # llama.cpp's runtime answers
+    llama_cpp.check_tools(runtime=kquant or replies)
     converter = llama_cpp.converter_folder()
     config, parameters = _shape(run.base)
     architecture = (config.architectures or ["?"])[0]
@@ -92,6 +92,7 @@ def _write_model(location: str, run, work: Path, name: str, quant: str, dtype: s
                  converter: Path, *, base_model, check, device, to, echo) -> tuple[Path, dict]:
     """The run merged (or a plain model as it is), converted, quantized, checked; the Modelfile for Ollama."""
     from roletune.export import llama_cpp
+    from roletune.export.check import reply_prompts
     from roletune.merge import merge
 
     if run.adapter:
@@ -111,8 +112,6 @@ def _write_model(location: str, run, work: Path, name: str, quant: str, dtype: s
     else:
         echo(f"converting with llama.cpp's converter (llama-cpp-python {llama_cpp.version()}) to {quant}")
         llama_cpp.convert(merged, gguf, quant, converter)
-    from roletune.export.check import reply_prompts
-
     checks = _check(merged, gguf, quant, parameters, check, device, reply_prompts(location), echo)
     if to == "ollama":
         _write_modelfile(work, merged, gguf.name, echo)

@@ -76,21 +76,23 @@ def replies(model, tokenizer, gguf: Path, conversations: list[list[dict]], *, lo
     end = _end_of_turn(tokenizer)
     texts = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
              for messages in conversations]
+    prompts = [tokenizer(text).input_ids for text in texts]
     want = []
     with torch.inference_mode():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
-            out = model.generate(ids, do_sample=False, max_new_tokens=REPLY_TOKENS, eos_token_id=end,
-                                 pad_token_id=end, top_p=None, top_k=None, temperature=None)
-            want.append(out[0, ids.shape[1]:].tolist())
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids], device=model.device), do_sample=False,
+                                 max_new_tokens=REPLY_TOKENS, eos_token_id=end, pad_token_id=end, top_p=None,
+                                 top_k=None, temperature=None)
+            want.append(out[0, len(ids):].tolist())
 
-    runtime = llama_cpp.Llama(model_path=str(gguf), lora_path=str(lora) if lora else None, n_ctx=512,
-                              n_threads=torch.get_num_threads(), verbose=False)
+    runtime = llama_cpp.Llama(model_path=str(gguf), lora_path=str(lora) if lora else None,
+                              n_ctx=max(map(len, prompts)) + REPLY_TOKENS + 1, n_threads=torch.get_num_threads(),
+                              verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(runtime.model)
     got, same, stopped = [], 0, 0
-    for text, expected in zip(texts, want):
+    for text, expected, prompt in zip(texts, want, prompts):
         ids = runtime.tokenize(text.encode(), add_bos=True, special=True)
-        if ids != tokenizer(text).input_ids:
+        if ids != prompt:
             raise RunError("GGUF check failed: llama.cpp tokenizes the chat prompt otherwise than the model's "
                            "tokenizer; nothing was written")
         reply = []
