@@ -24,7 +24,7 @@ from roletune.config import Config, DataConfig, PersonaConfig
 from roletune.data import load_conversations
 from roletune.data.tokenize import IGNORE_INDEX, Example, tokenize_all
 from roletune.decoding import Session, answer_all, decoding_config, load_session
-from roletune.errors import RunError
+from roletune.errors import DataError, RunError
 from roletune.persona.detect import language
 
 ROWS = [("loss", "reply loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("bleu4", "BLEU-4", "{:.2f}"),
@@ -50,6 +50,7 @@ def evaluate(location: str, *, data: str | None = None, n: int | None = None, de
     config = decoding_config(session, greedy=True, max_new_tokens=max_new_tokens)
     names, names_from = persona.character_names(wanted.names, session.system_prompt)
     character_language = language([c[-1].content for c in conversations])
+    character, others, voice_prompts, voice_found = _voice_data(cfg, conversations)
     models, personas = {}, {}
     for name in ("base", "tuned"):
         switch = session.model.disable_adapter() if name == "base" else contextlib.nullcontext()
@@ -58,10 +59,16 @@ def evaluate(location: str, *, data: str | None = None, n: int | None = None, de
             personas[name] = persona.score(session, config, names=names, character_language=character_language,
                                            probes=wanted.probes, break_prompts=wanted.break_prompts,
                                            batch_size=batch_size)
+            if name == "base" and voice_prompts:  # the base's own voice, a negative for the classifier
+                others += [r.text for r in answer_all(session, voice_prompts, config, batch_size)]
+    voice_found, scores = _voice(character, others, models, voice_found)
+    for name, value in scores.items():
+        personas[name]["voice_score"] = value
     report = {"run": str(location), "data": data or str(Path(location) / run_dir.HELDOUT_NAME),
               "rows": len(conversations), "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
               "models": models,
-              "persona": {"names": names, "names_from": names_from, "language": character_language, **personas,
+              "persona": {"names": names, "names_from": names_from, "language": character_language,
+                          "voice": voice_found, **personas,
                           "difference": {key: _difference(personas, key) for key, _ in PERSONA_KEYS}}}
     table = markdown_table(models)
     persona_table = persona_markdown(report["persona"])
@@ -129,7 +136,8 @@ def markdown_table(models: dict) -> str:
 
 
 PERSONA_KEYS = [("identity_rate", "answers identity probes in character"),
-                ("break_rate", "leaves the character when pushed")]
+                ("break_rate", "leaves the character when pushed"),
+                ("voice_score", "sounds like the character's own lines")]
 
 
 def persona_markdown(found: dict) -> str:
@@ -145,12 +153,38 @@ def persona_markdown(found: dict) -> str:
         change = found["difference"][key]
         shown = "n/a" if change is None else f"{change * 100:+.0f} pts"
         lines.append(f"| {label} | {cell(found['base'][key])} | {cell(found['tuned'][key])} | {shown} |")
+    voice = found["voice"]
+    lines += ["", f"Voice: {voice['skipped']}." if "skipped" in voice else
+              f"Voice: a character n-gram classifier of {voice['character_lines']} of the character's lines against "
+              f"{voice['other_lines']} others (other speakers', and the base's replies to training prompts), "
+              f"{voice['cv_accuracy']:.0%} accurate in cross-validation (50%: it cannot tell them apart)."]
     return "\n".join(lines)
 
 
 def _difference(personas: dict, key: str) -> float | None:
     base, tuned = personas["base"][key], personas["tuned"][key]
     return None if base is None or tuned is None else tuned - base
+
+
+def _voice_data(cfg: Config | None, evaluated: list) -> tuple[list[str], list[str], list, dict]:
+    """The voice classifier's lines from the run's training data, or why there are none."""
+    if cfg is None:
+        return [], [], [], {"skipped": "not scored, since a bare adapter folder records no training data"}
+    try:
+        training = load_conversations(cfg.data)
+    except (DataError, OSError) as error:
+        return [], [], [], {"skipped": f"not scored, since the training data could not be read ({error})"}
+    return (*persona.voice_data(training, evaluated), {})
+
+
+def _voice(character: list[str], others: list[str], models: dict, found: dict) -> tuple[dict, dict]:
+    if "skipped" in found:
+        return found, {name: None for name in models}
+    try:
+        return persona.voice_scores(character, others, {name: [r["reply"] for r in m["replies"]]
+                                                         for name, m in models.items()})
+    except ValueError as error:  # too few lines on a side
+        return {"skipped": f"not scored: {error}"}, {name: None for name in models}
 
 
 def _run_config(location: str) -> Config | None:

@@ -41,7 +41,12 @@ def test_a_run_taught_its_name_answers_identity_probes_in_character_and_its_base
     # English-looking tokens); its random base never says 林小满 and rambles in every script.
     assert tuned["identity_rate"] >= 0.75 and base["identity_rate"] == 0.0
     assert tuned["break_rate"] <= 2 / 7 < base["break_rate"]
-    assert found["difference"] == {key: tuned[key] - base[key] for key in ("identity_rate", "break_rate")}
+    # The voice classifier: the 10 training replies not evaluated, against their 10 prompts and the base's 10
+    # replies to them; the tuned replies to the evaluated prompts sound like the character, the base's do not.
+    assert found["voice"] == {"cv_accuracy": found["voice"]["cv_accuracy"], "character_lines": 10, "other_lines": 20}
+    assert found["voice"]["cv_accuracy"] > 0.9 and tuned["voice_score"] > 0.5 > base["voice_score"]
+    keys = ("identity_rate", "break_rate", "voice_score")
+    assert found["difference"] == {key: tuned[key] - base[key] for key in keys}
     table = (tmp_path / "eval" / "eval.md").read_text(encoding="utf-8")
     change = f"{found['difference']['identity_rate'] * 100:+.0f} pts"
     assert f"| answers identity probes in character | 0% | {tuned['identity_rate']:.0%} | {change} |" in table
