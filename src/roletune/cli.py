@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR", help="where eval.json and eval.md go (default: RUN)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier eval.json")
     evaluate.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
+    evaluate.add_argument("--judge", metavar="URL", help="an OpenAI-compatible endpoint (.../v1) that rates each reply "
+                          "1-5 for staying in character; its key from ROLETUNE_JUDGE_KEY or OPENAI_API_KEY")
+    evaluate.add_argument("--judge-model", metavar="NAME", help="the judge's model name, with --judge")
 
     serve = verbs.add_parser("serve", help="serve runs (and their base) behind an OpenAI-compatible API",
                              description="One process, one copy of the base weights, every run's adapter on it.")
@@ -261,7 +264,7 @@ def dispatch(args) -> int:
 
         evaluate(args.run, data=args.data, n=args.n, device=args.device, max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, cuda_graphs=args.cuda_graphs,
-                 base_model=args.base_model)
+                 base_model=args.base_model, judge=args.judge, judge_model=args.judge_model)
         return 0
     if args.verb == "plot":
         return draw(args.runs, args.out)

@@ -34,7 +34,10 @@ ROWS = [("loss", "reply loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}")
 
 def evaluate(location: str, *, data: str | None = None, n: int | None = None, device: str = "auto",
              max_new_tokens: int | None = None, batch_size: int = 16, out: str | None = None, overwrite: bool = False,
-             cuda_graphs: bool = False, base_model: str | None = None, echo=print) -> dict:
+             cuda_graphs: bool = False, base_model: str | None = None, judge: str | None = None,
+             judge_model: str | None = None, echo=print) -> dict:
+    if bool(judge) != bool(judge_model):
+        raise RunError("--judge URL and --judge-model NAME go together")
     run = run_dir.open_run(location, base_model)
     if not run.adapter:
         raise RunError(f"{location}: eval compares a tuned model with its base; this is a plain model")
@@ -64,15 +67,18 @@ def evaluate(location: str, *, data: str | None = None, n: int | None = None, de
     voice_found, scores = _voice(character, others, models, voice_found)
     for name, value in scores.items():
         personas[name]["voice_score"] = value
+    target.mkdir(parents=True, exist_ok=True)
+    judged = _judge(judge, judge_model, session.system_prompt, target, conversations, models, personas,
+                    echo) if judge else None
     report = {"run": str(location), "data": data or str(Path(location) / run_dir.HELDOUT_NAME),
               "rows": len(conversations), "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
               "models": models,
               "persona": {"names": names, "names_from": names_from, "language": character_language,
-                          "voice": voice_found, **personas,
-                          "difference": {key: _difference(personas, key) for key, _ in PERSONA_KEYS}}}
+                          "voice": voice_found, **({"judge": judged} if judged else {}), **personas,
+                          "difference": {key: _difference(personas, key) for key, _ in PERSONA_KEYS
+                                         if key != "judge_score" or judged}}}
     table = markdown_table(models)
     persona_table = persona_markdown(report["persona"])
-    target.mkdir(parents=True, exist_ok=True)
     (target / "eval.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     (target / "eval.md").write_text(f"# eval of {location} on {report['rows']} rows\n\n{table}\n\n{persona_table}\n",
                                     encoding="utf-8")
@@ -137,7 +143,8 @@ def markdown_table(models: dict) -> str:
 
 PERSONA_KEYS = [("identity_rate", "answers identity probes in character"),
                 ("break_rate", "leaves the character when pushed"),
-                ("voice_score", "sounds like the character's own lines")]
+                ("voice_score", "sounds like the character's own lines"),
+                ("judge_score", "the judge's rating of the replies")]
 
 
 def persona_markdown(found: dict) -> str:
@@ -150,19 +157,26 @@ def persona_markdown(found: dict) -> str:
              f"(from {found['names_from']}).", "", "| persona | base | tuned | difference |",
              "| --- | ---: | ---: | ---: |"]
     for key, label in PERSONA_KEYS:
+        if key == "judge_score" and "judge" not in found:
+            continue
         change = found["difference"][key]
         shown = "n/a" if change is None else f"{change * 100:+.0f} pts"
-        lines.append(f"| {label} | {cell(found['base'][key])} | {cell(found['tuned'][key])} | {shown} |")
+        lines.append(f"| {label} | {cell(found['base'].get(key))} | {cell(found['tuned'].get(key))} | {shown} |")
     voice = found["voice"]
     lines += ["", f"Voice: {voice['skipped']}." if "skipped" in voice else
               f"Voice: a character n-gram classifier of {voice['character_lines']} of the character's lines against "
               f"{voice['other_lines']} others (other speakers', and the base's replies to training prompts), "
               f"{voice['cv_accuracy']:.0%} accurate in cross-validation (50%: it cannot tell them apart)."]
+    judge = found.get("judge")
+    if judge:
+        lines += ["", f"Judge: {judge['model']} at {judge['url']}: {judge['error']}." if "error" in judge else
+                  f"Judge: {judge['model']} at {judge['url']} rated {judge['parsed']} replies 1-5 (shown as "
+                  f"(score-1)/4); {judge['unparsed']} answers had no score; {judge['cached']} came from its cache."]
     return "\n".join(lines)
 
 
 def _difference(personas: dict, key: str) -> float | None:
-    base, tuned = personas["base"][key], personas["tuned"][key]
+    base, tuned = personas["base"].get(key), personas["tuned"].get(key)
     return None if base is None or tuned is None else tuned - base
 
 
@@ -185,6 +199,27 @@ def _voice(character: list[str], others: list[str], models: dict, found: dict) -
                                                          for name, m in models.items()})
     except ValueError as error:  # too few lines on a side
         return {"skipped": f"not scored: {error}"}, {name: None for name in models}
+
+
+def _judge(url: str, model: str, character: str | None, target: Path, conversations: list, models: dict,
+           personas: dict, echo) -> dict:
+    """Each model's held-out replies rated by the judge; its counts, or the error that stopped it (the eval
+    stands without it)."""
+    from roletune.persona.judge import CACHE_NAME, Judge, JudgeError
+
+    judge = Judge(url, model, character, target / CACHE_NAME)
+    prompts = [c[-2].content if len(c) >= 2 else "" for c in conversations]
+    found = {"url": url, "model": model, "cache": str(target / CACHE_NAME), "parsed": 0, "unparsed": 0, "cached": 0}
+    try:
+        for name in ("base", "tuned"):
+            rated = judge.rate(list(zip(prompts, [r["reply"] for r in models[name]["replies"]])))
+            personas[name]["judge_score"], personas[name]["judge_scores"] = rated["judge_score"], rated["scores"]
+            for count in ("parsed", "unparsed", "cached"):
+                found[count] += rated[count]
+    except JudgeError as error:
+        echo(f"the judge was not heard, and the eval goes on without it: {error}")
+        return {**found, "error": str(error)}
+    return found
 
 
 def _run_config(location: str) -> Config | None:
