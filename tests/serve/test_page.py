@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 QUESTION = "第5个问题：今天海上风大吗？"
 
