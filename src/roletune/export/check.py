@@ -31,7 +31,7 @@ def chat_template(gguf: Path) -> str | None:
 def logits(merged: Path, gguf: Path, quant: str, prompts: list[str], echo=print) -> dict:
     """Both models' logits on `prompts` (rendered with the merged model's chat template), the GGUF's through
     transformers' GGUF reader, in fp32; a RunError when they differ more than `quant` explains."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     tokenizer.padding_side = "left"
@@ -41,7 +41,10 @@ def logits(merged: Path, gguf: Path, quant: str, prompts: list[str], echo=print)
     mask = inputs["attention_mask"].bool()
     with torch.inference_mode():
         want = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(**inputs).logits[mask]
-        reader = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are the GGUF's; the config is the merged model's, so that gguf-py parses the file's
+        # metadata (a 151,665-token vocabulary, in Python) once, not twice: 13 s instead of 28 on the demo.
+        reader = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                      config=AutoConfig.from_pretrained(merged))
         got = reader(**inputs).logits[mask]
     diff = (got - want).abs().max().item()
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none")
