@@ -93,6 +93,7 @@ def _write_model(location: str, run, work: Path, name: str, quant: str, dtype: s
     """The run merged (or a plain model as it is), converted, quantized, checked; the Modelfile for Ollama."""
     from roletune.export import llama_cpp
     from roletune.export.check import reply_prompts
+    from roletune.export.ollama import write_modelfile
     from roletune.merge import merge
 
     if run.adapter:
@@ -114,7 +115,7 @@ def _write_model(location: str, run, work: Path, name: str, quant: str, dtype: s
         llama_cpp.convert(merged, gguf, quant, converter)
     checks = _check(merged, gguf, quant, parameters, check, device, reply_prompts(location), echo)
     if to == "ollama":
-        _write_modelfile(work, merged, gguf.name, echo)
+        write_modelfile(work, merged, merged, run.system_prompt, f"./{gguf.name}", None, echo)
     if run.adapter:
         shutil.rmtree(merged)
     return gguf, checks
@@ -165,11 +166,3 @@ def _check(merged: Path, gguf: Path, quant: str, parameters: int, check: str, de
     elif check == "auto":
         echo(f"logit check skipped ({parameters / 1e9:.1f}B parameters); --check logits runs it")
     return checks
-
-
-def _write_modelfile(work: Path, merged: Path, gguf_name: str, echo) -> None:
-    record = merged / "roletune_merge.json"
-    system = json.loads(record.read_text(encoding="utf-8")).get("system_prompt") if record.is_file() else None
-    from roletune.export.ollama import write_modelfile
-
-    write_modelfile(work, merged, merged, system, f"./{gguf_name}", None, echo)

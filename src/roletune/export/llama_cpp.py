@@ -95,36 +95,27 @@ def check_tools(runtime: bool) -> None:
 
 def supported(architecture: str, folder: Path) -> bool:
     """Whether llama.cpp's converter has a class for a transformers architecture (config.json's)."""
-    done = _run(folder, ["--print-supported-models"])
+    done = _run([str(folder / "convert_hf_to_gguf.py"), "--print-supported-models"])
     return architecture in (done.stdout + done.stderr).split()  # the list goes to its log
 
 
 def convert(model: Path, outfile: Path, outtype: str, folder: Path) -> None:
     """model (a transformers folder) -> outfile, with llama.cpp's converter."""
-    done = _run(folder, [str(model), "--outfile", str(outfile), "--outtype", OUTTYPES[outtype]])
-    if done.returncode != 0 or not outfile.is_file():
-        lines = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
-        raise RunError(f"llama.cpp's converter failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+    _make(outfile, "llama.cpp's converter", [str(folder / "convert_hf_to_gguf.py"), str(model), "--outfile",
+                                             str(outfile), "--outtype", OUTTYPES[outtype]])
 
 
 def convert_lora(adapter: Path, base_config: Path, outfile: Path, outtype: str, folder: Path) -> None:
     """A peft LoRA folder -> outfile, with llama.cpp's LoRA converter; base_config: a folder with the base's
     config.json (its weights are not read)."""
-    done = subprocess.run([sys.executable, str(folder / "convert_lora_to_gguf.py"), str(adapter), "--base",
-                           str(base_config), "--outfile", str(outfile), "--outtype", OUTTYPES[outtype]],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if done.returncode != 0 or not outfile.is_file():
-        lines = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
-        raise RunError(f"llama.cpp's LoRA converter failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+    _make(outfile, "llama.cpp's LoRA converter", [str(folder / "convert_lora_to_gguf.py"), str(adapter), "--base",
+                                                  str(base_config), "--outfile", str(outfile), "--outtype",
+                                                  OUTTYPES[outtype]])
 
 
 def quantize(source: Path, outfile: Path, quant: str) -> None:
     """source (the converter's f32, f16 or bf16 GGUF) -> outfile, with llama.cpp's quantizer."""
-    done = subprocess.run([sys.executable, "-m", __name__, "quantize", str(source), str(outfile), quant],
-                          capture_output=True, text=True)
-    if done.returncode != 0 or not outfile.is_file():
-        lines = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
-        raise RunError(f"llama.cpp's quantizer failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+    _make(outfile, "llama.cpp's quantizer", ["-m", __name__, "quantize", str(source), str(outfile), quant])
 
 
 def _quantize_here(source: str, outfile: str, quant: str) -> None:
@@ -139,9 +130,18 @@ def _quantize_here(source: str, outfile: str, quant: str) -> None:
         sys.exit(f"llama_model_quantize returned an error for {source}")
 
 
-def _run(folder: Path, arguments: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), *arguments], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def _run(arguments: list[str]) -> subprocess.CompletedProcess:
+    """Python on `arguments`, in a process of its own, its output kept (offline: the base is local)."""
+    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _make(outfile: Path, tool: str, arguments: list[str]) -> None:
+    """Run a tool that writes `outfile`; a RunError with the last line it printed when it did not."""
+    done = _run(arguments)
+    if done.returncode != 0 or not outfile.is_file():
+        lines = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
+        raise RunError(f"{tool} failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
 
 
 def _importable(name: str) -> bool:
