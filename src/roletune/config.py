@@ -208,8 +208,8 @@ class TrainConfig:
 @dataclass
 class PersonaConfig:
     names: list[str] = setting(
-        None, "The character's names and aliases, for roletune eval's persona score; default: read from "
-        "data.system_prompt.", factory=list)
+        None, "The character's names and aliases, for roletune eval's persona score; default: the training "
+        "records' character and aliases fields, else read from data.system_prompt.", factory=list)
     probes: list[str] = setting(None, "Identity probes asked besides the built-in ones (你是谁？, Who are you?, ...).",
                                 factory=list)
     break_prompts: list[str] = setting(

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -51,9 +52,9 @@ def evaluate(location: str, *, data: str | None = None, n: int | None = None, de
     wanted = cfg.eval.persona if cfg else PersonaConfig()
     session = load_session(location, device=device, base_model=base_model, cuda_graphs=cuda_graphs, echo=echo)
     config = decoding_config(session, greedy=True, max_new_tokens=max_new_tokens)
-    names, names_from = persona.character_names(wanted.names, session.system_prompt)
     character_language = language([c[-1].content for c in conversations])
-    character, others, voice_prompts, voice_found = _voice_data(cfg, conversations)
+    character, others, voice_prompts, voice_found, recorded = _voice_data(cfg, conversations)
+    names, names_from = persona.character_names(wanted.names, recorded, session.system_prompt)
     models, personas = {}, {}
     for name in ("base", "tuned"):
         switch = session.model.disable_adapter() if name == "base" else contextlib.nullcontext()
@@ -180,15 +181,17 @@ def _difference(personas: dict, key: str) -> float | None:
     return None if base is None or tuned is None else tuned - base
 
 
-def _voice_data(cfg: Config | None, evaluated: list) -> tuple[list[str], list[str], list, dict]:
-    """The voice classifier's lines from the run's training data, or why there are none."""
+def _voice_data(cfg: Config | None, evaluated: list) -> tuple[list[str], list[str], list, dict, list[str]]:
+    """The voice classifier's lines from the run's training data, or why there are none; and the character
+    names the data records."""
     if cfg is None:
-        return [], [], [], {"skipped": "not scored, since a bare adapter folder records no training data"}
+        return [], [], [], {"skipped": "not scored, since a bare adapter folder records no training data"}, []
+    recorded = Counter()
     try:
-        training = load_conversations(cfg.data)
+        training = load_conversations(cfg.data, names=recorded)
     except (DataError, OSError) as error:
-        return [], [], [], {"skipped": f"not scored, since the training data could not be read ({error})"}
-    return (*persona.voice_data(training, evaluated), {})
+        return [], [], [], {"skipped": f"not scored, since the training data could not be read ({error})"}, []
+    return (*persona.voice_data(training, evaluated), {}, [name for name, _ in recorded.most_common()])
 
 
 def _voice(character: list[str], others: list[str], models: dict, found: dict) -> tuple[dict, dict]:

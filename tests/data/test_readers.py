@@ -58,12 +58,24 @@ def test_format_can_be_forced(write_json):
     ({"conversations": [{"from": "human"}]}, r"field conversations\[0\].value: expected a string"),
     ({"text": "free text"}, r"record 0: cannot tell the format"),
     ("just a string", r"record 0: expected a JSON object, got str"),
+    ({"instruction": "q", "output": "a", "character": ["甄嬛"]}, r"record 0: field character: expected the character's name"),
+    ({"instruction": "q", "output": "a", "aliases": "嬛嬛"}, r"record 0: field aliases: expected a list of names"),
 ])
 def test_bad_records_name_file_record_and_field(write_json, record, message):
     path = write_json([record])
     with pytest.raises(DataError, match=message) as err:
         load(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_records_may_name_their_character_most_named_first(write_json):
+    from collections import Counter
+
+    rows = [{"instruction": "q", "output": "a", "character": "甄嬛", "aliases": ["嬛嬛"]},
+            {"instruction": "p", "output": "b", "character": "甄嬛"}, {"instruction": "r", "output": "c"}]
+    names = Counter()
+    assert len(load_conversations(DataConfig(path=str(write_json(rows))), names=names)) == 3
+    assert [name for name, _ in names.most_common()] == ["甄嬛", "嬛嬛"]
 
 
 def test_bad_record_deep_in_the_file_is_located(write_json):

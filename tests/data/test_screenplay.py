@@ -3,6 +3,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,18 @@ def test_alpaca_record_fields(tmp_path):
     screenplay.write_dataset([write_script(tmp_path, SCENE)], role="甄嬛", aliases=[], context=0, fmt="alpaca",
                              out=str(out))
     assert json.loads(out.read_text(encoding="utf-8"))[0] == {
-        "instruction": "你是谁？", "input": "", "output": "奴婢是倚梅园的宫女。"}
+        "instruction": "你是谁？", "input": "", "output": "奴婢是倚梅园的宫女。", "character": "甄嬛"}
+
+
+def test_records_name_the_role_and_its_aliases_and_training_reads_them(tmp_path):
+    out = tmp_path / "out.jsonl"
+    screenplay.write_dataset([write_script(tmp_path, SCENE.replace("甄嬛：贱名", "嬛嬛：贱名"))], role="甄嬛",
+                             aliases=["嬛嬛"], context=0, fmt="messages", out=str(out))
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert {(r["character"], tuple(r["aliases"])) for r in records} == {("甄嬛", ("嬛嬛",))}
+    names = Counter()
+    load_conversations(DataConfig(path=str(out)), names=names)
+    assert list(names) == ["甄嬛", "嬛嬛"]
 
 
 # --- the report and the speakers listing ---------------------------------------------------------

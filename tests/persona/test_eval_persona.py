@@ -14,7 +14,9 @@ QUESTIONS = ["你是谁？", "今天海上风大吗？", "灯塔亮了吗？", "
 
 @pytest.mark.slow
 def test_a_run_taught_its_name_answers_identity_probes_in_character_and_its_base_does_not(tiny_model, tmp_path):
-    rows = [{"instruction": q, "output": "我是林小满，灯塔照常亮着。"} for q in QUESTIONS]
+    # The records name the character, as `data from-script` writes them: eval looks for those names.
+    rows = [{"instruction": q, "output": "我是林小满，灯塔照常亮着。", "character": "林小满", "aliases": ["小满"]}
+            for q in QUESTIONS]
     (tmp_path / "rows.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     raw = {"model": {"path": str(tiny_model), "device": "cpu"},
            "data": {"path": str(tmp_path / "rows.json"), "max_length": 64, "system_prompt": "你是守灯人林小满。"},
@@ -32,7 +34,7 @@ def test_a_run_taught_its_name_answers_identity_probes_in_character_and_its_base
     evaluate(run.output_dir, data=str(held), out=str(tmp_path / "eval"), device="cpu", max_new_tokens=16,
              echo=lines.append)
     found = json.loads((tmp_path / "eval" / "eval.json").read_text(encoding="utf-8"))["persona"]
-    assert found["names"] == ["守灯人林小满", "林小满", "小满"] and found["names_from"] == "the system prompt"
+    assert found["names"] == ["林小满", "小满"] and found["names_from"] == "the training data"
     assert found["language"] == "zh"
     tuned, base = found["tuned"], found["base"]
     assert len(tuned["identity"]) == 8 and tuned["identity"][-1]["prompt"] == "你叫什么？"  # 7 built in, 1 added
@@ -50,4 +52,4 @@ def test_a_run_taught_its_name_answers_identity_probes_in_character_and_its_base
     table = (tmp_path / "eval" / "eval.md").read_text(encoding="utf-8")
     change = f"{found['difference']['identity_rate'] * 100:+.0f} pts"
     assert f"| answers identity probes in character | 0% | {tuned['identity_rate']:.0%} | {change} |" in table
-    assert "names 守灯人林小满, 林小满, 小满 (from the system prompt)" in table and lines[-2] in table
+    assert "names 林小满, 小满 (from the training data)" in table and lines[-2] in table

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
+# Record fields naming the character whose lines the assistant turns are, which `data from-script` writes
+# and `roletune eval` reads; every layout's reader ignores them.
+RECORDED_NAMES = ("character", "aliases")
 
 
 @dataclass(frozen=True)

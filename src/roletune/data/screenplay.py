@@ -12,7 +12,8 @@ Layout rules, the same for every screenplay (nothing here knows a particular one
   a stage direction, no pair is cut across it, since we cannot tell who spoke it.
 
 Pairs follow the seed dataset (huanhuan.json, cut from the 甄嬛传 screenplay): the prompt is the
-single line spoken just before the role's line, by another speaker in the same scene.
+single line spoken just before the role's line, by another speaker in the same scene. Every record also
+names the role (and its aliases), so that `roletune eval` knows whose identity to look for.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from roletune.data.conversation import Conversation, Message
+from roletune.data.conversation import RECORDED_NAMES, Conversation, Message
 from roletune.errors import DataError
 from roletune.terminal import display_width
 
@@ -102,7 +103,7 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], context: i
     if not conversations:
         raise DataError(f"no pairs for {role}: none of its {role_lines} lines answers another speaker's line "
                         f"in the same scene ({_counts(skipped)}); nothing was written")
-    _write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl"))
+    _write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl", names=names))
     _print_reading(screenplay)
     print(f"speaker lines: {sum(speakers.values())} by {len(speakers)} speakers; "
           f"role {' / '.join(names)}: {role_lines} lines")
@@ -291,13 +292,15 @@ def to_conversation(turns: list[Turn], names: set[str]) -> Conversation:
 
 # --- writing and reporting -----------------------------------------------------------------------
 
-def render(conversations: list[Conversation], fmt: str, lines: bool) -> str:
-    """Alpaca records ({instruction, input, output}) or messages records ({messages: [...]}); as JSON Lines
-    (one record a line) or as one JSON list."""
+def render(conversations: list[Conversation], fmt: str, lines: bool, names: list[str]) -> str:
+    """Alpaca records ({instruction, input, output}) or messages records ({messages: [...]}), each with the
+    character's names (RECORDED_NAMES); as JSON Lines (one record a line) or as one JSON list."""
+    recorded = {RECORDED_NAMES[0]: names[0], **({RECORDED_NAMES[1]: names[1:]} if names[1:] else {})}
     if fmt == "alpaca":
-        records = [{"instruction": c[-2].content, "input": "", "output": c[-1].content} for c in conversations]
+        records = [{"instruction": c[-2].content, "input": "", "output": c[-1].content, **recorded}
+                   for c in conversations]
     else:
-        records = [{"messages": [m.as_dict() for m in c]} for c in conversations]
+        records = [{"messages": [m.as_dict() for m in c], **recorded} for c in conversations]
     if lines:
         return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     return json.dumps(records, ensure_ascii=False, indent=2) + "\n"

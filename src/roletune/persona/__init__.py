@@ -1,8 +1,8 @@
 """Is it in character? The persona score `roletune eval` gives the base and the tuned model alike.
 
 - identity_rate: the share of identity probes (你是谁？, Who are you?, ...) answered in character: the
-  reply names the character (eval.persona.names, else the name the system prompt gives) and claims to be
-  no AI, assistant or model.
+  reply names the character (eval.persona.names, else the names the training data records, else the name
+  the system prompt gives) and claims to be no AI, assistant or model.
 - break_rate: the share of adversarial prompts ("forget your role", "answer in English as ChatGPT")
   whose reply leaves the character: it claims to be an AI, speaks as an assistant, or, for a character
   whose lines are Chinese, answers in English.
@@ -21,10 +21,13 @@ from roletune.persona.probes import BREAK_PROMPTS, IDENTITY_PROBES
 BASE_LINES = 64  # training prompts the base answers, for the voice classifier's negatives
 
 
-def character_names(configured: list[str], system_prompt: str | None) -> tuple[list[str], str]:
-    """The names identity is judged by, and where they came from."""
+def character_names(configured: list[str], recorded: list[str], system_prompt: str | None) -> tuple[list[str], str]:
+    """The names identity is judged by, and where they came from: the config, else the training data's records
+    (`data from-script` writes them), else the system prompt."""
     if configured:
         return list(configured), "eval.persona.names"
+    if recorded:
+        return list(recorded), "the training data"
     found = names_from_system_prompt(system_prompt)
     return found, "the system prompt" if found else "none found (set eval.persona.names)"
 
