@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from roletune.data.output import FORMATS
 from roletune.errors import Interrupted, RoletuneError, RunError
 
 OVERRIDES_HELP = "settings on top of the config file, e.g. train.lr=2e-4 model.device=cuda:1"
@@ -48,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
     preview.add_argument("--json", action="store_true", help="one JSON object per example: input_ids and labels")
 
-    speakers = data.add_parser("speakers", help="list a screenplay's speakers and how many lines each has")
-    speakers.add_argument("scripts", nargs="+", metavar="SCRIPT", help="screenplay text files")
+    speakers = data.add_parser("speakers", help="list a screenplay's or a novel's speakers and how often each speaks",
+                               description="Tells a novel (speech in quotes) from a screenplay (NAME: line) by "
+                                           "its layout, unless --novel says so.")
+    speakers.add_argument("scripts", nargs="+", metavar="FILE", help="screenplay or novel text files")
+    speakers.add_argument("--novel", action="store_true", help="read the files as a novel")
+    speakers.add_argument("--narrator", metavar="ROLE", help="with a novel: the first-person narrator's name")
     from_script = data.add_parser(
         "from-script", help="cut a character dataset from a screenplay",
         description="Pair every line of ROLE with the line spoken just before it in the same scene.")
@@ -58,9 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     from_script.add_argument("--alias", action="append", default=[], metavar="OTHER",
                              help="another name the role speaks under (repeatable)")
     from_script.add_argument("--context", type=int, default=0, metavar="K",
-                             help="with --format messages: keep up to K earlier turns of the scene")
-    from_script.add_argument("--format", choices=["alpaca", "messages"], default="alpaca", help="output layout")
+                             help="with --format messages or sharegpt: keep up to K earlier turns of the scene")
+    from_script.add_argument("--format", choices=FORMATS, default="alpaca", help="output layout")
     from_script.add_argument("--out", required=True, help="output file: .jsonl for JSON Lines, else one JSON list")
+    from_novel = data.add_parser(
+        "from-novel", help="cut a character dataset from a novel",
+        description="Attribute the novel's quoted speech by its speech tags (甄嬛笑道：“……”), and pair each of "
+                    "ROLE's lines with the line before it by another speaker, else the narration before it.")
+    from_novel.add_argument("books", nargs="+", metavar="BOOK", help="novel text files, in story order")
+    from_novel.add_argument("--role", required=True, help="the character to learn")
+    from_novel.add_argument("--alias", action="append", default=[], metavar="OTHER",
+                            help="another name the role goes by in speech tags (repeatable)")
+    from_novel.add_argument("--narrator", action="store_true", help="the book is told by ROLE: 我 is ROLE")
+    from_novel.add_argument("--context", type=int, default=0, metavar="K",
+                            help="with --format messages or sharegpt: keep up to K earlier lines")
+    from_novel.add_argument("--format", choices=FORMATS, default="alpaca", help="output layout")
+    from_novel.add_argument("--out", required=True, help="output file: .jsonl for JSON Lines, else one JSON list")
 
     decoding = argparse.ArgumentParser(add_help=False)
     decoding.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -248,14 +266,19 @@ def dispatch(args) -> int:
 
     if args.verb == "config":
         return show_config(args)
-    if args.verb == "data" and args.data_verb in ("speakers", "from-script"):
-        from roletune.data import screenplay
+    if args.verb == "data" and args.data_verb in ("speakers", "from-script", "from-novel"):
+        from roletune.data import novel, screenplay
 
-        if args.data_verb == "speakers":
+        if args.data_verb == "speakers" and (args.novel or args.narrator or novel.is_novel(args.scripts)):
+            novel.print_speakers(args.scripts, args.narrator)
+        elif args.data_verb == "speakers":
             screenplay.print_speakers(args.scripts)
-        else:
+        elif args.data_verb == "from-script":
             screenplay.write_dataset(args.scripts, role=args.role, aliases=args.alias, context=args.context,
                                      fmt=args.format, out=args.out)
+        else:
+            novel.write_dataset(args.books, role=args.role, aliases=args.alias, narrator=args.narrator,
+                                context=args.context, fmt=args.format, out=args.out)
         return 0
     if args.verb in ("chat", "compare", "generate", "merge"):
         return use_run(args)

@@ -17,18 +17,15 @@ names the role (and its aliases), so that `roletune eval` knows whose identity t
 """
 from __future__ import annotations
 
-import codecs
 import difflib
-import json
-import os
 import re
-import tempfile
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from roletune.data.conversation import RECORDED_NAMES, Conversation, Message
+from roletune.data.conversation import Conversation, Message
+from roletune.data.output import FORMATS, render, write_aside
+from roletune.data.text import read_text
 from roletune.errors import DataError
 from roletune.terminal import display_width
 
@@ -39,9 +36,7 @@ DIALOGUE = re.compile(r"^(?P<name>[^：:（()）]{1,24}?)\s*(?:[（(][^（()）]
 DIRECTION = re.compile(r"[（(][^（()）]*[）)]")
 NOT_IN_NAMES = set("，。！？；,!?;…“”\"‘’《》【】—")  # no "." : "Mr. Darcy" is a name
 MAX_NAME_WORDS = 4  # longer than this, "Someone said: ..." is narration, not a speaker
-TEXT_WHITESPACE = {"\t", "\n", "\r", "\f", "\v"}
 EXAMPLES_SHOWN = 3
-FORMATS = ("alpaca", "messages")
 SUGGESTIONS = 5  # speaker names offered for a role that never speaks
 MIN_LIKENESS = 0.3  # difflib ratio; 甄环 / 甄嬛 is 0.5
 
@@ -93,8 +88,8 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], context: i
         raise DataError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if context < 0:
         raise DataError(f"--context {context}: must be 0 or more")
-    if context and fmt != "messages":
-        raise DataError("--context needs --format messages (an alpaca pair has no earlier turns)")
+    if context and fmt == "alpaca":
+        raise DataError("--context needs --format messages or sharegpt (an alpaca pair has no earlier turns)")
     screenplay = read_screenplay(paths)
     speakers, names = screenplay.speakers(), [role, *aliases]
     _check_names_speak(names, speakers, paths)
@@ -103,7 +98,7 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], context: i
     if not conversations:
         raise DataError(f"no pairs for {role}: none of its {role_lines} lines answers another speaker's line "
                         f"in the same scene ({_counts(skipped)}); nothing was written")
-    _write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl", names=names))
+    write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl", names=names))
     _print_reading(screenplay)
     print(f"speaker lines: {sum(speakers.values())} by {len(speakers)} speakers; "
           f"role {' / '.join(names)}: {role_lines} lines")
@@ -123,7 +118,7 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], context: i
 def read_screenplay(paths: list[str]) -> Screenplay:
     screenplay = Screenplay()
     for path in paths:
-        text, encoding = read_text(Path(path))
+        text, encoding = read_text(Path(path), "screenplay text")
         screenplay.encodings[path] = encoding
         screenplay.scenes += parse_scenes(text, path, screenplay.line_kinds)
     if not screenplay.speakers():
@@ -131,44 +126,6 @@ def read_screenplay(paths: list[str]) -> Screenplay:
         raise DataError(f"{_list(paths)}: no dialogue lines; expected `角色：台词` or `NAME: line`"
                         + (f" (e.g. {examples})" if examples else ""))
     return screenplay
-
-
-def read_text(path: Path) -> tuple[str, str]:
-    """The file's text and the encoding it was read in: UTF-8 (BOM or not), else GB18030."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; give screenplay text files") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        text = data.decode("utf-8-sig")
-        encoding = "UTF-8 with BOM" if data.startswith(codecs.BOM_UTF8) else "UTF-8"
-    except UnicodeDecodeError as exc:
-        # GB18030 decodes almost any bytes, so it is only a fallback, and its result must look like text.
-        utf8_stop = exc.start
-        try:
-            text, encoding = data.decode("gb18030").removeprefix("\ufeff"), "GB18030"
-        except UnicodeDecodeError:
-            text = None
-        if text is None or _junk_at(text) is not None:
-            raise DataError(f"{path}: not text: not UTF-8 (byte {utf8_stop}) and not GB18030 either; "
-                            "save the screenplay as UTF-8") from None
-    junk = _junk_at(text)
-    if junk is not None:
-        offset = len(text[:junk].encode("utf-8")) + (3 if encoding == "UTF-8 with BOM" else 0)
-        raise DataError(f"{path}: not text: control character at byte {offset}")
-    return text, encoding
-
-
-def _junk_at(text: str) -> int | None:
-    """Where the text holds something no screenplay does (control, private-use or replacement characters)."""
-    for index, char in enumerate(text):
-        if char == "\ufffd" or (unicodedata.category(char) in ("Cc", "Co") and char not in TEXT_WHITESPACE):
-            return index
-    return None
 
 
 def parse_scenes(text: str, name: str, line_kinds: Counter | None = None) -> list[list[Turn]]:
@@ -290,40 +247,7 @@ def to_conversation(turns: list[Turn], names: set[str]) -> Conversation:
     return messages
 
 
-# --- writing and reporting -----------------------------------------------------------------------
-
-def render(conversations: list[Conversation], fmt: str, lines: bool, names: list[str]) -> str:
-    """Alpaca records ({instruction, input, output}) or messages records ({messages: [...]}), each with the
-    character's names (RECORDED_NAMES); as JSON Lines (one record a line) or as one JSON list."""
-    recorded = {RECORDED_NAMES[0]: names[0], **({RECORDED_NAMES[1]: names[1:]} if names[1:] else {})}
-    if fmt == "alpaca":
-        records = [{"instruction": c[-2].content, "input": "", "output": c[-1].content, **recorded}
-                   for c in conversations]
-    else:
-        records = [{"messages": [m.as_dict() for m in c], **recorded} for c in conversations]
-    if lines:
-        return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    return json.dumps(records, ensure_ascii=False, indent=2) + "\n"
-
-
-def _write_aside(target: Path, body: str) -> None:
-    # Write a temporary file beside the target, then rename it: a failure at any point leaves no
-    # half-written --out behind (and no temporary file either).
-    written = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp", delete=False) as tmp:
-            written = Path(tmp.name)
-            tmp.write(body)
-        os.replace(written, target)
-    except BaseException as exc:
-        if written is not None:
-            written.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise DataError(f"{target}: cannot write ({exc.strerror or exc}); nothing was written") from None
-        raise
-
+# --- reporting -----------------------------------------------------------------------
 
 def _check_names_speak(names: list[str], speakers: Counter, paths: list[str]) -> None:
     for name in names:
