@@ -6,16 +6,19 @@ Rules, the same for every novel (nothing here knows a particular one):
   the pieces are one quote.
 - A line is a paragraph; `第N回` / `第N章` / `第N节` / `Chapter N` headings (and each new file) start a chapter.
 - Who speaks is what a speech tag says: a clause right before the quote that ends in a speech verb or a colon
-  after one (甄嬛笑道：“……”, 母亲对我说：“……”), else one right after it (“……”皇帝道。). The speaker is the
-  name opening the tag's clause; a tag with no subject of its own (……，便笑道：“……”) takes the name
-  opening its sentence.
-- Names are those tags give twice or more in the books, with the role and its aliases: a name seen once in
-  a tag is too likely a fragment of narration. 他 / 她 name no one; 我 is the role with --narrator.
+  after one (甄嬛笑道：“……”, 母亲对我说：“……”), else the clause or sentence right after it (“……”皇帝道。).
+  The speaker is the known name opening the tag. A tag with no subject of its own (……，便笑道：“……”) takes
+  the name opening its sentence (or the sentence before, whose subject it goes on with); right after a quote
+  (宝玉道：“……”又问：“……”) it goes on with that quote's speaker.
+- Known names are those tags give twice, or once when the narration names them three times or more, with the
+  role and its aliases: a name seen once in a tag is too likely a fragment of narration. A sentence's subject
+  may also be a word that opens several clauses of the narration (邢夫人听说，笑道). 他 / 她 name no one; 我 is
+  the role with --narrator.
 - A quote no tag attributes is left out and counted: precision first, since a line put in the wrong
   mouth teaches the wrong character.
 
-The prompt of each of the role's lines is the nearest line before it by another speaker, within
-PROMPT_REACH paragraphs of the same chapter, else the narration just before it.
+The prompt of each of the role's lines is the line just before it when another speaker said it (within
+PROMPT_REACH paragraphs of the same chapter, no unattributed quote between), else the narration just before it.
 """
 from __future__ import annotations
 
@@ -37,22 +40,24 @@ CHAPTER = re.compile(rf"^(第\s*{NUMERAL}\s*[回章节卷]|chapter\s+([0-9]+|[iv
 # Speech verbs a tag ends with, longest first so 笑道 is taken whole.
 VERBS = sorted("""道 说 问 答 回 叹 骂 喊 叫 嚷 哭 笑 劝 啐 喝 念 说道 问道 答道 回道 叹道 骂道 喊道 叫道 嚷道 哭道
     笑道 劝道 啐道 喝道 念道 想道 说着 笑说 笑问 回说 回答 答应 应道 告诉 嘱咐 吩咐 称赞 抱怨 低声道 冷笑道
-    冷笑 大叫 大笑道 命 报 让 传报 回话 said asked replied answered cried whispered shouted called""".split(), key=len, reverse=True)
-# Words between a speaker and the verb (王夫人忙笑道, 她笑着说, 冷冷道), longest first.
-ADVERBS = sorted("""忙 便 又 因 也 乃 遂 才 方 就 都 还 只 却 先 再 正 亦 仍 即 则 亦 连忙 急忙 赶忙 忙忙 笑着 微笑着
-    含笑 微笑 冷冷 淡淡 悄悄 低声 高声 大声 轻声 柔声 沉声 不禁 不觉 一面 一边 听了 听说 见了 看了 点头 摇头 叹了口气
-    笑了笑 也笑 又笑 便笑 因笑 忙笑 方笑 接着 随即 于是 大怒 大惊 大喜 纳罕 暗喜 罕然 诧异 惊讶 叹息 哭着 哽咽 愤愤
-    慌忙 陪笑 赔笑 含泪 垂泪 拍手 跌脚 不免 且 且兼 then also""".split(), key=len, reverse=True)
-# What may open a tag's clause before its subject (只见王夫人笑道).
-# Clause endings that hold a speech verb and say nothing: heard said, as was said, "be it told".
-NOT_TAGS = ("听说", "听见说", "虽说", "却说", "话说", "且说", "再说", "不说", "难道说", "说了")
-# Words that open a tag's clause in place of a subject (心下想道, 不过说): never a name.
-NOT_NAMES = ("心下", "心中", "心里", "心内", "不过", "只是", "但是", "因此", "所以", "如今", "方才", "刚才", "自然", "果然",
-             "虽然", "只得", "不免", "便是", "原来", "也是", "又是", "一面", "一边", "口中", "口里", "嘴里")
+    冷笑 大叫 大笑道 命 报 让 传报 回话 said asked replied answered cried whispered shouted called""".split(),
+               key=len, reverse=True)
 ENGLISH_VERBS = [verb for verb in VERBS if verb.isascii()]
 # A colon closes a tag when the clause holds one of these anywhere (母亲对我说：, 贾母因问黛玉道：); single
 # characters like 回 or 笑 are too common in narration for that.
 TAG_VERBS = [verb for verb in VERBS if len(verb) > 1 or verb in "道说问"]
+# Clause endings that hold a speech verb and say nothing: heard said, as was said, "be it told".
+NOT_TAGS = ("听说", "听见说", "虽说", "却说", "话说", "且说", "再说", "不说", "难道说", "说了")
+# Words between a speaker and the verb (王夫人忙笑道, 她笑着说, 冷冷道), longest first. A clause opening with
+# one has no subject of its own (便起身道): its sentence's subject speaks.
+ADVERBS = sorted("""忙 便 又 因 也 乃 遂 才 方 就 都 还 只 却 先 再 正 亦 仍 即 则 亦 连忙 急忙 赶忙 忙忙 笑着 微笑着
+    含笑 微笑 冷冷 淡淡 悄悄 低声 高声 大声 轻声 柔声 沉声 不禁 不觉 一面 一边 听了 听说 见了 看了 点头 摇头 叹了口气
+    笑了笑 也笑 又笑 便笑 因笑 忙笑 方笑 接着 随即 于是 大怒 大惊 大喜 纳罕 暗喜 罕然 诧异 惊讶 叹息 哭着 哽咽 愤愤
+    慌忙 陪笑 赔笑 含泪 垂泪 拍手 跌脚 不免 且 且兼 then also""".split(), key=len, reverse=True)
+# Words that open a tag's clause in place of a subject (心下想道, 不过说): never a name.
+NOT_NAMES = ("心下", "心中", "心里", "心内", "不过", "只是", "但是", "因此", "所以", "如今", "方才", "刚才", "自然",
+             "果然", "虽然", "只得", "不免", "便是", "原来", "也是", "又是", "一面", "一边", "口中", "口里", "嘴里")
+# What may open a tag's clause before its subject (只见王夫人笑道).
 PREFACES = sorted("只见 只听 只听得 忽见 忽听 忽闻 又见 却见 于是 这里 那里 当下 此时 这时 一时 这 那 and".split(),
                   key=len, reverse=True)
 PRONOUNS = {"我", "他", "她", "他们", "她们", "我们", "你", "I", "he", "she", "He", "She"}
@@ -62,7 +67,7 @@ SENTENCE_END = "。！？!?…"
 QUOTE_MARK = "\u0001"  # a quote's place in the narration around it
 MAX_NAME = 4  # characters of a Chinese name in a tag (欧阳克, 王夫人, 凤姐儿); English names are words
 MIN_TAGS = 2  # tags that must give a name before it is one
-MIN_MENTIONS = 3  # or clauses of the narration it must open, with one tag
+MIN_MENTIONS = 3  # or times the narration must name it, with one tag
 PROMPT_REACH = 3  # paragraphs back that a prompt line may be
 SAMPLES = 5
 GOES_ON = "the speaker of the quote before it, going on"
@@ -125,7 +130,8 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], narrator: 
                         f"narration before it ({_counts(skipped)}); nothing was written")
     write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl", names=names))
     _print_reading(book)
-    print(f"role {' / '.join(names)}: {sum(speakers[n] for n in names)} quotes")
+    print(f"role {' / '.join(names)}: {sum(speakers[n] for n in names)} quotes ("
+          + ", ".join(f"{name} {speakers[name]}" for name in names) + ")")
     for reason, count in skipped.most_common():
         print(f"  skipped {count}: {reason}")
     print(f"pairs written: {len(conversations)} to {out} ({fmt}; prompted by {_counts(prompts)}"
@@ -471,15 +477,16 @@ def _conversation(turns: list, reply: str, names: set[str]) -> Conversation:
 # --- reporting -----------------------------------------------------------------------------------
 
 def _check_role_speaks(names: list[str], speakers: Counter, paths: list[str], narrator: bool) -> None:
-    for name in names[1 if narrator else 0:]:
-        if speakers[name]:
-            continue
-        close = closest_speakers(name, speakers)
-        label = "closest speakers" if close else "speakers with the most quotes"
-        close = close or [speaker for speaker, _ in speakers.most_common(5)]
-        suggestions = ", ".join(f"{speaker} ({speakers[speaker]} quotes)" for speaker in close)
-        raise DataError(f"{'role' if name == names[0] else 'alias'} {name} never speaks in {_list(paths)}; "
-                        f"{label}: {suggestions or 'none'} (see roletune data speakers --novel)")
+    """One of the role's names must speak; an alias that never does is only a name tags do not use."""
+    if any(speakers[name] for name in names):
+        return
+    close = closest_speakers(names[0], speakers)
+    label = "closest speakers" if close else "speakers with the most quotes"
+    close = close or [speaker for speaker, _ in speakers.most_common(5)]
+    suggestions = ", ".join(f"{speaker} ({speakers[speaker]} quotes)" for speaker in close)
+    hint = "" if narrator else "; a first-person narrator needs --narrator"
+    raise DataError(f"role {' / '.join(names)} never speaks in {_list(paths)}; {label}: {suggestions or 'none'} "
+                    f"(see roletune data speakers --novel){hint}")
 
 
 def _print_reading(book: Book) -> None:
