@@ -208,7 +208,8 @@ def _judge(url: str, model: str, character: str | None, target: Path, conversati
            personas: dict, echo) -> dict:
     """Each model's held-out replies rated by the judge; its counts, or the error that stopped it (the eval
     stands without it)."""
-    from roletune.persona.judge import CACHE_NAME, Judge, JudgeError
+    from roletune.persona.judge import CACHE_NAME, Judge
+    from roletune.serve.client import EndpointError
 
     judge = Judge(url, model, character, target / CACHE_NAME)
     prompts = [c[-2].content if len(c) >= 2 else "" for c in conversations]
@@ -219,7 +220,7 @@ def _judge(url: str, model: str, character: str | None, target: Path, conversati
             personas[name]["judge_score"], personas[name]["judge_scores"] = rated["judge_score"], rated["scores"]
             for count in ("parsed", "unparsed", "cached"):
                 found[count] += rated[count]
-    except JudgeError as error:
+    except EndpointError as error:
         echo(f"the judge was not heard, and the eval goes on without it: {error}")
         return {**found, "error": str(error)}
     return found

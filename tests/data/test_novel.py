@@ -26,10 +26,12 @@ def measured(name: str, narrator: str | None = None) -> tuple[float, float, int]
     """Precision and recall of the rules' attribution against the hand annotation, and the quotes attributed."""
     text, annotation, canonical = annotated(name)
     quotes = novel.read_book([str(text)], [], narrator).quotes
-    assert len(quotes) == len(annotation["quotes"])  # the same quotes, in the same order
-    for quote, truth in zip(quotes, annotation["quotes"]):
-        assert quote.text.startswith(truth["start"]), (quote.where, quote.text[:10], truth["start"])
-    attributed = [(q, t) for q, t in zip(quotes, annotation["quotes"]) if q.speaker]
+    found, at = [], 0  # the quote each annotated one is, in order; None where the rules merged it into another
+    for truth in annotation["quotes"]:
+        index = next((i for i in range(at, len(quotes)) if quotes[i].text.startswith(truth["start"])), None)
+        found.append(None if index is None else quotes[index])
+        at = at if index is None else index + 1
+    attributed = [(q, t) for q, t in zip(found, annotation["quotes"]) if q and q.speaker]
     right = sum(canonical.get(q.speaker) == t["speaker"] is not None for q, t in attributed)
     spoken = sum(t["speaker"] is not None for t in annotation["quotes"])
     return right / len(attributed), right / spoken, len(attributed)
@@ -57,6 +59,14 @@ def test_attribution_of_hongloumeng_chapters_3_and_4_is_precise_and_finds_most_s
     precision, recall, attributed = measured("hongloumeng-03")
     print(f"hongloumeng-03: precision {precision:.3f}, recall {recall:.3f} ({attributed} attributed)")
     assert precision >= 0.95 and recall >= 0.80
+
+
+def test_attribution_of_an_unseen_chapter_pair_holds():
+    # 红楼梦 chapters 6-7 were annotated after the rules were written: 194 quotes, 192 of them speech. One quote
+    # of the source never closes, so the rules read it and the next as one.
+    precision, recall, attributed = measured("hongloumeng-06")
+    print(f"hongloumeng-06: precision {precision:.3f}, recall {recall:.3f} ({attributed} attributed)")
+    assert precision >= 0.95 and recall >= 0.75
 
 
 def test_a_first_person_story_gives_its_narrators_lines_to_the_role(tmp_path):

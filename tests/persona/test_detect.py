@@ -76,7 +76,8 @@ def test_names_are_read_from_the_system_prompt(system, names):
 def test_configured_names_come_first_then_the_datas_then_the_system_prompt_then_none():
     from roletune.persona import character_names
 
-    assert character_names(["甄嬛", "嬛嬛"], ["林小满"], "你是守灯人林小满。") == (["甄嬛", "嬛嬛"], "eval.persona.names")
+    configured = (["甄嬛", "嬛嬛"], "eval.persona.names")
+    assert character_names(["甄嬛", "嬛嬛"], ["林小满"], "你是守灯人林小满。") == configured
     assert character_names([], ["甄嬛", "嬛嬛"], "你是守灯人林小满。") == (["甄嬛", "嬛嬛"], "the training data")
     assert character_names([], [], "现在你要扮演皇帝身边的女人--甄嬛") == (["甄嬛"], "the system prompt")
     assert character_names([], [], None) == ([], "none found (set eval.persona.names)")

@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 
 from roletune.evaluate import evaluate
-from roletune.persona import judge as judging
+from roletune.serve import client
 from roletune.persona.judge import parse
 
 
@@ -46,7 +46,7 @@ def test_a_judge_without_scores_is_counted_and_each_reply_is_asked_once(server, 
 def test_a_judge_that_never_answers_leaves_the_eval_standing(trained_run, tmp_path, monkeypatch):
     from conftest import free_port
 
-    monkeypatch.setattr(judging, "RETRIES", 0)
+    monkeypatch.setattr(client, "RETRIES", 0)
     lines = []
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"instruction": "今天海上风大吗？", "output": "风有3级。"}, ensure_ascii=False) + "\n",

@@ -56,7 +56,10 @@ ADVERBS = sorted("""忙 便 又 因 也 乃 遂 才 方 就 都 还 只 却 先 
     慌忙 陪笑 赔笑 含泪 垂泪 拍手 跌脚 不免 且 且兼 then also""".split(), key=len, reverse=True)
 # Words that open a tag's clause in place of a subject (心下想道, 不过说): never a name.
 NOT_NAMES = ("心下", "心中", "心里", "心内", "不过", "只是", "但是", "因此", "所以", "如今", "方才", "刚才", "自然",
-             "果然", "虽然", "只得", "不免", "便是", "原来", "也是", "又是", "一面", "一边", "口中", "口里", "嘴里")
+             "果然", "虽然", "只得", "不免", "便是", "原来", "也是", "又是", "一面", "一边", "口中", "口里", "嘴里",
+             "谁知", "半日", "半晌", "良久", "一时", "登时", "少时", "次日", "后来")
+# Words in a tag that make its subject several people (尤氏、凤姐都忙说): no one speaker.
+TOGETHER = ("、", "都", "一齐", "齐声", "同声", "俱", "大家", "众")
 # What may open a tag's clause before its subject (只见王夫人笑道).
 PREFACES = sorted("只见 只听 只听得 忽见 忽听 忽闻 又见 却见 于是 这里 那里 当下 此时 这时 一时 这 那 and".split(),
                   key=len, reverse=True)
@@ -284,6 +287,8 @@ def _goes_on(previous: Quote, quote: Quote) -> bool:
 def _attribute_one(quote: Quote, lexicon: Lexicon, previous: Quote | None) -> tuple[str | None, str]:
     """Who speaks the quote by its tags; `previous` is the quote before it in its paragraph, if any."""
     clause = _tag_before(quote.before)
+    if clause is not None and _together(clause):
+        return None, "several speak at once"
     if clause is not None:
         name = _named(clause, lexicon.names)
         if name:
@@ -300,6 +305,8 @@ def _attribute_one(quote: Quote, lexicon: Lexicon, previous: Quote | None) -> tu
                 return (previous.speaker, GOES_ON) if previous.speaker else (None, "a tag naming no known speaker")
         return None, "a tag naming no known speaker"
     clause = _tag_after(quote.after)
+    if clause is not None and _together(clause):
+        return None, "several speak at once"
     if clause is not None:
         name = _named(clause, lexicon.names)
         return (name, "a tag after it") if name else (None, "a tag naming no known speaker")
@@ -344,6 +351,12 @@ def _subject(clause: str) -> str:
         text = text[:-len(word)].rstrip()
 
 
+def _together(clause: str) -> bool:
+    """Whether a tag's subject is several people: 尤氏、凤姐都忙说, 众人齐声道."""
+    subject = clause[:max((clause.rfind(verb) for verb in VERBS), default=len(clause))]
+    return any(word in subject for word in TOGETHER)
+
+
 def _has_own_subject(clause: str) -> bool:
     """Whether a tag's clause names who acts: not when it is only adverbs and a verb (便笑道), or when it opens
     with an adverb (便起身道, 又回头道), going on from its sentence's subject."""
@@ -352,9 +365,12 @@ def _has_own_subject(clause: str) -> bool:
 
 
 def _looks_like_name(text: str) -> bool:
+    """A tag's subject that can be a name: short, no aspect marker, not opening with a verb or a word that
+    is no name, and no adverb in 的 (慢慢的; 周瑞家的 is a name)."""
     if text.isascii():
         return text[:1].isupper() and len(text.split()) <= 3
-    return 1 <= len(text) <= MAX_NAME and not any(mark in text for mark in "了着") and not text.startswith(NOT_NAMES)
+    return (1 <= len(text) <= MAX_NAME and not any(mark in text for mark in "了着")
+            and not text.startswith((*NOT_NAMES, *VERBS)) and not (text.endswith("的") and not text.endswith("家的")))
 
 
 def _named(clause: str, lexicon: set[str]) -> str | None:

@@ -9,14 +9,10 @@ retried with backoff, then reported in eval.json while the rest of the eval stan
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from roletune.serve.client import Endpoint
 
 RUBRIC = """You judge one reply in a role-play. The character: {character}
 
@@ -30,7 +26,6 @@ Rate how well the reply stays in character, from 1 to 5:
 Answer with the score alone, as: Score: N"""
 SCORE = re.compile(r"(?:score|评分|得分)\s*[:：]?\s*([1-5])(?![\d.])|^\s*([1-5])\s*(?:/\s*5)?\s*$|\b([1-5])\s*/\s*5\b",
                    re.I | re.M)
-RETRIES = 3
 CACHE_NAME = "judge_cache.jsonl"
 
 
@@ -42,57 +37,16 @@ def parse(answer: str) -> int | None:
 
 class Judge:
     def __init__(self, url: str, model: str, character: str | None, cache: Path, key: str | None = None):
-        self.url = url.rstrip("/") + "/chat/completions"
-        self.model, self.cache = model, cache
-        self.key = key or os.environ.get("ROLETUNE_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY")
+        self.endpoint = Endpoint(url, model, cache, key=key, key_env=("ROLETUNE_JUDGE_KEY", "OPENAI_API_KEY"))
         self.rubric = RUBRIC.format(character=character or "the one the conversation sets")
-        self.heard = {}
-        if cache.is_file():
-            for line in cache.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                self.heard[record["key"]] = record["answer"]
-        self.asked = 0
 
     def rate(self, pairs: list[tuple[str, str]]) -> dict:
         """Scores for (prompt, reply) pairs, in [0, 1] ((score - 1) / 4), with what was parsed."""
-        scores, unparsed, cached = [], 0, 0
+        scores, cached = [], self.endpoint.cached
         for prompt, reply in pairs:
-            key = hashlib.sha256(json.dumps([self.model, self.rubric, prompt, reply]).encode()).hexdigest()
-            if key in self.heard:
-                cached += 1
-            else:
-                self.heard[key] = self._ask(prompt, reply)
-                with self.cache.open("a", encoding="utf-8") as out:
-                    out.write(json.dumps({"key": key, "answer": self.heard[key]}, ensure_ascii=False) + "\n")
-            score = parse(self.heard[key])
-            unparsed += score is None
-            scores.append(score)
+            scores.append(parse(self.endpoint.ask([{"role": "system", "content": self.rubric},
+                                                   {"role": "user", "content": f"Prompt: {prompt}\nReply: {reply}"}],
+                                                  max_tokens=16)))
         parsed = [(s - 1) / 4 for s in scores if s is not None]
         return {"judge_score": sum(parsed) / len(parsed) if parsed else None, "scores": scores,
-                "parsed": len(parsed), "unparsed": unparsed, "cached": cached}
-
-    def _ask(self, prompt: str, reply: str) -> str:
-        body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": 16, "messages": [
-            {"role": "system", "content": self.rubric},
-            {"role": "user", "content": f"Prompt: {prompt}\nReply: {reply}"}]}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
-        for attempt in range(RETRIES + 1):
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers)
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    self.asked += 1
-                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as error:
-                if error.code not in (429, 500, 502, 503, 504) or attempt == RETRIES:
-                    raise JudgeError(f"{self.url}: HTTP {error.code} {error.reason}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                if attempt == RETRIES:
-                    raise JudgeError(f"{self.url}: {getattr(error, 'reason', error)}") from None
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise JudgeError(f"{self.url}: not an OpenAI-compatible chat completion") from None
-            time.sleep(2 ** attempt)
-        raise AssertionError("unreachable")
-
-
-class JudgeError(Exception):
-    pass
+                "parsed": len(parsed), "unparsed": scores.count(None), "cached": self.endpoint.cached - cached}
