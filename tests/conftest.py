@@ -261,6 +261,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def requests_heard(url: str) -> int:
+    """How many requests a `roletune serve` at `url` has answered."""
+    with urllib.request.urlopen(f"{url}/health") as response:
+        return json.loads(response.read())["requests"]
+
+
 @pytest.fixture(scope="session")
 def start_server():
     children = []

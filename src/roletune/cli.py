@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from roletune.data.output import FORMATS
-from roletune.errors import Interrupted, RoletuneError, RunError
+from roletune.errors import ConfigError, Interrupted, RoletuneError, RunError
 
 OVERRIDES_HELP = "settings on top of the config file, e.g. train.lr=2e-4 model.device=cuda:1"
 BASE_MODEL_HELP = ("another copy of the base the run was trained on, a folder or hub id, in place of the one "
@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --format messages or sharegpt: keep up to K earlier lines")
     from_novel.add_argument("--format", choices=FORMATS, default="alpaca", help="output layout")
     from_novel.add_argument("--out", required=True, help="output file: .jsonl for JSON Lines, else one JSON list")
+    from_novel.add_argument("--llm", metavar="URL",
+                            help="an OpenAI-compatible endpoint (…/v1) that names the speakers the rules leave out; "
+                                 "its key from ROLETUNE_LLM_KEY or OPENAI_API_KEY")
+    from_novel.add_argument("--llm-model", metavar="NAME", help="the model --llm asks")
+    from_novel.add_argument("--llm-for", choices=["unattributed", "all"], default="unattributed",
+                            help="ask about the quotes the rules leave out (default), or about every quote")
+    from_novel.add_argument("--llm-rate", type=float, default=60, metavar="N", help="requests a minute at most (60)")
+    from_novel.add_argument("--llm-cache", metavar="FILE",
+                            help="where answers are kept as they arrive (default: OUT.llm-cache.jsonl)")
 
     decoding = argparse.ArgumentParser(add_help=False)
     decoding.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -261,15 +270,28 @@ def resume_command(argv: list[str], args) -> str:
     return command
 
 
+def llm_asking(args):
+    """from-novel's --llm options, checked, or None."""
+    if bool(args.llm) != bool(args.llm_model):
+        raise ConfigError("--llm URL and --llm-model NAME go together")
+    if not args.llm:
+        return None
+    if args.llm_rate <= 0:
+        raise ConfigError(f"--llm-rate {args.llm_rate:g}: must be above 0 (requests a minute)")
+    from roletune.data.novel_llm import Asking
+
+    return Asking(args.llm, args.llm_model, every=args.llm_for == "all", rate=args.llm_rate, cache=args.llm_cache)
+
+
 def dispatch(args) -> int:
     from roletune.config import load_config
 
     if args.verb == "config":
         return show_config(args)
     if args.verb == "data" and args.data_verb in ("speakers", "from-script", "from-novel"):
-        from roletune.data import novel, screenplay
+        from roletune.data import novel, screenplay, speech
 
-        if args.data_verb == "speakers" and (args.novel or args.narrator or novel.is_novel(args.scripts)):
+        if args.data_verb == "speakers" and (args.novel or args.narrator or speech.is_novel(args.scripts)):
             novel.print_speakers(args.scripts, args.narrator)
         elif args.data_verb == "speakers":
             screenplay.print_speakers(args.scripts)
@@ -278,7 +300,7 @@ def dispatch(args) -> int:
                                      fmt=args.format, out=args.out)
         else:
             novel.write_dataset(args.books, role=args.role, aliases=args.alias, narrator=args.narrator,
-                                context=args.context, fmt=args.format, out=args.out)
+                                context=args.context, fmt=args.format, out=args.out, llm=llm_asking(args))
         return 0
     if args.verb in ("chat", "compare", "generate", "merge"):
         return use_run(args)
@@ -451,7 +473,6 @@ def preview_file(path: str, model: str | None, overrides: list[str], n: int, as_
 
 def show_config(args) -> int:
     from roletune.config import describe, dump_config, load_config, reference_markdown
-    from roletune.errors import ConfigError
 
     if args.markdown:  # docs/config.md: roletune config --markdown > docs/config.md
         if args.config:

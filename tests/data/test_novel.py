@@ -9,7 +9,7 @@ import pytest
 
 from roletune.cli import main
 from roletune.config import DataConfig
-from roletune.data import load_conversations, novel
+from roletune.data import load_conversations, novel, speech
 from roletune.errors import DataError
 
 NOVELS = Path(__file__).parent / "novels"
@@ -25,7 +25,7 @@ def annotated(name: str) -> tuple[Path, dict, dict]:
 def measured(name: str, narrator: str | None = None) -> tuple[float, float, int]:
     """Precision and recall of the rules' attribution against the hand annotation, and the quotes attributed."""
     text, annotation, canonical = annotated(name)
-    quotes = novel.read_book([str(text)], [], narrator).quotes
+    quotes = speech.read_book([str(text)], [], narrator).quotes
     found, at = [], 0  # the quote each annotated one is, in order; None where the rules merged it into another
     for truth in annotation["quotes"]:
         index = next((i for i in range(at, len(quotes)) if quotes[i].text.startswith(truth["start"])), None)
@@ -113,7 +113,7 @@ BOOK = """第一回 灯塔
 
 
 def test_each_tag_before_after_around_and_going_on_names_its_speaker(tmp_path):
-    quotes = novel.read_book([write_book(tmp_path, BOOK)], [], None).quotes
+    quotes = speech.read_book([write_book(tmp_path, BOOK)], [], None).quotes
     said = [(q.text, q.speaker) for q in quotes]
     assert said == [
         ("妹妹从哪里来？", "宝玉"), ("从苏州来。", "黛玉"),

@@ -1,13 +1,13 @@
 """The optional judge: its answers parsed, and a real OpenAI-compatible endpoint (roletune serve of a demo
 run, whose answers hold no score) counted as unparsed, cached, and never a crash."""
 import json
-import urllib.request
 
 import pytest
 
+from conftest import requests_heard
 from roletune.evaluate import evaluate
-from roletune.serve import client
 from roletune.persona.judge import parse
+from roletune.serve import client
 
 
 @pytest.mark.parametrize("answer, score", [
@@ -16,11 +16,6 @@ from roletune.persona.judge import parse
 ])
 def test_a_judges_answer_is_read_for_its_score(answer, score):
     assert parse(answer) == score
-
-
-def requests_heard(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/health") as response:
-        return json.loads(response.read())["requests"]
 
 
 @pytest.mark.slow
