@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from roletune.training import checkpoints
 
-pytestmark = pytest.mark.slow  # every test here launches, kills and resumes real training processes
+# Every test here launches, kills and resumes real training processes.
+pytestmark = [pytest.mark.slow, pytest.mark.ranks]
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 TIMEOUT_S = 300

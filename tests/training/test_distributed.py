@@ -73,6 +73,7 @@ def two_runs(tmp_path_factory, tiny_model):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_two_ranks_train_the_adapter_one_process_trains(two_runs):
     two, one, _ = two_runs
     got, want = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
@@ -94,6 +95,7 @@ def test_two_ranks_train_the_adapter_one_process_trains(two_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_two_ranks_resumed_mid_epoch_end_as_if_never_stopped(two_runs, tmp_path):
     """Resumed from checkpoint-3, half-way through the second epoch: that epoch's order must be its own."""
     two, _, _ = two_runs
@@ -113,6 +115,7 @@ def test_two_ranks_resumed_mid_epoch_end_as_if_never_stopped(two_runs, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_only_rank_0_writes_and_speaks(two_runs):
     two, _, started = two_runs
     swanlog = two / "swanlog"
@@ -208,6 +211,7 @@ def test_fsdp_arguments_and_where_fsdp_cannot_run(config_file):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_fsdp2_shards_the_base_and_trains_the_adapter_on_two_cpu_ranks(tmp_path, tiny_model):
     """accelerate routes CPU processes to DDP, so this hands accelerate's own FSDP2 preparation the plugin
     roletune configures for GPUs, and checks sharding, LoRA gradients and the gathered adapter."""
@@ -271,6 +275,7 @@ def fsdp_worker(config_path: str, report_path: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_nan_on_one_rank_stops_or_skips_the_same_step_on_every_rank(tmp_path, tiny_model, policy):
     """NaN activations on rank 1 only, in step 3 of 5, with no log or checkpoint to read the verdict sooner:
