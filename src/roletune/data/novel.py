@@ -95,9 +95,9 @@ def pair(book: Book, names: set[str], context: int) -> tuple[list[Conversation],
         if index and goes_on(quotes[index - 1], quote):
             continue  # the rest of a speech whose start has its record
         text = _speech(quotes, index)
-        earlier = _earlier_lines(quotes, index)
+        earlier = _earlier_lines(quotes, index, context + 1)
         if earlier and earlier[-1].speaker not in names:
-            turns, kind = [*earlier[-(context + 1):], None], "a line"
+            turns, kind = [*earlier, None], "a line"
         else:
             narration = _narration_before(book, quote)
             if not narration:
@@ -124,16 +124,18 @@ def _speech(quotes: list[Quote], index: int) -> str:
     return "\n".join(parts)
 
 
-def _earlier_lines(quotes: list[Quote], index: int) -> list[Quote]:
-    """The attributed quotes running up to this one, in order, without a gap: back to an unattributed quote,
-    the chapter's start, or more than PROMPT_REACH paragraphs between two lines."""
+def _earlier_lines(quotes: list[Quote], index: int, limit: int) -> list[Quote]:
+    """Up to `limit` attributed quotes running up to this one, in order, without a gap: back to an unattributed
+    quote, the chapter's start, or more than PROMPT_REACH paragraphs between two lines."""
     lines, at = [], quotes[index]
-    for earlier in reversed(quotes[:index]):
-        if earlier.chapter != at.chapter or at.paragraph - earlier.paragraph > PROMPT_REACH or not earlier.speaker:
+    for position in range(index - 1, -1, -1):
+        earlier = quotes[position]
+        if len(lines) == limit or earlier.chapter != at.chapter or at.paragraph - earlier.paragraph > PROMPT_REACH \
+                or not earlier.speaker:
             break
-        lines.insert(0, earlier)
+        lines.append(earlier)
         at = earlier
-    return lines
+    return lines[::-1]
 
 
 def _narration_before(book: Book, quote: Quote) -> str:

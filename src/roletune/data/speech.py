@@ -63,11 +63,11 @@ CLAUSE_END = "，。！？；：,.!?;:…—"
 SENTENCE_END = "。！？!?…"
 QUOTE_MARK = "\u0001"  # a quote's place in the narration around it
 MAX_NAME = 4  # characters of a Chinese name in a tag (欧阳克, 王夫人, 凤姐儿); English names are words
+LONGEST_NAME = 40  # characters, English names included, that a clause's opening is looked up by
 MIN_TAGS = 2  # tags that must give a name before it is one
 MIN_MENTIONS = 3  # or times the narration must name it, with one tag
 GOES_ON = "the speaker of the quote before it, going on"
 BY_LLM = "the LLM"
-
 
 
 @dataclass
@@ -186,16 +186,16 @@ def _openers(paragraphs: list[str]) -> set[str]:
         for clause in re.split(rf"[{CLAUSE_END}{QUOTE_MARK}]", paragraph):
             text = _strip_prefix(_strip_prefix(clause.strip(), PREFACES), ADVERBS)
             openings.update(text[:length] for length in range(2, MAX_NAME + 1) if len(text) >= length)
+    longer = {}  # an opening -> the one a character longer that opens as many clauses, if any
+    for opening, count in openings.items():
+        if len(opening) > 2 and openings[opening[:-1]] == count:
+            longer[opening[:-1]] = opening
     found = set()
     for opening, count in openings.items():
         if len(opening) != 2 or count < MIN_MENTIONS or opening.startswith((*NOT_NAMES, *VERBS, *ADVERBS)):
             continue
-        while True:
-            longer = next((o for o in openings if len(o) == len(opening) + 1 and o.startswith(opening)
-                           and openings[o] == count), None)
-            if longer is None:
-                break
-            opening = longer
+        while opening in longer:
+            opening = longer[opening]
         if _looks_like_name(opening):
             found.add(opening)
     return found
@@ -322,8 +322,9 @@ def _looks_like_name(text: str) -> bool:
 def _named(clause: str, lexicon: set[str]) -> str | None:
     """The known name or pronoun the clause opens with (after a preface and adverbs), longest first."""
     text = _strip_prefix(_strip_prefix(clause.strip(), PREFACES), ADVERBS)
-    for name in sorted(lexicon | PRONOUNS, key=len, reverse=True):
-        if text.startswith(name) and not (name.isascii() and text[len(name):len(name) + 1].isalpha()):
+    for length in range(min(len(text), LONGEST_NAME), 0, -1):
+        name = text[:length]
+        if (name in lexicon or name in PRONOUNS) and not (name.isascii() and text[length:length + 1].isalpha()):
             return name
     return None
 
