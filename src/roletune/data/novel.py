@@ -84,9 +84,9 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], narrator: 
 # --- pairing -------------------------------------------------------------------------------------
 
 def pair(book: Book, names: set[str], context: int) -> tuple[list[Conversation], Counter, Counter]:
-    """Each of the role's quotes with its prompt: the nearest line before it by another speaker, within
-    PROMPT_REACH paragraphs of the chapter, else the narration just before. Returns the conversations,
-    what prompted them, and why other quotes of the role were skipped."""
+    """Each of the role's quotes with its prompt: the line just before it when another speaker said it (with up
+    to `context` lines before that), else the narration just before it. Returns the conversations, what
+    prompted them, and why other quotes of the role were skipped."""
     conversations, seen, prompts, skipped = [], set(), Counter(), Counter()
     quotes = book.quotes
     for index, quote in enumerate(quotes):

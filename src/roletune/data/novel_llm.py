@@ -73,8 +73,9 @@ def attribute(book: Book, asking: Asking, names: list[str], narrator_role: str |
             if speaker is None:
                 continue
             speaker = names[0] if speaker in names or (narrator_role and speaker == "我") else speaker
-            found["disagreed"] += bool(quote.speaker and quote.speaker != speaker)
-            if quote.speaker != speaker:
+            ruled = names[0] if quote.speaker in names else quote.speaker  # the role under any of its names
+            found["disagreed"] += bool(ruled and ruled != speaker)
+            if ruled != speaker:
                 quote.speaker, quote.how = speaker, BY_LLM
                 found["attributed"] += 1
     found["cached"] = endpoint.cached
@@ -103,7 +104,10 @@ def chunks(book: Book, wanted: set[int]) -> list[tuple[str, list[int]]]:
             end += 1
         asked = [index for _, paragraph_asked in numbered[start:end] for index in paragraph_asked]
         if asked:
-            context = "\n".join(text for text, _ in numbered[:start])[-OVERLAP:]
+            first = start
+            while first > 0 and sum(len(text) + 1 for text, _ in numbered[first:start]) < OVERLAP:
+                first -= 1
+            context = "\n".join(text for text, _ in numbered[first:start])[-OVERLAP:]
             body = "\n".join(text for text, _ in numbered[start:end])
             found.append(((f"(before: …{context})\n" if context else "") + body, asked))
         start = end
