@@ -218,8 +218,9 @@ class Engine:
 
 MAX_BATCH = 32  # requests in one generate() call
 # Seconds an idle worker waits after a request for others sent with it: a browser's second request of a
-# pair arrives 1-3 ms after the first is read; a reply takes hundreds of decoding steps.
-GATHER = 0.01
+# pair arrives 1-3 ms after the first is read on an idle machine, but once more than 10 ms after it on a busy
+# 2-core one (the page's two panes then decoded apart); a reply takes hundreds of decoding steps.
+GATHER = 0.02
 GATHER_MORE = 0.05  # the most it waits while requests are still being read
 
 
