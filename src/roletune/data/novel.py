@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 
 from roletune.data.conversation import Conversation, Message
 from roletune.data.output import render, write_aside
-from roletune.data.screenplay import closest_speakers, possible_aliases
-from roletune.data.speech import BY_LLM, QUOTE_MARK, Book, Quote, goes_on, paths_list, read_book, tag_before
+from roletune.data.screenplay import counts, paths_list, print_speaker_counts, suggested_speakers
+from roletune.data.speech import BY_LLM, QUOTE_MARK, Book, Quote, goes_on, read_book, tag_before
 from roletune.errors import DataError
-from roletune.terminal import display_width
 
 if TYPE_CHECKING:
     from roletune.data.novel_llm import Asking
@@ -30,14 +29,7 @@ def print_speakers(paths: list[str], narrator_role: str | None = None) -> None:
     """`roletune data speakers --novel`: who speaks how many quotes, and the quotes no tag attributes."""
     book = read_book(paths, [], narrator_role)
     _print_reading(book)
-    speakers = Counter(q.speaker for q in book.quotes if q.speaker)
-    width = max(map(display_width, speakers), default=0)
-    for name, count in sorted(speakers.items(), key=lambda item: (-item[1], item[0])):
-        print(f"{name}{' ' * (width - display_width(name))}  {count}")
-    aliases = possible_aliases(speakers)
-    if aliases:
-        print("possible aliases (one name begins or ends another; see --alias): "
-              + ", ".join(f"{short} / {long}" for short, long in aliases))
+    print_speaker_counts(Counter(q.speaker for q in book.quotes if q.speaker))
 
 
 def write_dataset(paths: list[str], *, role: str, aliases: list[str], narrator: bool, context: int, fmt: str,
@@ -64,7 +56,7 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], narrator: 
     conversations, prompts, skipped = pair(book, set(names), context)
     if not conversations:
         raise DataError(f"no pairs for {role}: none of its {sum(speakers[n] for n in names)} quotes has a line or "
-                        f"narration before it ({_counts(skipped)}); nothing was written")
+                        f"narration before it ({counts(skipped)}); nothing was written")
     write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl", names=names))
     _print_reading(book)
     if asked:
@@ -75,7 +67,7 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], narrator: 
           + ", ".join(f"{name} {speakers[name]}" for name in names) + ")")
     for reason, count in skipped.most_common():
         print(f"  skipped {count}: {reason}")
-    print(f"pairs written: {len(conversations)} to {out} ({fmt}; prompted by {_counts(prompts)}"
+    print(f"pairs written: {len(conversations)} to {out} ({fmt}; prompted by {counts(prompts)}"
           + (f"; up to {context} earlier turns" if context else "") + ")")
     for conversation in conversations[:SAMPLES]:
         print(f"  {_short(conversation[-2].content)}  ->  {_short(conversation[-1].content)}")
@@ -176,13 +168,9 @@ def _check_role_speaks(names: list[str], speakers: Counter, paths: list[str], na
     """One of the role's names must speak; an alias that never does is only a name tags do not use."""
     if any(speakers[name] for name in names):
         return
-    close = closest_speakers(names[0], speakers)
-    label = "closest speakers" if close else "speakers with the most quotes"
-    close = close or [speaker for speaker, _ in speakers.most_common(5)]
-    suggestions = ", ".join(f"{speaker} ({speakers[speaker]} quotes)" for speaker in close)
     hint = "" if narrator else "; a first-person narrator needs --narrator"
-    raise DataError(f"role {' / '.join(names)} never speaks in {paths_list(paths)}; {label}: {suggestions or 'none'} "
-                    f"(see roletune data speakers --novel){hint}")
+    raise DataError(f"role {' / '.join(names)} never speaks in {paths_list(paths)}; "
+                    f"{suggested_speakers(names[0], speakers, 'quotes')} (see roletune data speakers --novel){hint}")
 
 
 def _print_reading(book: Book) -> None:
@@ -191,14 +179,10 @@ def _print_reading(book: Book) -> None:
     by_llm = sum(q.how == BY_LLM for q in book.quotes if q.speaker)
     dropped = Counter(q.how for q in book.quotes if not q.speaker)
     print(f"quotes found: {len(book.quotes)} in {len(book.paragraphs)} paragraphs; attributed by rule: "
-          f"{sum(attributed.values())} ({_counts(attributed)}); " + (f"by LLM: {by_llm}; " if by_llm else "")
-          + f"left out: {sum(dropped.values())}" + (f" ({_counts(dropped)})" if dropped else ""))
+          f"{sum(attributed.values())} ({counts(attributed)}); " + (f"by LLM: {by_llm}; " if by_llm else "")
+          + f"left out: {sum(dropped.values())}" + (f" ({counts(dropped)})" if dropped else ""))
 
 
 def _short(text: str, width: int = 40) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def _counts(counter: Counter) -> str:
-    return ", ".join(f"{count} {kind}" for kind, count in counter.most_common()) or "nothing"

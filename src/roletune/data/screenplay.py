@@ -69,7 +69,12 @@ def print_speakers(paths: list[str]) -> None:
     """`roletune data speakers`: every speaker with its number of lines, most first."""
     screenplay = read_screenplay(paths)
     _print_reading(screenplay)
-    speakers = screenplay.speakers()
+    print_speaker_counts(screenplay.speakers())
+
+
+def print_speaker_counts(speakers: Counter) -> None:
+    """Every speaker with its count, most first, then the names that may be one speaker's (a screenplay's
+    lines or a novel's quotes)."""
     width = max(map(display_width, speakers), default=0)
     for name, count in sorted(speakers.items(), key=lambda item: (-item[1], item[0])):
         print(f"{name}{' ' * (width - display_width(name))}  {count}")
@@ -97,7 +102,7 @@ def write_dataset(paths: list[str], *, role: str, aliases: list[str], context: i
     conversations, skipped = cut_conversations(screenplay.scenes, set(names), context)
     if not conversations:
         raise DataError(f"no pairs for {role}: none of its {role_lines} lines answers another speaker's line "
-                        f"in the same scene ({_counts(skipped)}); nothing was written")
+                        f"in the same scene ({counts(skipped)}); nothing was written")
     write_aside(target, render(conversations, fmt, lines=target.suffix.lower() == ".jsonl", names=names))
     _print_reading(screenplay)
     print(f"speaker lines: {sum(speakers.values())} by {len(speakers)} speakers; "
@@ -123,7 +128,7 @@ def read_screenplay(paths: list[str]) -> Screenplay:
         screenplay.scenes += parse_scenes(text, path, screenplay.line_kinds)
     if not screenplay.speakers():
         examples = "; ".join(f"{turn.where}: {turn.text[:40]}" for turn in screenplay.unparsed()[:EXAMPLES_SHOWN])
-        raise DataError(f"{_list(paths)}: no dialogue lines; expected `角色：台词` or `NAME: line`"
+        raise DataError(f"{paths_list(paths)}: no dialogue lines; expected `角色：台词` or `NAME: line`"
                         + (f" (e.g. {examples})" if examples else ""))
     return screenplay
 
@@ -247,18 +252,22 @@ def to_conversation(turns: list[Turn], names: set[str]) -> Conversation:
     return messages
 
 
-# --- reporting -----------------------------------------------------------------------
+# --- reporting -------------------------------------------------------------------------------------
 
 def _check_names_speak(names: list[str], speakers: Counter, paths: list[str]) -> None:
     for name in names:
         if speakers[name]:
             continue
-        close = closest_speakers(name, speakers)
-        label = "closest speakers" if close else "speakers with the most lines"
-        close = close or [speaker for speaker, _ in speakers.most_common(SUGGESTIONS)]
-        suggestions = ", ".join(f"{speaker} ({speakers[speaker]} lines)" for speaker in close)
-        raise DataError(f"{'role' if name == names[0] else 'alias'} {name} never speaks in {_list(paths)}; "
-                        f"{label}: {suggestions} (see roletune data speakers)")
+        raise DataError(f"{'role' if name == names[0] else 'alias'} {name} never speaks in {paths_list(paths)}; "
+                        f"{suggested_speakers(name, speakers, 'lines')} (see roletune data speakers)")
+
+
+def suggested_speakers(name: str, speakers: Counter, unit: str) -> str:
+    """For a name that never speaks: the speakers most like it, else those who speak most, with their counts."""
+    close = closest_speakers(name, speakers)
+    label = "closest speakers" if close else f"speakers with the most {unit}"
+    close = close or [speaker for speaker, _ in speakers.most_common(SUGGESTIONS)]
+    return f"{label}: " + (", ".join(f"{speaker} ({speakers[speaker]} {unit})" for speaker in close) or "none")
 
 
 def closest_speakers(name: str, speakers: Counter) -> list[str]:
@@ -295,7 +304,7 @@ def _made_of(name: str, others: set[str]) -> bool:
 def _print_reading(screenplay: Screenplay) -> None:
     print("read " + ", ".join(f"{path} ({encoding})" for path, encoding in screenplay.encodings.items()))
     kinds = screenplay.line_kinds
-    print(f"lines read: {sum(kinds.values())} ({_counts(kinds)}); scenes: {len(screenplay.scenes)}")
+    print(f"lines read: {sum(kinds.values())} ({counts(kinds)}); scenes: {len(screenplay.scenes)}")
     unparsed = screenplay.unparsed()
     if unparsed:
         print(f"lines that fit no layout rule, kept out of every pair ({len(unparsed)}), e.g.:")
@@ -303,10 +312,10 @@ def _print_reading(screenplay: Screenplay) -> None:
             print(f"  {turn.where}: {turn.text[:60]}")
 
 
-def _counts(counter: Counter) -> str:
+def counts(counter: Counter) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in counter.most_common()) or "nothing"
 
 
-def _list(paths: list[str]) -> str:
+def paths_list(paths: list[str]) -> str:
     shown = ", ".join(paths[:EXAMPLES_SHOWN])
     return shown + (f" and {len(paths) - EXAMPLES_SHOWN} more" if len(paths) > EXAMPLES_SHOWN else "")

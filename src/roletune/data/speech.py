@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from roletune.data.screenplay import NUMERAL, line_kind
+from roletune.data.screenplay import NUMERAL, line_kind, paths_list
 from roletune.data.text import read_text
 from roletune.errors import DataError
 
@@ -88,7 +88,6 @@ class Book:
     quotes: list[Quote]
     paragraphs: list[str]  # every paragraph's narration, quotes as QUOTE_MARK
     encodings: dict[str, str]
-    names: Counter  # the names tags gave
 
 
 def is_novel(paths: list[str]) -> bool:
@@ -124,7 +123,7 @@ def read_book(paths: list[str], names: list[str], narrator_role: str | None) -> 
     known = tag_names(quotes)
     lexicon = Lexicon(_lexicon(known, paragraphs) | set(names), _openers(paragraphs))
     attribute(quotes, lexicon, narrator_role)
-    return Book(quotes, paragraphs, encodings, known)
+    return Book(quotes, paragraphs, encodings)
 
 
 def split_quotes(line: str) -> tuple[str, list[tuple[str, str, str, bool]]]:
@@ -348,8 +347,3 @@ def _strip_prefix(text: str, words: list[str]) -> str:
         if text.startswith(word) and len(text) > len(word):
             return text[len(word):].lstrip()
     return text
-
-
-def paths_list(paths: list[str]) -> str:
-    shown = ", ".join(paths[:3])
-    return shown + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
